@@ -1,0 +1,201 @@
+//! The one-shot check: verify the baseline, scan the root, compare, report.
+
+use std::path::PathBuf;
+
+use driftwatch_proto::path as bpath;
+
+use crate::baseline::{self, BaselineError};
+use crate::cache::{CacheEntry, RootId, ScanCache};
+use crate::create::Progress;
+use crate::diff::{self, Violation, ViolationKind};
+use crate::escape::{self, JsonBytes};
+use crate::policy::{Policy, PolicyError};
+use crate::report::{BaselineInfo, PolicyInfo, Report};
+use crate::scan::{self, Event, HashSource, Purpose, ScanError, ScanOptions};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error(transparent)]
+    Baseline(#[from] BaselineError),
+    #[error("the policy embedded in the baseline is invalid: {0}")]
+    EmbeddedPolicy(PolicyError),
+    #[error(transparent)]
+    Scan(#[from] ScanError),
+    #[error("cannot use state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where the policy in force comes from.
+#[derive(Debug, Clone)]
+pub enum PolicySource {
+    /// The policy the image's baseline was made with (the default).
+    Baseline,
+    /// A policy file given by the operator: (path for the report, parsed policy).
+    File(String, Box<Policy>),
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub root: PathBuf,
+    pub baseline: PathBuf,
+    pub trusted_keys: Vec<[u8; 32]>,
+    pub policy: PolicySource,
+    /// Ignore the scan cache and hash every file.
+    pub full: bool,
+    pub state_dir: Option<PathBuf>,
+    pub threads: usize,
+    pub now_unix: i64,
+}
+
+fn under_any(prefixes: &[Vec<u8>], path: &[u8]) -> bool {
+    prefixes
+        .iter()
+        .any(|p| p.as_slice() == path || bpath::is_ancestor(p, path))
+}
+
+/// Runs a check. Drift is in the returned report; errors are for the check failing.
+pub fn check(
+    opts: &CheckOptions,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Report, CheckError> {
+    let baseline = baseline::read(&opts.baseline, &opts.trusted_keys, opts.now_unix)?;
+    let (policy, policy_info) = match &opts.policy {
+        PolicySource::Baseline => {
+            let p = Policy::from_toml(&baseline.header.policy_toml)
+                .map_err(CheckError::EmbeddedPolicy)?;
+            let info = PolicyInfo::new("baseline", &p);
+            (p, info)
+        }
+        PolicySource::File(path, p) => {
+            let info = PolicyInfo::new(path, p);
+            ((**p).clone(), info)
+        }
+    };
+    let mut warnings = Vec::new();
+    let scan_start_ns = crate::time::now_unix_ns();
+
+    let root_id = match &opts.state_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|source| CheckError::StateDir {
+                path: dir.clone(),
+                source,
+            })?;
+            Some(RootId::of(&opts.root).map_err(|source| ScanError::Root {
+                path: opts.root.clone(),
+                source,
+            })?)
+        }
+        None => None,
+    };
+    let cache = match (&opts.state_dir, &root_id) {
+        (Some(dir), Some(id)) if !opts.full => match ScanCache::load(dir, id) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                warnings.push(format!("scan cache discarded: {e}"));
+                None
+            }
+        },
+        _ => None,
+    };
+
+    let mut seen = vec![false; baseline.entries.len()];
+    let mut violations: Vec<Violation> = Vec::new();
+    let mut new_cache: Vec<CacheEntry> = Vec::new();
+    let mut unexamined: Vec<Vec<u8>> = Vec::new();
+    let mut other_fs: Vec<Vec<u8>> = Vec::new();
+    let mut prog = Progress::default();
+    let scan_opts = ScanOptions {
+        root: opts.root.clone(),
+        threads: opts.threads,
+        purpose: Purpose::Check,
+    };
+    let stats = scan::scan(
+        &scan_opts,
+        &policy,
+        cache.as_ref().map(|c| c as &dyn HashSource),
+        |ev| match ev {
+            Event::Object(o) => {
+                prog.entries += 1;
+                if o.hashed {
+                    prog.bytes_hashed += o.entry.size;
+                }
+                progress(prog);
+                let base = baseline.find(&o.entry.path).map(|i| {
+                    seen[i] = true;
+                    &baseline.entries[i]
+                });
+                if let Some(v) =
+                    diff::compare(base, Some((&o.entry, o.problem.as_deref())), &o.policy)
+                {
+                    violations.push(v);
+                }
+                if let (Some(key), true) = (
+                    o.key,
+                    o.entry.content_hash.len() == 32 && o.problem.is_none(),
+                ) {
+                    let mut hash = [0u8; 32];
+                    hash.copy_from_slice(&o.entry.content_hash);
+                    new_cache.push(CacheEntry {
+                        path: o.entry.path.into_boxed_slice(),
+                        key,
+                        hash,
+                    });
+                }
+            }
+            Event::Incomplete { path, reason } => {
+                let pp = policy.for_path(&path);
+                violations.push(Violation {
+                    path: JsonBytes(path.clone()),
+                    kind: ViolationKind::Unverifiable,
+                    severity: pp.severity,
+                    changes: Vec::new(),
+                    reason: Some(reason),
+                    baseline: baseline
+                        .find(&path)
+                        .map(|i| diff::summarize(&baseline.entries[i])),
+                    observed: None,
+                });
+                unexamined.push(path);
+            }
+            Event::OtherFilesystem { path } => other_fs.push(path),
+        },
+    )?;
+
+    for (entry, _) in baseline.entries.iter().zip(&seen).filter(|(_, s)| !**s) {
+        let p = entry.path.as_slice();
+        if under_any(&unexamined, p) || under_any(&other_fs, p) || !policy.in_scope(p) {
+            continue;
+        }
+        if let Some(v) = diff::compare(Some(entry), None, &policy.for_path(p)) {
+            violations.push(v);
+        }
+    }
+    violations.sort_by(|a, b| a.path.0.cmp(&b.path.0));
+
+    if let (Some(dir), Some(id)) = (&opts.state_dir, &root_id)
+        && let Err(e) = ScanCache::save(dir, id, scan_start_ns, new_cache)
+    {
+        warnings.push(format!(
+            "cannot save the scan cache in {}: {e}",
+            dir.display()
+        ));
+    }
+    for p in &other_fs {
+        warnings.push(format!(
+            "{}: another filesystem is mounted here and was not checked (policy scan.one_file_system)",
+            escape::bytes(p)
+        ));
+    }
+
+    Ok(Report::new(
+        opts.root.display().to_string(),
+        BaselineInfo::new(&opts.baseline, &baseline),
+        policy_info,
+        violations,
+        stats,
+        warnings,
+    ))
+}

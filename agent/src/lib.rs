@@ -1,0 +1,21 @@
+//! driftwatch agent library: everything `driftwatch-agent` does, as testable code.
+//!
+//! - [`scan`] walks a root and observes objects; [`hash`] hashes one file safely.
+//! - [`policy`] decides scope, attributes and severities; [`diff`] compares values (pure).
+//! - [`baseline`] reads and writes signed baseline files; [`create`] and [`check`] are the two
+//!   pipelines built on them; [`cache`] makes re-checks cheap; [`report`] renders results.
+
+pub mod baseline;
+pub mod cache;
+pub mod check;
+pub mod cli;
+pub mod create;
+pub mod diff;
+pub mod escape;
+pub mod fsutil;
+pub mod hash;
+pub mod keys;
+pub mod policy;
+pub mod report;
+pub mod scan;
+pub mod time;

@@ -1,0 +1,210 @@
+//! The check report: a versioned JSON document (schema `driftwatch.check.v1`, documented in
+//! docs/report-schema.md) and its rendering for people.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::baseline::Baseline;
+use crate::diff::{Violation, ViolationKind};
+use crate::escape;
+use crate::policy::{Policy, Severity};
+use crate::scan::ScanStats;
+
+/// Identifies the JSON report format; bumped on any incompatible change.
+pub const SCHEMA: &str = "driftwatch.check.v1";
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BaselineInfo {
+    pub file: String,
+    pub image_id: String,
+    pub image_version: String,
+    pub created: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+    pub merkle_root: String,
+    pub signer: String,
+    pub entries: u64,
+}
+
+impl BaselineInfo {
+    pub fn new(file: &Path, b: &Baseline) -> BaselineInfo {
+        BaselineInfo {
+            file: file.display().to_string(),
+            image_id: b.header.image_id.clone(),
+            image_version: b.header.image_version.clone(),
+            created: crate::time::format_unix(b.header.created_unix),
+            expires: b.header.expires_unix.map(crate::time::format_unix),
+            merkle_root: hex(&b.merkle_root),
+            signer: b.signer.clone(),
+            entries: b.entries.len() as u64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyInfo {
+    pub source: String,
+    pub digest: String,
+}
+
+impl PolicyInfo {
+    pub fn new(source: &str, p: &Policy) -> PolicyInfo {
+        PolicyInfo {
+            source: source.to_string(),
+            digest: format!("blake3:{}", hex(&p.digest())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub violations: usize,
+    pub by_kind: BTreeMap<&'static str, usize>,
+    pub by_severity: BTreeMap<&'static str, usize>,
+    pub scan: ScanStats,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub root: String,
+    pub baseline: BaselineInfo,
+    pub policy: PolicyInfo,
+    pub clean: bool,
+    pub summary: Summary,
+    pub warnings: Vec<String>,
+    pub violations: Vec<Violation>,
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Report {
+    pub fn new(
+        root: String,
+        baseline: BaselineInfo,
+        policy: PolicyInfo,
+        violations: Vec<Violation>,
+        scan: ScanStats,
+        warnings: Vec<String>,
+    ) -> Report {
+        let mut by_kind = BTreeMap::new();
+        let mut by_severity = BTreeMap::new();
+        for v in &violations {
+            *by_kind.entry(v.kind.as_str()).or_insert(0) += 1;
+            *by_severity.entry(v.severity.as_str()).or_insert(0) += 1;
+        }
+        Report {
+            schema: SCHEMA,
+            root,
+            baseline,
+            policy,
+            clean: violations.is_empty(),
+            summary: Summary {
+                violations: violations.len(),
+                by_kind,
+                by_severity,
+                scan,
+            },
+            warnings,
+            violations,
+        }
+    }
+
+    /// The report for people: one block per violation, then a summary.
+    pub fn render_text(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "driftwatch check of {} against image {} {} (baseline root {}, signed by {})",
+            escape::bytes(self.root.as_bytes()),
+            escape::bytes(self.baseline.image_id.as_bytes()),
+            escape::bytes(self.baseline.image_version.as_bytes()),
+            &self.baseline.merkle_root[..16],
+            self.baseline.signer
+        );
+        for v in &self.violations {
+            let _ = writeln!(
+                s,
+                "{:<9} {:<13} {}",
+                v.severity.as_str().to_uppercase(),
+                v.kind.as_str(),
+                escape::bytes(&v.path.0)
+            );
+            for c in &v.changes {
+                let _ = writeln!(
+                    s,
+                    "              {}: {} -> {}",
+                    c.attribute, c.before, c.after
+                );
+            }
+            if let Some(r) = &v.reason {
+                let _ = writeln!(s, "              reason: {r}");
+            }
+            let obj = match v.kind {
+                ViolationKind::Added => v.observed.as_ref(),
+                ViolationKind::Removed => v.baseline.as_ref(),
+                _ => None,
+            };
+            if let Some(o) = obj {
+                let mut line = format!(
+                    "              {} mode {} owner {}:{} size {}",
+                    o.file_type, o.mode, o.uid, o.gid, o.size
+                );
+                if let Some(t) = &o.target {
+                    let _ = write!(line, " -> {}", escape::bytes(&t.0));
+                }
+                if let Some(c) = &o.content {
+                    let _ = write!(line, " {c}");
+                }
+                let _ = writeln!(s, "{line}");
+            }
+        }
+        for w in &self.warnings {
+            let _ = writeln!(s, "warning: {w}");
+        }
+        let st = &self.summary.scan;
+        if self.clean {
+            let _ = writeln!(s, "clean: every object in scope matches the baseline");
+        } else {
+            let kinds: Vec<String> = self
+                .summary
+                .by_kind
+                .iter()
+                .map(|(k, n)| format!("{n} {}", k.replace('_', " ")))
+                .collect();
+            let mut sev: Vec<(Severity, usize)> = self
+                .violations
+                .iter()
+                .fold(BTreeMap::new(), |mut m, v| {
+                    *m.entry(v.severity).or_insert(0) += 1;
+                    m
+                })
+                .into_iter()
+                .collect();
+            sev.reverse();
+            let sevs: Vec<String> = sev.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            let _ = writeln!(
+                s,
+                "DRIFT: {} violation(s): {} ({})",
+                self.summary.violations,
+                kinds.join(", "),
+                sevs.join(", ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            "scanned {} entries in {:.2} s: {} file(s) hashed ({:.1} MiB), {} from the scan cache",
+            st.entries,
+            st.duration.as_secs_f64(),
+            st.files_hashed,
+            st.bytes_hashed as f64 / (1 << 20) as f64,
+            st.cache_hits
+        );
+        s
+    }
+}

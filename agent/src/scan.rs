@@ -1,0 +1,404 @@
+//! Walking a root filesystem and observing every object in scope.
+//!
+//! Threads: the walk (walkdir; metadata, symlink targets, xattrs) runs on one thread; content
+//! hashing runs as jobs on a rayon pool; the caller's `sink` runs on the calling thread and
+//! receives every [`Event`] in completion order. At most [`MAX_IN_FLIGHT`] hash jobs are
+//! queued, so memory stays bounded however large the tree.
+//!
+//! Walking rules: symlinks are never followed; only regular files are ever opened, and only
+//! with `O_NOFOLLOW | O_NONBLOCK` (see [`crate::hash`]); FIFOs, sockets and devices are only
+//! `lstat`ed. One object's error never aborts the scan: it becomes a finding.
+
+use std::fs;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, bounded};
+use driftwatch_proto::v1::{Entry, FileType, Xattr};
+use walkdir::WalkDir;
+
+use crate::hash::{self, StatKey};
+use crate::policy::{Attribute, PathPolicy, Policy};
+
+/// Hash jobs queued or running at once.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// Why a scan could not run at all (per-object problems are findings, not errors).
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("cannot scan root {path}: {source}")]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("root {0} is not a directory")]
+    RootNotDirectory(PathBuf),
+    #[error("cannot start the hashing thread pool: {0}")]
+    Pool(String),
+}
+
+/// What a scan is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Record everything: every regular file in scope is hashed.
+    Baseline,
+    /// Verify: files whose content the policy does not check are not hashed.
+    Check,
+}
+
+/// Where a scan may take known hashes from instead of reading files.
+pub trait HashSource: Sync {
+    /// The hash of `path` if it was computed under exactly this stat key.
+    fn lookup(&self, path: &[u8], key: &StatKey) -> Option<[u8; 32]>;
+}
+
+/// One object seen on the host.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub entry: Entry,
+    /// Stat key of a regular file (for the scan cache).
+    pub key: Option<StatKey>,
+    /// The policy in force for this path.
+    pub policy: PathPolicy,
+    /// Why part of the object (content, xattrs, target) could not be verified.
+    pub problem: Option<String>,
+    /// The content was hashed in this scan (not taken from the cache).
+    pub hashed: bool,
+    /// The content hash came from the cache.
+    pub cached: bool,
+}
+
+/// Something the scan reports.
+#[derive(Debug)]
+pub enum Event {
+    Object(Box<Observed>),
+    /// The contents of this directory (or this object) could not be examined; nothing below
+    /// it can be judged.
+    Incomplete {
+        path: Vec<u8>,
+        reason: String,
+    },
+    /// A mount point of another filesystem that the policy keeps out of the scan.
+    OtherFilesystem {
+        path: Vec<u8>,
+    },
+}
+
+/// Scan settings that are not policy.
+#[derive(Debug, Clone)]
+pub struct ScanOptions {
+    pub root: PathBuf,
+    /// Threads of the hashing pool (>= 1).
+    pub threads: usize,
+    pub purpose: Purpose,
+}
+
+/// Counters of a finished scan.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ScanStats {
+    pub entries: u64,
+    pub files_hashed: u64,
+    pub bytes_hashed: u64,
+    pub cache_hits: u64,
+    pub incomplete: u64,
+    pub other_filesystems: u64,
+    #[serde(rename = "duration_ms", serialize_with = "ser_ms")]
+    pub duration: Duration,
+}
+
+fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
+}
+
+/// Path of `p` inside `root`, as a baseline path.
+fn inside_path(root: &Path, p: &Path) -> Vec<u8> {
+    let rel = p.strip_prefix(root).unwrap_or(p).as_os_str().as_bytes();
+    let mut v = Vec::with_capacity(rel.len() + 1);
+    v.push(b'/');
+    v.extend_from_slice(rel);
+    v
+}
+
+pub(crate) fn file_type_of(ft: fs::FileType) -> FileType {
+    if ft.is_file() {
+        FileType::Regular
+    } else if ft.is_dir() {
+        FileType::Directory
+    } else if ft.is_symlink() {
+        FileType::Symlink
+    } else if ft.is_fifo() {
+        FileType::Fifo
+    } else if ft.is_socket() {
+        FileType::Socket
+    } else if ft.is_block_device() {
+        FileType::BlockDevice
+    } else if ft.is_char_device() {
+        FileType::CharDevice
+    } else {
+        FileType::Unspecified
+    }
+}
+
+/// Reads every extended attribute of `path` without following a symlink, sorted by name.
+fn read_xattrs(path: &Path) -> Result<Vec<Xattr>, String> {
+    let names = match xattr::list(path) {
+        Ok(n) => n,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot list extended attributes: {e}")),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        match xattr::get(path, &name) {
+            Ok(Some(value)) => out.push(Xattr {
+                name: name.as_bytes().to_vec(),
+                value,
+            }),
+            // Removed between list and get: it is gone.
+            Ok(None) => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot read extended attribute {}: {e}",
+                    String::from_utf8_lossy(name.as_bytes())
+                ));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn mtime_ns(m: &fs::Metadata) -> i64 {
+    m.mtime()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(m.mtime_nsec())
+}
+
+/// Walks `opts.root` under `policy` and hands every event to `sink`.
+pub fn scan(
+    opts: &ScanOptions,
+    policy: &Policy,
+    cache: Option<&dyn HashSource>,
+    mut sink: impl FnMut(Event),
+) -> Result<ScanStats, ScanError> {
+    let started = Instant::now();
+    let root_meta = fs::metadata(&opts.root).map_err(|source| ScanError::Root {
+        path: opts.root.clone(),
+        source,
+    })?;
+    if !root_meta.is_dir() {
+        return Err(ScanError::RootNotDirectory(opts.root.clone()));
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads.max(1))
+        .thread_name(|i| format!("dw-hash-{i}"))
+        .build()
+        .map_err(|e| ScanError::Pool(e.to_string()))?;
+
+    let mut stats = ScanStats::default();
+    // Results from the walker and the hash jobs. Bounded so a slow sink slows the walk instead
+    // of growing memory.
+    let (tx, rx) = bounded::<Event>(4096);
+    std::thread::scope(|s| {
+        let walker_tx = tx;
+        s.spawn(|| walk(opts, policy, cache, root_meta.dev(), &pool, walker_tx));
+        for ev in rx {
+            match &ev {
+                Event::Object(o) => {
+                    stats.entries += 1;
+                    if o.hashed {
+                        stats.files_hashed += 1;
+                        stats.bytes_hashed += o.entry.size;
+                    }
+                    if o.cached {
+                        stats.cache_hits += 1;
+                    }
+                }
+                Event::Incomplete { .. } => stats.incomplete += 1,
+                Event::OtherFilesystem { .. } => stats.other_filesystems += 1,
+            }
+            sink(ev);
+        }
+    });
+    stats.duration = started.elapsed();
+    Ok(stats)
+}
+
+fn walk(
+    opts: &ScanOptions,
+    policy: &Policy,
+    cache: Option<&dyn HashSource>,
+    root_dev: u64,
+    pool: &rayon::ThreadPool,
+    tx: Sender<Event>,
+) {
+    // Permits bound the hash jobs in flight: the walker takes one before spawning a job and
+    // the job gives it back when done.
+    let (permit_tx, permit_rx) = bounded::<()>(MAX_IN_FLIGHT);
+    let mut it = WalkDir::new(&opts.root).follow_links(false).into_iter();
+    while let Some(next) = it.next() {
+        let dent = match next {
+            Ok(d) => d,
+            Err(e) => {
+                let path = e
+                    .path()
+                    .map(|p| inside_path(&opts.root, p))
+                    .unwrap_or_else(|| b"/".to_vec());
+                let reason = match e.io_error() {
+                    Some(io) if io.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                        "path too long to examine (longer than PATH_MAX)".to_string()
+                    }
+                    Some(io) => format!("cannot list directory: {io}"),
+                    None => e.to_string(),
+                };
+                if tx.send(Event::Incomplete { path, reason }).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        let path = inside_path(&opts.root, dent.path());
+        let is_dir = dent.file_type().is_dir();
+        if dent.depth() > 0 && policy.is_excluded(&path) {
+            if is_dir {
+                it.skip_current_dir();
+            }
+            continue;
+        }
+        let meta = match dent.metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                let io = e.io_error();
+                if io.is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound) {
+                    // Gone between readdir and lstat: it does not exist.
+                    continue;
+                }
+                if is_dir {
+                    it.skip_current_dir();
+                }
+                let reason = match io {
+                    Some(io) if io.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                        "path too long to examine (longer than PATH_MAX)".to_string()
+                    }
+                    Some(io) => format!("cannot stat: {io}"),
+                    None => e.to_string(),
+                };
+                if tx.send(Event::Incomplete { path, reason }).is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if meta.is_dir()
+            && dent.depth() > 0
+            && policy.one_file_system
+            && meta.dev() != root_dev
+            && !policy.cross_filesystems.iter().any(|c| c[..] == path[..])
+        {
+            it.skip_current_dir();
+            if tx.send(Event::OtherFilesystem { path }).is_err() {
+                return;
+            }
+            continue;
+        }
+        if !policy.is_included(&path) {
+            continue;
+        }
+        let pp = policy.for_path(&path);
+        let ft = file_type_of(meta.file_type());
+        let mut problems: Vec<String> = Vec::new();
+        let mut entry = Entry {
+            file_type: ft as i32,
+            mode: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            size: meta.size(),
+            mtime_ns: mtime_ns(&meta),
+            ..Default::default()
+        };
+        match ft {
+            FileType::Symlink => match fs::read_link(dent.path()) {
+                Ok(t) => entry.symlink_target = t.into_os_string().into_vec(),
+                Err(e) => problems.push(format!("cannot read link target: {e}")),
+            },
+            FileType::BlockDevice | FileType::CharDevice => {
+                let rdev = meta.rdev();
+                entry.rdev_major = libc::major(rdev);
+                entry.rdev_minor = libc::minor(rdev);
+            }
+            _ => {}
+        }
+        match read_xattrs(dent.path()) {
+            Ok(x) => entry.xattrs = x,
+            Err(e) => problems.push(e),
+        }
+        entry.path = path;
+        let mut obs = Observed {
+            entry,
+            key: None,
+            policy: pp,
+            problem: None,
+            hashed: false,
+            cached: false,
+        };
+        if ft == FileType::Regular {
+            let key = StatKey::from_metadata(&meta);
+            obs.key = Some(key);
+            let wants_content =
+                opts.purpose == Purpose::Baseline || pp.attributes.contains(Attribute::Content);
+            if meta.size() > policy.max_hash_size {
+                let reason = format!(
+                    "content not hashed: size {} is above the policy's max_hash_size {}",
+                    meta.size(),
+                    crate::policy::ByteSize(policy.max_hash_size)
+                );
+                obs.entry.unhashed_reason = reason.clone();
+                if wants_content {
+                    problems.push(reason);
+                }
+            } else if wants_content {
+                if let Some(h) = cache.and_then(|c| c.lookup(&obs.entry.path, &key)) {
+                    obs.entry.content_hash = h.to_vec();
+                    obs.cached = true;
+                } else {
+                    if !problems.is_empty() {
+                        obs.problem = Some(problems.join("; "));
+                    }
+                    if permit_tx.send(()).is_err() {
+                        return;
+                    }
+                    let full = dent.path().to_path_buf();
+                    let tx = tx.clone();
+                    let permit_rx = permit_rx.clone();
+                    pool.spawn(move || {
+                        match hash::hash_file(&full, &key) {
+                            Ok(h) => {
+                                obs.entry.content_hash = h.hash.to_vec();
+                                obs.key = Some(h.key);
+                                obs.hashed = true;
+                            }
+                            Err(e) => {
+                                let msg = e.to_string();
+                                obs.problem = Some(match obs.problem.take() {
+                                    Some(p) => format!("{p}; {msg}"),
+                                    None => msg,
+                                });
+                            }
+                        }
+                        // The receiver only goes away when the scan is abandoned.
+                        let _ = tx.send(Event::Object(Box::new(obs)));
+                        let _ = permit_rx.recv();
+                    });
+                    continue;
+                }
+            }
+        }
+        if !problems.is_empty() {
+            obs.problem = Some(problems.join("; "));
+        }
+        if tx.send(Event::Object(Box::new(obs))).is_err() {
+            return;
+        }
+    }
+}
