@@ -221,14 +221,21 @@ pub fn read_unauthenticated(path: &Path) -> Result<Baseline, BaselineError> {
     read_inner(path, None, i64::MIN)
 }
 
-fn read_inner(
-    path: &Path,
+fn read_inner(path: &Path, trusted: Option<&[[u8; 32]]>, now_unix: i64) -> Result<Baseline, BaselineError> {
+    let file = File::open(path).map_err(|source| BaselineError::Read { path: path.to_path_buf(), source })?;
+    decode(BufReader::with_capacity(1 << 20, file), path, trusted, now_unix)
+}
+
+/// Decodes and verifies a baseline from any reader; `name` is used in error messages. With
+/// `trusted: None` the signature is not checked (integrity still is). Never panics on any
+/// input: every malformation is an error naming the byte offset.
+pub fn decode<R: BufRead>(
+    mut r: R,
+    name: &Path,
     trusted: Option<&[[u8; 32]]>,
     now_unix: i64,
 ) -> Result<Baseline, BaselineError> {
-    let p = || path.to_path_buf();
-    let file = File::open(path).map_err(|source| BaselineError::Read { path: p(), source })?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
+    let p = || name.to_path_buf();
     let mut magic = [0u8; 8];
     if r.read_exact(&mut magic).is_err() || magic != BASELINE_MAGIC {
         return Err(BaselineError::NotABaseline(p()));
