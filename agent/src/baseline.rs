@@ -9,7 +9,7 @@
 //! then are entries returned.
 
 use std::fs::File;
-use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use driftwatch_proto::v1::{Entry, Header, SignedHeader};

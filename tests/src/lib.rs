@@ -50,8 +50,30 @@ pub fn bin_dir() -> PathBuf {
     exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
 }
 
-/// Path of a workspace binary; `cargo test --workspace` builds it before running tests.
+/// Rebuilds the workspace binaries once per test process when running under cargo, so a test
+/// target run on its own (`cargo test --test hostile`) never exercises a stale binary.
+fn ensure_fresh_binaries() {
+    static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| {
+        let Some(cargo) = std::env::var_os("CARGO") else { return };
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let profile_dir = bin_dir();
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "--workspace", "--bins", "--manifest-path"]).arg(&manifest);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        if let Some(target) = profile_dir.parent() {
+            cmd.env("CARGO_TARGET_DIR", target);
+        }
+        let r = run_with_limit(cmd, Duration::from_secs(1800));
+        assert_eq!(r.code, 0, "building the workspace binaries failed:\n{}", r.stderr);
+    });
+}
+
+/// Path of a workspace binary, rebuilt first if its sources changed.
 pub fn binary(name: &str) -> PathBuf {
+    ensure_fresh_binaries();
     let p = bin_dir().join(name);
     assert!(
         p.is_file(),
