@@ -6,6 +6,10 @@
 # comparable.  Run as root: `sudo bench/run.sh`.
 set -euo pipefail
 
+# The whole script is one compound command, so bash parses all of it before
+# running any: editing this file during a (long) run cannot break that run.
+{
+
 usage() {
     cat <<'EOF'
 Usage: sudo bench/run.sh [OPTIONS]
@@ -161,6 +165,7 @@ RESULTS_DIR=$(cd "$RESULTS_DIR" && pwd)
 
 # Every temp dir made by this script; removed on exit.
 TMP_DIRS=()
+# shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
     local d
     for d in "${TMP_DIRS[@]}"; do
@@ -272,6 +277,10 @@ FACTS=$RESULTS_DIR/machine.md
     echo "| runs per command | $RUNS (+1 untimed warm-up each) |"
     echo "| load average at start (1/5/15 min) | $(cut -d' ' -f1-3 /proc/loadavg) |"
 } >"$FACTS"
+read -r load1 _ </proc/loadavg
+if awk -v l="$load1" 'BEGIN { exit !(l > 0.5) }'; then
+    warn "load average is $load1: other processes compete for the CPUs and will skew the numbers"
+fi
 
 # ---------------------------------------------------------- benchmarking ----
 
@@ -625,3 +634,5 @@ done
 } >"$SUMMARY"
 cat "$SUMMARY"
 log "results in $RESULTS_DIR"
+exit 0
+}

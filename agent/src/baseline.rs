@@ -107,7 +107,7 @@ pub struct BaselineMeta {
 pub fn write(
     out: &Path,
     meta: &BaselineMeta,
-    entries: &mut Vec<Entry>,
+    entries: &mut [Entry],
     key: &Ed25519KeyPair,
 ) -> Result<[u8; 32], BaselineError> {
     entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
@@ -221,9 +221,21 @@ pub fn read_unauthenticated(path: &Path) -> Result<Baseline, BaselineError> {
     read_inner(path, None, i64::MIN)
 }
 
-fn read_inner(path: &Path, trusted: Option<&[[u8; 32]]>, now_unix: i64) -> Result<Baseline, BaselineError> {
-    let file = File::open(path).map_err(|source| BaselineError::Read { path: path.to_path_buf(), source })?;
-    decode(BufReader::with_capacity(1 << 20, file), path, trusted, now_unix)
+fn read_inner(
+    path: &Path,
+    trusted: Option<&[[u8; 32]]>,
+    now_unix: i64,
+) -> Result<Baseline, BaselineError> {
+    let file = File::open(path).map_err(|source| BaselineError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode(
+        BufReader::with_capacity(1 << 20, file),
+        path,
+        trusted,
+        now_unix,
+    )
 }
 
 /// Decodes and verifies a baseline from any reader; `name` is used in error messages. With

@@ -226,7 +226,7 @@ impl ProgressLine {
 
     fn update(&self, p: Progress) {
         if let Some(bar) = &self.bar
-            && p.entries % 1024 == 0
+            && p.entries.is_multiple_of(1024)
         {
             bar.set_message(format!(
                 "{} entries, {:.0} MiB hashed",

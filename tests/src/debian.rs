@@ -14,7 +14,10 @@ use crate::run_with_limit;
 
 /// The cache directory.
 pub fn cache_dir() -> PathBuf {
-    std::env::var_os("DRIFTWATCH_TEST_CACHE").map_or_else(|| PathBuf::from("/var/cache/driftwatch-tests"), PathBuf::from)
+    std::env::var_os("DRIFTWATCH_TEST_CACHE").map_or_else(
+        || PathBuf::from("/var/cache/driftwatch-tests"),
+        PathBuf::from,
+    )
 }
 
 /// The release of this machine (`VERSION_CODENAME` of /etc/os-release), e.g. "bookworm".
@@ -35,11 +38,16 @@ pub fn mirror(suite: &str) -> Option<String> {
         .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
         .unwrap_or_default();
     files.sort();
-    for f in files.iter().filter(|f| f.extension().is_some_and(|e| e == "sources")) {
+    for f in files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "sources"))
+    {
         let text = fs::read_to_string(f).unwrap_or_default();
         for stanza in text.split("\n\n") {
             let field = |name: &str| {
-                stanza.lines().find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
             };
             let suites = field("Suites:").unwrap_or_default();
             if suites.split_whitespace().any(|s| s == suite)
@@ -51,10 +59,17 @@ pub fn mirror(suite: &str) -> Option<String> {
         }
     }
     let mut lists = vec![PathBuf::from("/etc/apt/sources.list")];
-    lists.extend(files.into_iter().filter(|f| f.extension().is_some_and(|e| e == "list")));
+    lists.extend(
+        files
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "list")),
+    );
     for f in lists {
         for line in fs::read_to_string(f).unwrap_or_default().lines() {
-            let words: Vec<&str> = line.split_whitespace().filter(|w| !w.starts_with('[')).collect();
+            let words: Vec<&str> = line
+                .split_whitespace()
+                .filter(|w| !w.starts_with('['))
+                .collect();
             if words.first() == Some(&"deb") && words.get(2) == Some(&suite) {
                 return Some(words[1].to_string());
             }
@@ -64,8 +79,15 @@ pub fn mirror(suite: &str) -> Option<String> {
 }
 
 fn lock(path: &Path) -> nix::fcntl::Flock<fs::File> {
-    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(path).expect("open lock file");
-    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).expect("flock")
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .expect("open lock file");
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock")
 }
 
 /// The cached minbase root of this machine's Debian release, built on first use (needs root
@@ -80,7 +102,9 @@ pub fn root(name: &str, include: &[&str]) -> PathBuf {
     if target.join("var/lib/dpkg/status").is_file() {
         return target;
     }
-    let mirror = mirror(&suite).unwrap_or_else(|| panic!("no apt source for {suite} found in /etc/apt; cannot debootstrap"));
+    let mirror = mirror(&suite).unwrap_or_else(|| {
+        panic!("no apt source for {suite} found in /etc/apt; cannot debootstrap")
+    });
     let tmp = dir.join(format!(".debian-{suite}-{name}.building"));
     if tmp.exists() {
         // A build that was interrupted; never reuse it.
@@ -92,11 +116,26 @@ pub fn root(name: &str, include: &[&str]) -> PathBuf {
         cmd.arg(format!("--include={}", include.join(",")));
     }
     cmd.arg(&suite).arg(&tmp).arg(&mirror);
-    eprintln!("building the Debian test root with {cmd:?} (once; cached in {})", dir.display());
+    eprintln!(
+        "building the Debian test root with {cmd:?} (once; cached in {})",
+        dir.display()
+    );
     let r = run_with_limit(cmd, Duration::from_secs(1200));
-    assert_eq!(r.code, 0, "debootstrap failed:\n{}\n{}", r.stdout_str(), r.stderr);
+    assert_eq!(
+        r.code,
+        0,
+        "debootstrap failed:\n{}\n{}",
+        r.stdout_str(),
+        r.stderr
+    );
     // apt's downloaded packages are not part of an image.
-    let _ = Command::new("sh").arg("-c").arg(format!("rm -f {}/var/cache/apt/archives/*.deb", tmp.display())).status();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "rm -f {}/var/cache/apt/archives/*.deb",
+            tmp.display()
+        ))
+        .status();
     fs::rename(&tmp, &target).expect("rename built root into place");
     target
 }
@@ -110,9 +149,15 @@ pub fn minbase() -> PathBuf {
 pub fn copy(src: &Path) -> tempfile::TempDir {
     let parent = cache_dir().join("work");
     fs::create_dir_all(&parent).expect("create work dir");
-    let dir = tempfile::Builder::new().prefix("root-").tempdir_in(&parent).expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("root-")
+        .tempdir_in(&parent)
+        .expect("tempdir");
     let mut cmd = Command::new("cp");
-    cmd.arg("-a").arg("--reflink=auto").arg(format!("{}/.", src.display())).arg(dir.path());
+    cmd.arg("-a")
+        .arg("--reflink=auto")
+        .arg(format!("{}/.", src.display()))
+        .arg(dir.path());
     let r = run_with_limit(cmd, Duration::from_secs(300));
     assert_eq!(r.code, 0, "copying the test root failed: {}", r.stderr);
     dir

@@ -26,7 +26,10 @@ pub fn require_root(why: &str) -> bool {
     if nix::unistd::geteuid().is_root() {
         return true;
     }
-    assert!(!in_ci(), "this test needs root ({why}) and CI=true forbids skipping it");
+    assert!(
+        !in_ci(),
+        "this test needs root ({why}) and CI=true forbids skipping it"
+    );
     eprintln!("SKIPPED: needs root ({why})");
     false
 }
@@ -37,7 +40,10 @@ pub fn require_program(name: &str) -> bool {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
     if !found {
-        assert!(!in_ci(), "this test needs `{name}` and CI=true forbids skipping it");
+        assert!(
+            !in_ci(),
+            "this test needs `{name}` and CI=true forbids skipping it"
+        );
         eprintln!("SKIPPED: `{name}` is not installed");
     }
     found
@@ -47,7 +53,10 @@ pub fn require_program(name: &str) -> bool {
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test-binary>
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// Rebuilds the workspace binaries once per test process when running under cargo, so a test
@@ -55,11 +64,20 @@ pub fn bin_dir() -> PathBuf {
 fn ensure_fresh_binaries() {
     static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     ONCE.get_or_init(|| {
-        let Some(cargo) = std::env::var_os("CARGO") else { return };
+        let Some(cargo) = std::env::var_os("CARGO") else {
+            return;
+        };
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let profile_dir = bin_dir();
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "--workspace", "--bins", "--manifest-path"]).arg(&manifest);
+        cmd.args([
+            "build",
+            "--quiet",
+            "--workspace",
+            "--bins",
+            "--manifest-path",
+        ])
+        .arg(&manifest);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -67,7 +85,11 @@ fn ensure_fresh_binaries() {
             cmd.env("CARGO_TARGET_DIR", target);
         }
         let r = run_with_limit(cmd, Duration::from_secs(1800));
-        assert_eq!(r.code, 0, "building the workspace binaries failed:\n{}", r.stderr);
+        assert_eq!(
+            r.code, 0,
+            "building the workspace binaries failed:\n{}",
+            r.stderr
+        );
     });
 }
 
@@ -98,8 +120,13 @@ impl Run {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}):\n{}\nstderr:\n{}", self.stdout_str(), self.stderr))
+        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}):\n{}\nstderr:\n{}",
+                self.stdout_str(),
+                self.stderr
+            )
+        })
     }
 }
 
@@ -138,7 +165,12 @@ pub fn run_with_limit(mut cmd: Command, limit: Duration) -> Run {
     };
     let stdout = out_t.join().unwrap();
     let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
-    Run { code: status.code().unwrap_or(-1), stdout, stderr, elapsed: started.elapsed() }
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout,
+        stderr,
+        elapsed: started.elapsed(),
+    }
 }
 
 /// Runs `driftwatch-agent` with `args` (at most 10 minutes).
@@ -164,9 +196,17 @@ impl Keys {
     pub fn new() -> Keys {
         let dir = tempfile::tempdir().unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        let r = agent([OsStr::new("keygen"), OsStr::new("--out"), dir.path().join("k").as_os_str()]);
+        let r = agent([
+            OsStr::new("keygen"),
+            OsStr::new("--out"),
+            dir.path().join("k").as_os_str(),
+        ]);
         assert_eq!(r.code, 0, "keygen failed: {}", r.stderr);
-        Keys { private: dir.path().join("k.key"), public: dir.path().join("k.pub"), dir }
+        Keys {
+            private: dir.path().join("k.key"),
+            public: dir.path().join("k.pub"),
+            dir,
+        }
     }
 }
 
@@ -197,7 +237,13 @@ pub fn baseline_create(root: &Path, out: &Path, keys: &Keys, extra: &[&str]) -> 
 }
 
 /// Runs `check --format json` of `root` against `baseline`; `state` is the state directory.
-pub fn check_json(root: &Path, baseline: &Path, keys: &Keys, state: Option<&Path>, extra: &[&str]) -> Run {
+pub fn check_json(
+    root: &Path,
+    baseline: &Path,
+    keys: &Keys,
+    state: Option<&Path>,
+    extra: &[&str],
+) -> Run {
     let mut args: Vec<&OsStr> = vec![
         OsStr::new("check"),
         OsStr::new("--baseline"),
@@ -223,7 +269,10 @@ pub fn json_path(v: &serde_json::Value) -> Vec<u8> {
     if let Some(t) = v.get("text").and_then(|t| t.as_str()) {
         return t.as_bytes().to_vec();
     }
-    let b = v.get("bytes").and_then(|b| b.as_str()).unwrap_or_else(|| panic!("not a JSON path: {v}"));
+    let b = v
+        .get("bytes")
+        .and_then(|b| b.as_str())
+        .unwrap_or_else(|| panic!("not a JSON path: {v}"));
     base64::engine::general_purpose::STANDARD.decode(b).unwrap()
 }
 
@@ -239,10 +288,18 @@ pub fn findings(report: &serde_json::Value) -> Vec<Finding> {
         .map(|v| {
             let mut attrs: Vec<String> = v["changes"]
                 .as_array()
-                .map(|c| c.iter().map(|c| c["attribute"].as_str().unwrap().to_string()).collect())
+                .map(|c| {
+                    c.iter()
+                        .map(|c| c["attribute"].as_str().unwrap().to_string())
+                        .collect()
+                })
                 .unwrap_or_default();
             attrs.sort();
-            (json_path(&v["path"]), v["kind"].as_str().unwrap().to_string(), attrs)
+            (
+                json_path(&v["path"]),
+                v["kind"].as_str().unwrap().to_string(),
+                attrs,
+            )
         })
         .collect();
     out.sort();

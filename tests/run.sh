@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs driftwatch's whole test suite: unit tests, then end-to-end tests of the real binaries
+# on real Debian root filesystems (debootstrap, cached in /var/cache/driftwatch-tests).
+#
+# On Debian it first installs the system packages the tests use (with sudo when not root).
+# Tests that need root skip with a printed reason when not run as root; with CI=true a skip
+# is a failure. Extra arguments go to `cargo test` (e.g. `tests/run.sh --test hostile`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(debootstrap util-linux mount ca-certificates)
+if command -v dpkg-query >/dev/null; then
+  missing=()
+  for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if ((${#missing[@]})); then
+    sudo=()
+    [ "$(id -u)" = 0 ] || sudo=(sudo)
+    echo "installing test dependencies: ${missing[*]}" >&2
+    "${sudo[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  fi
+fi
+
+exec cargo test --workspace "$@"
