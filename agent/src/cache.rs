@@ -1,38 +1,44 @@
-//! The scan cache: path → (dev, inode, size, mtime, ctime, hash) from the last scan, so a
-//! re-check of an unchanged tree costs about a metadata walk.
+//! The scan cache: for each entry of one baseline, the stat key and content hash of the file
+//! at that path when it was last hashed, so a re-check of an unchanged tree costs about a
+//! metadata walk.
 //!
 //! Trust rules:
-//! - an entry is used only when every field of the stat key is unchanged; ctime is set by the
-//!   kernel, so content rewritten behind a restored mtime still misses the cache;
-//! - an entry whose ctime is within [`RACY_WINDOW`] of the scan that hashed it is not kept
+//! - a slot is used only when every field of the stat key (dev, inode, size, mtime, ctime) is
+//!   unchanged; ctime is set by the kernel, so content rewritten behind a restored mtime misses;
+//! - a slot whose ctime is within [`RACY_WINDOW_NS`] of the scan that hashed it is not kept
 //!   (git's "racily clean" problem: a write in the same clock tick leaves ctime unchanged);
 //! - the file is checksummed (BLAKE3) and replaced atomically (temp file, fsync, rename, fsync
 //!   of the directory); a file that fails any check is discarded with a warning, never trusted;
-//! - the cache belongs to one root; a cache of another root is ignored.
+//! - the cache belongs to one root and one baseline (its Merkle root); any other is ignored.
 //!
-//! Format: magic, header (root path, root dev, scan start), sorted records, BLAKE3 trailer;
-//! every integer little-endian.
+//! Slots are indexed by baseline entry, so the cache holds no paths: it costs a fixed 80 bytes
+//! per entry in memory and 73 on disk. Files that are not in the baseline are never cached
+//! (they are violations anyway).
+//!
+//! Format: magic, header (root path, root dev and inode, baseline root, slot count), one
+//! fixed-size record per slot, BLAKE3 trailer over everything before it; integers
+//! little-endian.
 
-use std::fs;
-use std::io;
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::baseline::Baseline;
 use crate::hash::StatKey;
 use crate::scan::HashSource;
 
-const MAGIC: &[u8; 8] = b"DWCACHE\x01";
+const MAGIC: &[u8; 8] = b"DWCACHE\x02";
 /// File name inside the state directory.
-pub const FILE_NAME: &str = "scan-cache.v1";
-/// Entries changed this close to the scan start are re-hashed next time.
+pub const FILE_NAME: &str = "scan-cache.v2";
+/// Slots changed this close to the scan start are re-hashed next time.
 pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
-const RECORD_FIXED: usize = 4 + 8 * 5 + 32;
+const RECORD_LEN: usize = 1 + 8 * 5 + 32;
 
-/// One cached hash.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheEntry {
-    pub path: Box<[u8]>,
+/// A cached hash: the file had this stat key when its content hashed to `hash`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
     pub key: StatKey,
     pub hash: [u8; 32],
 }
@@ -46,12 +52,6 @@ pub enum CacheError {
     Corrupt { path: PathBuf, what: &'static str },
 }
 
-/// A loaded cache, sorted by path for binary search.
-#[derive(Debug, Default)]
-pub struct ScanCache {
-    entries: Vec<CacheEntry>,
-}
-
 /// Identity of the scanned root a cache belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RootId {
@@ -62,8 +62,8 @@ pub struct RootId {
 
 impl RootId {
     pub fn of(root: &Path) -> io::Result<RootId> {
-        let canon = fs::canonicalize(root)?;
-        let m = fs::metadata(&canon)?;
+        let canon = std::fs::canonicalize(root)?;
+        let m = std::fs::metadata(&canon)?;
         Ok(RootId {
             path: canon.as_os_str().as_bytes().to_vec(),
             dev: m.dev(),
@@ -72,155 +72,224 @@ impl RootId {
     }
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    pos: usize,
+/// The cache of one root against one baseline.
+#[derive(Debug)]
+pub struct ScanCache {
+    slots: Vec<Option<Slot>>,
 }
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let end = self.pos.checked_add(n)?;
-        let s = self.buf.get(self.pos..end)?;
-        self.pos = end;
-        Some(s)
+/// Reads through a BLAKE3 hasher, so the checksum is verified without holding the file.
+struct Hashing<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: Read> Hashing<R> {
+    fn exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact(buf)?;
+        self.hasher.update(buf);
+        Ok(())
     }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .and_then(|b| b.try_into().ok())
-            .map(u32::from_le_bytes)
+    fn u64(&mut self) -> io::Result<u64> {
+        let mut b = [0u8; 8];
+        self.exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
     }
-    fn u64(&mut self) -> Option<u64> {
-        self.take(8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-    }
-    fn i64(&mut self) -> Option<i64> {
-        self.u64().map(|v| v as i64)
-    }
+}
+
+fn header(root: &RootId, baseline_root: &[u8; 32], n: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(64 + root.path.len());
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&(root.path.len() as u64).to_le_bytes());
+    h.extend_from_slice(&root.path);
+    h.extend_from_slice(&root.dev.to_le_bytes());
+    h.extend_from_slice(&root.ino.to_le_bytes());
+    h.extend_from_slice(baseline_root);
+    h.extend_from_slice(&n.to_le_bytes());
+    h
 }
 
 impl ScanCache {
-    pub fn len(&self) -> usize {
-        self.entries.len()
+    /// An empty cache for a baseline of `n` entries.
+    pub fn empty(n: usize) -> ScanCache {
+        ScanCache {
+            slots: vec![None; n],
+        }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+    /// Number of filled slots.
+    pub fn filled(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_some()).count()
     }
 
-    /// Loads the cache in `state_dir` for `root`. A missing file or one for another root is an
-    /// empty cache; an unreadable or corrupt one is an error the caller warns about (and then
-    /// proceeds without a cache).
-    pub fn load(state_dir: &Path, root: &RootId) -> Result<ScanCache, CacheError> {
+    /// The slot of baseline entry `index`.
+    pub fn slot(&self, index: usize) -> Option<&Slot> {
+        self.slots.get(index).and_then(Option::as_ref)
+    }
+
+    /// Replaces the slot of baseline entry `index`.
+    pub fn set(&mut self, index: usize, slot: Option<Slot>) {
+        if let Some(s) = self.slots.get_mut(index) {
+            *s = slot;
+        }
+    }
+
+    /// Loads the cache in `state_dir` for `root` and `baseline`. A missing file, or one for
+    /// another root or baseline, is an empty cache; an unreadable or corrupt one is an error the
+    /// caller warns about (and then proceeds with an empty cache).
+    pub fn load(
+        state_dir: &Path,
+        root: &RootId,
+        baseline: &Baseline,
+    ) -> Result<ScanCache, CacheError> {
         let path = state_dir.join(FILE_NAME);
-        let data = match fs::read(&path) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ScanCache::default()),
+        let n = baseline.entries.len();
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ScanCache::empty(n)),
             Err(source) => return Err(CacheError::Io { path, source }),
         };
+        let len = file
+            .metadata()
+            .map_err(|source| CacheError::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
         let corrupt = |what| CacheError::Corrupt {
             path: path.clone(),
             what,
         };
-        if data.len() < MAGIC.len() + 32 || &data[..8] != MAGIC {
-            return Err(corrupt("bad magic or too short"));
+        let mut r = Hashing {
+            inner: BufReader::with_capacity(1 << 16, file),
+            hasher: blake3::Hasher::new(),
+        };
+        let mut magic = [0u8; 8];
+        r.exact(&mut magic).map_err(|_| corrupt("too short"))?;
+        if &magic != MAGIC {
+            return Err(corrupt("bad magic"));
         }
-        let (body, trailer) = data.split_at(data.len() - 32);
-        if blake3::hash(body).as_bytes() != trailer {
+        let root_len = r.u64().map_err(|_| corrupt("truncated header"))?;
+        if root_len > 4096 {
+            return Err(corrupt("root path too long"));
+        }
+        let mut root_path = vec![0u8; root_len as usize];
+        r.exact(&mut root_path)
+            .map_err(|_| corrupt("truncated header"))?;
+        let dev = r.u64().map_err(|_| corrupt("truncated header"))?;
+        let ino = r.u64().map_err(|_| corrupt("truncated header"))?;
+        let mut broot = [0u8; 32];
+        r.exact(&mut broot)
+            .map_err(|_| corrupt("truncated header"))?;
+        let count = r.u64().map_err(|_| corrupt("truncated header"))?;
+        let header_len = 8 + 8 + root_len + 8 + 8 + 32 + 8;
+        if count
+            .checked_mul(RECORD_LEN as u64)
+            .and_then(|b| b.checked_add(header_len + 32))
+            != Some(len)
+        {
+            return Err(corrupt("size does not match the slot count"));
+        }
+        let mut slots: Vec<Option<Slot>> = Vec::with_capacity(count as usize);
+        let mut rec = [0u8; RECORD_LEN];
+        for _ in 0..count {
+            r.exact(&mut rec).map_err(|_| corrupt("truncated record"))?;
+            let word = |i: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&rec[1 + 8 * i..9 + 8 * i]);
+                u64::from_le_bytes(b)
+            };
+            slots.push(match rec[0] {
+                0 => None,
+                1 => {
+                    let mut hash = [0u8; 32];
+                    hash.copy_from_slice(&rec[41..]);
+                    Some(Slot {
+                        key: StatKey {
+                            dev: word(0),
+                            ino: word(1),
+                            size: word(2),
+                            mtime_ns: word(3) as i64,
+                            ctime_ns: word(4) as i64,
+                        },
+                        hash,
+                    })
+                }
+                _ => return Err(corrupt("bad slot flag")),
+            });
+        }
+        let sum = *r.hasher.finalize().as_bytes();
+        let mut trailer = [0u8; 32];
+        r.inner
+            .read_exact(&mut trailer)
+            .map_err(|_| corrupt("truncated checksum"))?;
+        if sum != trailer {
             return Err(corrupt("checksum mismatch"));
         }
-        let mut r = Reader { buf: body, pos: 8 };
-        let root_len = r.u32().ok_or_else(|| corrupt("truncated header"))? as usize;
-        let root_path = r
-            .take(root_len)
-            .ok_or_else(|| corrupt("truncated header"))?
-            .to_vec();
-        let dev = r.u64().ok_or_else(|| corrupt("truncated header"))?;
-        let ino = r.u64().ok_or_else(|| corrupt("truncated header"))?;
-        let count = r.u64().ok_or_else(|| corrupt("truncated header"))?;
-        if root_path != root.path || dev != root.dev || ino != root.ino {
-            return Ok(ScanCache::default());
+        if root_path != root.path
+            || dev != root.dev
+            || ino != root.ino
+            || broot != baseline.merkle_root
+            || count != n as u64
+        {
+            return Ok(ScanCache::empty(n));
         }
-        let remaining = body.len() - r.pos;
-        if count > (remaining / RECORD_FIXED) as u64 {
-            return Err(corrupt("record count larger than the file"));
-        }
-        let mut entries = Vec::with_capacity(count as usize);
-        for _ in 0..count {
-            let plen = r.u32().ok_or_else(|| corrupt("truncated record"))? as usize;
-            let p: Box<[u8]> = r
-                .take(plen)
-                .ok_or_else(|| corrupt("truncated record"))?
-                .into();
-            let key = StatKey {
-                dev: r.u64().ok_or_else(|| corrupt("truncated record"))?,
-                ino: r.u64().ok_or_else(|| corrupt("truncated record"))?,
-                size: r.u64().ok_or_else(|| corrupt("truncated record"))?,
-                mtime_ns: r.i64().ok_or_else(|| corrupt("truncated record"))?,
-                ctime_ns: r.i64().ok_or_else(|| corrupt("truncated record"))?,
-            };
-            let hash: [u8; 32] = r
-                .take(32)
-                .and_then(|h| h.try_into().ok())
-                .ok_or_else(|| corrupt("truncated record"))?;
-            entries.push(CacheEntry { path: p, key, hash });
-        }
-        if r.pos != body.len() {
-            return Err(corrupt("trailing bytes"));
-        }
-        if entries.windows(2).any(|w| w[0].path >= w[1].path) {
-            return Err(corrupt("records out of order"));
-        }
-        Ok(ScanCache { entries })
+        Ok(ScanCache { slots })
     }
 
-    /// Writes `entries` as the cache of `root` for a scan that started at `scan_start_ns`
-    /// (wall clock), atomically replacing any previous cache.
+    /// Writes the cache atomically, dropping racily clean slots (ctime within the racy window
+    /// of `scan_start_ns`, wall clock). Returns the number of slots kept.
     pub fn save(
+        &self,
         state_dir: &Path,
         root: &RootId,
+        baseline_root: &[u8; 32],
         scan_start_ns: i64,
-        mut entries: Vec<CacheEntry>,
     ) -> io::Result<usize> {
-        entries.retain(|e| e.key.ctime_ns < scan_start_ns.saturating_sub(RACY_WINDOW_NS));
-        entries.sort_unstable_by(|a, b| a.path.cmp(&b.path));
-        entries.dedup_by(|a, b| a.path == b.path);
-        let mut body = Vec::with_capacity(64 + entries.len() * (RECORD_FIXED + 48));
-        body.extend_from_slice(MAGIC);
-        body.extend_from_slice(&(root.path.len() as u32).to_le_bytes());
-        body.extend_from_slice(&root.path);
-        body.extend_from_slice(&root.dev.to_le_bytes());
-        body.extend_from_slice(&root.ino.to_le_bytes());
-        body.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-        for e in &entries {
-            body.extend_from_slice(&(e.path.len() as u32).to_le_bytes());
-            body.extend_from_slice(&e.path);
-            for v in [
-                e.key.dev,
-                e.key.ino,
-                e.key.size,
-                e.key.mtime_ns as u64,
-                e.key.ctime_ns as u64,
-            ] {
-                body.extend_from_slice(&v.to_le_bytes());
+        let cutoff = scan_start_ns.saturating_sub(RACY_WINDOW_NS);
+        let mut kept = 0;
+        crate::fsutil::write_atomic_with(&state_dir.join(FILE_NAME), 0o600, |f| {
+            let mut w = BufWriter::with_capacity(1 << 16, f);
+            let mut hasher = blake3::Hasher::new();
+            let h = header(root, baseline_root, self.slots.len() as u64);
+            hasher.update(&h);
+            w.write_all(&h)?;
+            let mut rec = [0u8; RECORD_LEN];
+            for s in &self.slots {
+                rec.fill(0);
+                if let Some(s) = s.filter(|s| s.key.ctime_ns < cutoff) {
+                    rec[0] = 1;
+                    let k = s.key;
+                    for (i, v) in [k.dev, k.ino, k.size, k.mtime_ns as u64, k.ctime_ns as u64]
+                        .into_iter()
+                        .enumerate()
+                    {
+                        rec[1 + 8 * i..9 + 8 * i].copy_from_slice(&v.to_le_bytes());
+                    }
+                    rec[41..].copy_from_slice(&s.hash);
+                    kept += 1;
+                }
+                hasher.update(&rec);
+                w.write_all(&rec)?;
             }
-            body.extend_from_slice(&e.hash);
-        }
-        let sum = blake3::hash(&body);
-        body.extend_from_slice(sum.as_bytes());
-        crate::fsutil::write_atomic(&state_dir.join(FILE_NAME), &body, 0o600)?;
-        Ok(entries.len())
+            w.write_all(hasher.finalize().as_bytes())?;
+            w.flush()
+        })?;
+        Ok(kept)
     }
 }
 
-impl HashSource for ScanCache {
+/// A cache looked up by path through its baseline.
+#[derive(Debug)]
+pub struct CacheLookup<'a> {
+    pub baseline: &'a Baseline,
+    pub cache: &'a ScanCache,
+}
+
+impl HashSource for CacheLookup<'_> {
     fn lookup(&self, path: &[u8], key: &StatKey) -> Option<[u8; 32]> {
-        let i = self
-            .entries
-            .binary_search_by(|e| (*e.path).cmp(path))
-            .ok()?;
-        let e = &self.entries[i];
-        (e.key == *key).then_some(e.hash)
+        let s = self.cache.slot(self.baseline.find(path)?)?;
+        (s.key == *key).then_some(s.hash)
     }
 }
 
@@ -232,6 +301,21 @@ pub fn cache_path(state_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use driftwatch_proto::v1::{Entry, Header};
+
+    fn baseline(n: usize) -> Baseline {
+        Baseline {
+            header: Header::default(),
+            entries: (0..n)
+                .map(|i| Entry {
+                    path: format!("/f{i}").into_bytes(),
+                    ..Default::default()
+                })
+                .collect(),
+            signer: String::new(),
+            merkle_root: [7; 32],
+        }
+    }
 
     fn key(n: u64) -> StatKey {
         StatKey {
@@ -243,70 +327,98 @@ mod tests {
         }
     }
 
-    fn sample() -> Vec<CacheEntry> {
-        (1..=3)
-            .map(|n| CacheEntry {
-                path: format!("/f{n}").into_bytes().into(),
-                key: key(n),
-                hash: [n as u8; 32],
-            })
-            .collect()
+    fn filled(n: usize) -> ScanCache {
+        let mut c = ScanCache::empty(n);
+        for i in 0..n {
+            c.set(
+                i,
+                Some(Slot {
+                    key: key(i as u64),
+                    hash: [i as u8; 32],
+                }),
+            );
+        }
+        c
     }
 
     #[test]
     fn round_trip_and_lookup_needs_the_exact_key() {
         let dir = tempfile::tempdir().unwrap();
         let root = RootId::of(dir.path()).unwrap();
-        ScanCache::save(dir.path(), &root, 10_000_000_000, sample()).unwrap();
-        let c = ScanCache::load(dir.path(), &root).unwrap();
-        assert_eq!(c.len(), 3);
-        assert_eq!(c.lookup(b"/f2", &key(2)), Some([2; 32]));
+        let b = baseline(3);
+        assert_eq!(
+            filled(3)
+                .save(dir.path(), &root, &b.merkle_root, 10_000_000_000)
+                .unwrap(),
+            3
+        );
+        let c = ScanCache::load(dir.path(), &root, &b).unwrap();
+        let l = CacheLookup {
+            baseline: &b,
+            cache: &c,
+        };
+        assert_eq!(l.lookup(b"/f2", &key(2)), Some([2; 32]));
         let mut k = key(2);
         k.ctime_ns += 1;
-        assert_eq!(c.lookup(b"/f2", &k), None, "a changed ctime misses");
-        assert_eq!(c.lookup(b"/nope", &key(2)), None);
+        assert_eq!(l.lookup(b"/f2", &k), None, "a changed ctime misses");
+        assert_eq!(l.lookup(b"/nope", &key(2)), None);
     }
 
     #[test]
-    fn racily_clean_entries_are_not_kept() {
+    fn racily_clean_slots_are_not_kept() {
         let dir = tempfile::tempdir().unwrap();
         let root = RootId::of(dir.path()).unwrap();
-        // Scan started 1 s after the files' ctime: inside the racy window.
-        let n = ScanCache::save(dir.path(), &root, 1_000 + 1_000_000_000, sample()).unwrap();
-        assert_eq!(n, 0);
+        let b = baseline(3);
+        assert_eq!(
+            filled(3)
+                .save(dir.path(), &root, &b.merkle_root, 1_000 + 1_000_000_000)
+                .unwrap(),
+            0
+        );
+        assert_eq!(ScanCache::load(dir.path(), &root, &b).unwrap().filled(), 0);
     }
 
     #[test]
-    fn every_corruption_is_detected_and_another_root_is_ignored() {
+    fn every_corruption_is_detected_and_another_root_or_baseline_is_ignored() {
         let dir = tempfile::tempdir().unwrap();
         let root = RootId::of(dir.path()).unwrap();
-        ScanCache::save(dir.path(), &root, 10_000_000_000, sample()).unwrap();
+        let b = baseline(3);
+        filled(3)
+            .save(dir.path(), &root, &b.merkle_root, 10_000_000_000)
+            .unwrap();
         let p = cache_path(dir.path());
-        let good = fs::read(&p).unwrap();
+        let good = std::fs::read(&p).unwrap();
         for i in 0..good.len() {
             let mut bad = good.clone();
             bad[i] ^= 0x40;
-            fs::write(&p, &bad).unwrap();
+            std::fs::write(&p, &bad).unwrap();
             assert!(
                 matches!(
-                    ScanCache::load(dir.path(), &root),
+                    ScanCache::load(dir.path(), &root, &b),
                     Err(CacheError::Corrupt { .. })
                 ),
                 "flip at byte {i} not detected"
             );
         }
         for cut in [0, 5, good.len() / 2, good.len() - 1] {
-            fs::write(&p, &good[..cut]).unwrap();
+            std::fs::write(&p, &good[..cut]).unwrap();
             assert!(
-                ScanCache::load(dir.path(), &root).is_err(),
+                ScanCache::load(dir.path(), &root, &b).is_err(),
                 "truncation at {cut}"
             );
         }
-        fs::write(&p, &good).unwrap();
+        std::fs::write(&p, &good).unwrap();
         let other = RootId {
             path: b"/elsewhere".to_vec(),
-            ..root
+            ..root.clone()
         };
-        assert!(ScanCache::load(dir.path(), &other).unwrap().is_empty());
+        assert_eq!(ScanCache::load(dir.path(), &other, &b).unwrap().filled(), 0);
+        let mut newer = baseline(3);
+        newer.merkle_root = [8; 32];
+        assert_eq!(
+            ScanCache::load(dir.path(), &root, &newer).unwrap().filled(),
+            0
+        );
+        assert_eq!(ScanCache::load(dir.path(), &root, &b).unwrap().filled(), 3);
     }
 }

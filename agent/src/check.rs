@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use driftwatch_proto::path as bpath;
 
 use crate::baseline::{self, BaselineError};
-use crate::cache::{CacheEntry, RootId, ScanCache};
+use crate::cache::{CacheLookup, RootId, ScanCache, Slot};
 use crate::create::Progress;
 use crate::diff::{self, Violation, ViolationKind};
 use crate::escape::{self, JsonBytes};
@@ -90,20 +90,23 @@ pub fn check(
         }
         None => None,
     };
-    let cache = match (&opts.state_dir, &root_id) {
-        (Some(dir), Some(id)) if !opts.full => match ScanCache::load(dir, id) {
-            Ok(c) => Some(c),
+    let n = baseline.entries.len();
+    let mut cache = match (&opts.state_dir, &root_id) {
+        (Some(dir), Some(id)) if !opts.full => match ScanCache::load(dir, id, &baseline) {
+            Ok(c) => c,
             Err(e) => {
                 warnings.push(format!("scan cache discarded: {e}"));
-                None
+                ScanCache::empty(n)
             }
         },
-        _ => None,
+        _ => ScanCache::empty(n),
     };
+    // Slots to change once the scan is over (the walk reads the cache meanwhile): only files
+    // hashed in this scan, or whose cached hash is no longer valid.
+    let mut updates: Vec<(usize, Option<Slot>)> = Vec::new();
 
     let mut seen = vec![false; baseline.entries.len()];
     let mut violations: Vec<Violation> = Vec::new();
-    let mut new_cache: Vec<CacheEntry> = Vec::new();
     let mut unexamined: Vec<Vec<u8>> = Vec::new();
     let mut other_fs: Vec<Vec<u8>> = Vec::new();
     let mut prog = Progress::default();
@@ -112,57 +115,64 @@ pub fn check(
         threads: opts.threads,
         purpose: Purpose::Check,
     };
-    let stats = scan::scan(
-        &scan_opts,
-        &policy,
-        cache.as_ref().map(|c| c as &dyn HashSource),
-        |ev| match ev {
-            Event::Object(o) => {
-                prog.entries += 1;
-                if o.hashed {
-                    prog.bytes_hashed += o.entry.size;
-                }
-                progress(prog);
-                let base = baseline.find(&o.entry.path).map(|i| {
-                    seen[i] = true;
-                    &baseline.entries[i]
-                });
-                if let Some(v) =
-                    diff::compare(base, Some((&o.entry, o.problem.as_deref())), &o.policy)
-                {
-                    violations.push(v);
-                }
-                if let (Some(key), true) = (
+    let lookup = CacheLookup {
+        baseline: &baseline,
+        cache: &cache,
+    };
+    let source: Option<&dyn HashSource> =
+        opts.state_dir.as_ref().map(|_| &lookup as &dyn HashSource);
+    let stats = scan::scan(&scan_opts, &policy, source, |ev| match ev {
+        Event::Object(o) => {
+            prog.entries += 1;
+            if o.hashed {
+                prog.bytes_hashed += o.entry.size;
+            }
+            progress(prog);
+            let index = baseline.find(&o.entry.path);
+            let base = index.map(|i| {
+                seen[i] = true;
+                &baseline.entries[i]
+            });
+            if let Some(v) = diff::compare(base, Some((&o.entry, o.problem.as_deref())), &o.policy)
+            {
+                violations.push(v);
+            }
+            if let Some(i) = index
+                && !o.cached
+            {
+                let slot = match (
                     o.key,
                     o.entry.content_hash.len() == 32 && o.problem.is_none(),
                 ) {
-                    let mut hash = [0u8; 32];
-                    hash.copy_from_slice(&o.entry.content_hash);
-                    new_cache.push(CacheEntry {
-                        path: o.entry.path.into_boxed_slice(),
-                        key,
-                        hash,
-                    });
+                    (Some(key), true) => {
+                        let mut hash = [0u8; 32];
+                        hash.copy_from_slice(&o.entry.content_hash);
+                        Some(Slot { key, hash })
+                    }
+                    _ => None,
+                };
+                if slot.is_some() || cache.slot(i).is_some() {
+                    updates.push((i, slot));
                 }
             }
-            Event::Incomplete { path, reason } => {
-                let pp = policy.for_path(&path);
-                violations.push(Violation {
-                    path: JsonBytes(path.clone()),
-                    kind: ViolationKind::Unverifiable,
-                    severity: pp.severity,
-                    changes: Vec::new(),
-                    reason: Some(reason),
-                    baseline: baseline
-                        .find(&path)
-                        .map(|i| diff::summarize(&baseline.entries[i])),
-                    observed: None,
-                });
-                unexamined.push(path);
-            }
-            Event::OtherFilesystem { path } => other_fs.push(path),
-        },
-    )?;
+        }
+        Event::Incomplete { path, reason } => {
+            let pp = policy.for_path(&path);
+            violations.push(Violation {
+                path: JsonBytes(path.clone()),
+                kind: ViolationKind::Unverifiable,
+                severity: pp.severity,
+                changes: Vec::new(),
+                reason: Some(reason),
+                baseline: baseline
+                    .find(&path)
+                    .map(|i| diff::summarize(&baseline.entries[i])),
+                observed: None,
+            });
+            unexamined.push(path);
+        }
+        Event::OtherFilesystem { path } => other_fs.push(path),
+    })?;
 
     for (entry, _) in baseline.entries.iter().zip(&seen).filter(|(_, s)| !**s) {
         let p = entry.path.as_slice();
@@ -175,8 +185,15 @@ pub fn check(
     }
     violations.sort_by(|a, b| a.path.0.cmp(&b.path.0));
 
+    drop(lookup);
+    for (i, slot) in updates {
+        cache.set(i, slot);
+    }
+    for (i, _) in seen.iter().enumerate().filter(|(_, s)| !**s) {
+        cache.set(i, None);
+    }
     if let (Some(dir), Some(id)) = (&opts.state_dir, &root_id)
-        && let Err(e) = ScanCache::save(dir, id, scan_start_ns, new_cache)
+        && let Err(e) = cache.save(dir, id, &baseline.merkle_root, scan_start_ns)
     {
         warnings.push(format!(
             "cannot save the scan cache in {}: {e}",

@@ -153,7 +153,7 @@ fn a_corrupted_scan_cache_is_discarded_with_a_warning_never_trusted() {
     let warm = check_json(&root, &bl, &keys, Some(&state), &[]);
     assert_eq!(warm.json()["summary"]["scan"]["cache_hits"], 50);
 
-    let cache = state.join("scan-cache.v1");
+    let cache = state.join("scan-cache.v2");
     let mut bytes = fs::read(&cache).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
