@@ -185,7 +185,6 @@ pub fn check(
     }
     violations.sort_by(|a, b| a.path.0.cmp(&b.path.0));
 
-    drop(lookup);
     for (i, slot) in updates {
         cache.set(i, slot);
     }
