@@ -308,8 +308,9 @@ pub fn decode<R: BufRead>(
         .try_into()
         .map_err(|_| malformed(8, "Merkle root is not 32 bytes".into()))?;
 
-    // The count is signed, but cap the preallocation anyway.
-    let mut entries: Vec<Entry> = Vec::with_capacity(header.entry_count.min(1 << 20) as usize);
+    // The count is only signed when a trusted key was given (`baseline show` reads unsigned
+    // files too), so it never sizes an allocation beyond what records actually arrive.
+    let mut entries: Vec<Entry> = Vec::with_capacity(header.entry_count.min(4096) as usize);
     let mut leaves: Vec<[u8; 32]> = Vec::with_capacity(entries.capacity());
     loop {
         let at = rr.offset;
@@ -439,6 +440,25 @@ mod tests {
         assert_eq!(bl.merkle_root, ra);
         assert_eq!(bl.entries[0].path, b"/");
         assert!(bl.find(b"/etc/passwd").is_some());
+    }
+
+    #[test]
+    fn regression_unauthenticated_entry_count_of_2_pow_40_is_refused_without_preallocating() {
+        // Found by fuzzing: `baseline show` without keys read an unsigned entry count and
+        // reserved memory for it. Now the count only bounds what is read.
+        let (k, _) = key();
+        let header = Header {
+            format_version: BASELINE_FORMAT_VERSION,
+            hash_algorithm: HASH_ALGORITHM.into(),
+            entry_count: 1 << 40,
+            merkle_root: vec![0; 32],
+            ..Default::default()
+        };
+        let signed = envelope::sign(header.encode_to_vec(), &k);
+        let mut file = BASELINE_MAGIC.to_vec();
+        file.extend(signed.encode_length_delimited_to_vec());
+        let e = decode(file.as_slice(), Path::new("x"), None, 0).unwrap_err();
+        assert!(e.to_string().contains("says 1099511627776 entries but the file ends after 0"), "{e}");
     }
 
     #[test]
