@@ -15,6 +15,7 @@ pub mod escape;
 pub mod fsutil;
 pub mod hash;
 pub mod keys;
+pub mod packages;
 pub mod policy;
 pub mod report;
 pub mod scan;
