@@ -100,6 +100,11 @@ pub struct BaselineMeta {
     pub created_unix: i64,
     pub expires_unix: Option<i64>,
     pub policy_toml: String,
+    /// "dpkg", "rpm" or empty.
+    pub package_manager: String,
+    /// Sorted by (name, arch); `Entry::packages` index into it.
+    pub packages: Vec<driftwatch_proto::v1::Package>,
+    pub package_notes: Vec<String>,
 }
 
 /// Sorts and checks entries, computes the root, signs the header and writes the file
@@ -142,6 +147,9 @@ pub fn write(
         merkle_root: root.to_vec(),
         created_by: concat!("driftwatch-agent ", env!("CARGO_PKG_VERSION")).to_string(),
         hash_algorithm: HASH_ALGORITHM.to_string(),
+        package_manager: meta.package_manager.clone(),
+        packages: meta.packages.clone(),
+        package_notes: meta.package_notes.clone(),
     };
     let signed = envelope::sign(header.encode_to_vec(), key);
     crate::fsutil::write_atomic_with(out, 0o644, |f| {
@@ -344,6 +352,15 @@ pub fn decode<R: BufRead>(
         if !e.content_hash.is_empty() && e.content_hash.len() != 32 {
             return Err(malformed(at, "content hash is not 32 bytes".into()));
         }
+        if e.packages
+            .iter()
+            .any(|&i| i as usize >= header.packages.len())
+        {
+            return Err(malformed(
+                at,
+                "entry names a package the header does not list".into(),
+            ));
+        }
         leaves.push(merkle::leaf_hash(&buf));
         entries.push(e);
     }
@@ -396,6 +413,9 @@ mod tests {
             created_unix: 1_700_000_000,
             expires_unix: Some(1_800_000_000),
             policy_toml: "base = \"empty\"\n".into(),
+            package_manager: String::new(),
+            packages: Vec::new(),
+            package_notes: Vec::new(),
         }
     }
 
@@ -458,7 +478,11 @@ mod tests {
         let mut file = BASELINE_MAGIC.to_vec();
         file.extend(signed.encode_length_delimited_to_vec());
         let e = decode(file.as_slice(), Path::new("x"), None, 0).unwrap_err();
-        assert!(e.to_string().contains("says 1099511627776 entries but the file ends after 0"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("says 1099511627776 entries but the file ends after 0"),
+            "{e}"
+        );
     }
 
     #[test]

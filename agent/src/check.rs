@@ -4,11 +4,15 @@ use std::path::PathBuf;
 
 use driftwatch_proto::path as bpath;
 
-use crate::baseline::{self, BaselineError};
+use std::collections::BTreeSet;
+
+use crate::attribution::{self, PackageDrift};
+use crate::baseline::{self, Baseline, BaselineError};
 use crate::cache::{CacheLookup, RootId, ScanCache, Slot};
 use crate::create::Progress;
 use crate::diff::{self, Violation, ViolationKind};
 use crate::escape::{self, JsonBytes};
+use crate::packages;
 use crate::policy::{Policy, PolicyError};
 use crate::report::{BaselineInfo, PolicyInfo, Report};
 use crate::scan::{self, Event, HashSource, Purpose, ScanError, ScanOptions};
@@ -168,6 +172,9 @@ pub fn check(
                     .find(&path)
                     .map(|i| diff::summarize(&baseline.entries[i])),
                 observed: None,
+                packages: Vec::new(),
+                class: None,
+                config: false,
             });
             unexamined.push(path);
         }
@@ -183,6 +190,8 @@ pub fn check(
             violations.push(v);
         }
     }
+    let package_drift =
+        attribute_packages(opts, &baseline, &policy, &mut violations, &mut warnings);
     violations.sort_by(|a, b| a.path.0.cmp(&b.path.0));
 
     for (i, slot) in updates {
@@ -211,7 +220,84 @@ pub fn check(
         BaselineInfo::new(&opts.baseline, &baseline),
         policy_info,
         violations,
+        package_drift,
         stats,
         warnings,
     ))
+}
+
+/// Reads the live package database, reports package drift against the baseline's inventory,
+/// and names the owners and class of every file violation.
+fn attribute_packages(
+    opts: &CheckOptions,
+    baseline: &Baseline,
+    policy: &Policy,
+    violations: &mut Vec<Violation>,
+    warnings: &mut Vec<String>,
+) -> Vec<PackageDrift> {
+    let header = &baseline.header;
+    let live = match packages::read_manifest(&opts.root) {
+        Ok(m) => m,
+        Err(e) => {
+            let db: &[u8] = if header.package_manager == "rpm" {
+                b"/var/lib/rpm"
+            } else {
+                b"/var/lib/dpkg/status"
+            };
+            violations.push(Violation {
+                path: JsonBytes(db.to_vec()),
+                kind: ViolationKind::Unverifiable,
+                severity: policy.packages.drift,
+                changes: Vec::new(),
+                reason: Some(format!(
+                    "the package database cannot be read, so package drift is unknown: {e}"
+                )),
+                baseline: None,
+                observed: None,
+                packages: Vec::new(),
+                class: None,
+                config: false,
+            });
+            return Vec::new();
+        }
+    };
+    let Some(live) = live else {
+        if !header.package_manager.is_empty() {
+            warnings.push(format!(
+                "the image had a {} package database but the checked root has none: packages cannot be compared",
+                header.package_manager
+            ));
+        }
+        return Vec::new();
+    };
+    warnings.extend(live.notes.iter().map(|n| format!("packages: {n}")));
+    let live_inventory = packages::inventory(&live);
+    let drift = if header.package_manager.is_empty() {
+        warnings.push("the baseline has no package inventory: package drift is not checked".into());
+        Vec::new()
+    } else {
+        attribution::diff_inventories(&header.packages, &live_inventory, policy.packages.drift)
+    };
+    let changed: BTreeSet<String> = drift.iter().map(PackageDrift::key).collect();
+    let owners = packages::Owners::build(&opts.root, &live);
+    let key = |p: &driftwatch_proto::v1::Package| format!("{}:{}", p.name, p.arch);
+    for v in violations.iter_mut() {
+        let mut names = BTreeSet::new();
+        let mut config = false;
+        if let Some(e) = baseline.find(&v.path.0).map(|i| &baseline.entries[i]) {
+            names.extend(
+                e.packages
+                    .iter()
+                    .filter_map(|&i| header.packages.get(i as usize))
+                    .map(key),
+            );
+            config |= e.config;
+        }
+        if let Some((idx, c)) = owners.get(&v.path.0) {
+            names.extend(idx.iter().map(|&i| live.packages[i as usize].key()));
+            config |= c;
+        }
+        attribution::attribute(v, names, config, &changed, &policy.packages);
+    }
+    drift
 }

@@ -62,9 +62,28 @@ pub enum Command {
     Baseline(BaselineCommand),
     /// Compare a root filesystem with its baseline; exit 0 clean, 1 drift, 2 error
     Check(CheckArgs),
+    /// Verify every package-owned file against the package manager's own checksums and
+    /// attributes, with no baseline (like `debsums -s` and `rpm -Va`); exit 0 clean, 1 drift, 2 error
+    VerifyPackages(VerifyPackagesArgs),
     /// Show the policy in force
     #[command(subcommand)]
     Policy(PolicyCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyPackagesArgs {
+    /// Root filesystem whose package database and files are verified
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Policy file (its [packages] verify_conffiles decides whether configuration files are
+    /// checked; on by default)
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// Threads [default: number of CPUs]
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +270,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Baseline(BaselineCommand::Verify(a)) => baseline_verify(a),
         Command::Baseline(BaselineCommand::Show(a)) => baseline_show(a),
         Command::Check(a) => run_check(a),
+        Command::VerifyPackages(a) => verify_packages(a),
         Command::Policy(PolicyCommand::Show(a)) => policy_show(a),
     }
 }
@@ -505,6 +525,36 @@ fn run_check(a: CheckArgs) -> Result<ExitCode> {
     let report = check::check(&opts, &mut |p| progress.update(p));
     progress.finish();
     let report = report?;
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &report)?;
+            writeln!(out)?;
+        }
+        Format::Text => out.write_all(report.render_text().as_bytes())?,
+    }
+    out.flush()?;
+    Ok(ExitCode::from(if report.clean {
+        EXIT_CLEAN
+    } else {
+        EXIT_DRIFT
+    }))
+}
+
+fn verify_packages(a: VerifyPackagesArgs) -> Result<ExitCode> {
+    let policy = match &a.policy {
+        Some(p) => load_policy(p)?,
+        None => Policy::builtin(),
+    };
+    let manifest = crate::packages::read_manifest(&a.root)?.ok_or_else(|| {
+        anyhow::anyhow!("no dpkg or rpm database found under {}", a.root.display())
+    })?;
+    let report = crate::packages::verify::verify(
+        &a.root,
+        &manifest,
+        policy.packages.verify_conffiles,
+        threads(a.threads),
+    )?;
     let mut out = std::io::stdout().lock();
     match a.format {
         Format::Json => {

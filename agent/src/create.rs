@@ -8,6 +8,7 @@ use ring::signature::Ed25519KeyPair;
 
 use crate::baseline::{self, BaselineError, BaselineMeta};
 use crate::escape;
+use crate::packages::{self, Manifest};
 use crate::policy::Policy;
 use crate::scan::{self, Event, Purpose, ScanError, ScanOptions, ScanStats};
 
@@ -17,6 +18,8 @@ pub enum CreateError {
     Scan(#[from] ScanError),
     #[error(transparent)]
     Baseline(#[from] BaselineError),
+    #[error("cannot read the image's package database: {0}")]
+    Packages(#[from] packages::PackageError),
     #[error("baseline not written: {count} object(s) could not be read completely, first: {}", .sample.join("; "))]
     Incomplete { count: usize, sample: Vec<String> },
 }
@@ -95,12 +98,27 @@ pub fn create(
             sample: problems,
         });
     }
+    let manifest = packages::read_manifest(&opts.root)?;
+    let (package_manager, inventory, package_notes) = match &manifest {
+        Some(m) => {
+            attach_owners(&opts.root, m, &mut entries);
+            (
+                m.manager.as_str().to_string(),
+                packages::inventory(m),
+                m.notes.clone(),
+            )
+        }
+        None => (String::new(), Vec::new(), Vec::new()),
+    };
     let meta = BaselineMeta {
         image_id: opts.image_id.clone(),
         image_version: opts.image_version.clone(),
         created_unix: opts.created_unix,
         expires_unix: opts.expires_unix,
         policy_toml: policy.to_toml(),
+        package_manager,
+        packages: inventory,
+        package_notes,
     };
     let merkle_root = baseline::write(&opts.out, &meta, &mut entries, key)?;
     Ok(CreateOutcome {
@@ -109,4 +127,30 @@ pub fn create(
         stats,
         warnings,
     })
+}
+
+/// Records on every entry which packages own it (indices into the sorted inventory) and
+/// whether it is a configuration file.
+pub fn attach_owners(root: &std::path::Path, manifest: &Manifest, entries: &mut [Entry]) {
+    let owners = packages::Owners::build(root, manifest);
+    // Owner indices refer to manifest order; the inventory is sorted by (name, arch).
+    let inventory = packages::inventory(manifest);
+    let position = |i: u32| {
+        let p = &manifest.packages[i as usize];
+        inventory
+            .binary_search_by(|q| {
+                (q.name.as_str(), q.arch.as_str()).cmp(&(p.name.as_str(), p.arch.as_str()))
+            })
+            .ok()
+            .map(|x| x as u32)
+    };
+    for e in entries.iter_mut() {
+        if let Some((idx, config)) = owners.get(&e.path) {
+            let mut v: Vec<u32> = idx.iter().filter_map(|&i| position(i)).collect();
+            v.sort_unstable();
+            v.dedup();
+            e.packages = v;
+            e.config = config;
+        }
+    }
 }

@@ -67,6 +67,15 @@ pub struct Violation {
     pub baseline: Option<ObjectSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed: Option<ObjectSummary>,
+    /// Packages owning the path (`name:arch`), when the root has a package manager.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub packages: Vec<String>,
+    /// Attribution class, when the root has a package manager.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<crate::attribution::Class>,
+    /// The path is a configuration file of an owning package.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub config: bool,
 }
 
 /// Short name of a file type, as used in reports.
@@ -257,6 +266,9 @@ pub fn compare(
                 reason: None,
                 baseline: None,
                 observed: Some(summarize(o)),
+                packages: Vec::new(),
+                class: None,
+                config: false,
             })
         }
         (Some(b), None) => {
@@ -271,6 +283,9 @@ pub fn compare(
                 reason: None,
                 baseline: Some(summarize(b)),
                 observed: None,
+                packages: Vec::new(),
+                class: None,
+                config: false,
             })
         }
         (Some(b), Some((o, problem))) => {
@@ -290,6 +305,9 @@ pub fn compare(
                     reason: None,
                     baseline: Some(summarize(b)),
                     observed: Some(summarize(o)),
+                    packages: Vec::new(),
+                    class: None,
+                    config: false,
                 });
             }
             let regular = b.file_type == FileType::Regular as i32;
@@ -374,6 +392,9 @@ pub fn compare(
                 reason: unverifiable,
                 baseline: Some(summarize(b)),
                 observed: Some(summarize(o)),
+                packages: Vec::new(),
+                class: None,
+                config: false,
             })
         }
     }

@@ -5,6 +5,7 @@
 //! - [`baseline`] reads and writes signed baseline files; [`create`] and [`check`] are the two
 //!   pipelines built on them; [`cache`] makes re-checks cheap; [`report`] renders results.
 
+pub mod attribution;
 pub mod baseline;
 pub mod cache;
 pub mod check;

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::attribution::{Class, PackageDrift};
 use crate::baseline::Baseline;
 use crate::diff::{Violation, ViolationKind};
 use crate::escape;
@@ -62,6 +63,7 @@ impl PolicyInfo {
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub violations: usize,
+    pub package_drift: usize,
     pub by_kind: BTreeMap<&'static str, usize>,
     pub by_severity: BTreeMap<&'static str, usize>,
     pub scan: ScanStats,
@@ -77,6 +79,8 @@ pub struct Report {
     pub summary: Summary,
     pub warnings: Vec<String>,
     pub violations: Vec<Violation>,
+    /// Packages installed, removed or changed since the image was built.
+    pub package_drift: Vec<PackageDrift>,
 }
 
 pub fn hex(b: &[u8]) -> String {
@@ -89,6 +93,7 @@ impl Report {
         baseline: BaselineInfo,
         policy: PolicyInfo,
         violations: Vec<Violation>,
+        package_drift: Vec<PackageDrift>,
         scan: ScanStats,
         warnings: Vec<String>,
     ) -> Report {
@@ -103,15 +108,17 @@ impl Report {
             root,
             baseline,
             policy,
-            clean: violations.is_empty(),
+            clean: violations.is_empty() && package_drift.is_empty(),
             summary: Summary {
                 violations: violations.len(),
+                package_drift: package_drift.len(),
                 by_kind,
                 by_severity,
                 scan,
             },
             warnings,
             violations,
+            package_drift,
         }
     }
 
@@ -127,6 +134,27 @@ impl Report {
             &self.baseline.merkle_root[..16],
             self.baseline.signer
         );
+        for d in &self.package_drift {
+            let v = |p: &Option<crate::attribution::PackageVersion>| {
+                p.as_ref().map_or("-".to_string(), |p| {
+                    format!(
+                        "{} ({})",
+                        escape::bytes(p.version.as_bytes()),
+                        escape::bytes(p.state.as_bytes())
+                    )
+                })
+            };
+            let _ = writeln!(
+                s,
+                "{:<9} package {:<9} {}:{}  {} -> {}",
+                d.severity.as_str().to_uppercase(),
+                d.kind.as_str(),
+                escape::bytes(d.name.as_bytes()),
+                escape::bytes(d.arch.as_bytes()),
+                v(&d.before),
+                v(&d.after)
+            );
+        }
         for v in &self.violations {
             let _ = writeln!(
                 s,
@@ -144,6 +172,23 @@ impl Report {
             }
             if let Some(r) = &v.reason {
                 let _ = writeln!(s, "              reason: {r}");
+            }
+            if let Some(class) = v.class {
+                let owners = if v.packages.is_empty() {
+                    "no package".to_string()
+                } else {
+                    v.packages
+                        .iter()
+                        .map(|p| escape::bytes(p.as_bytes()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                let class = match class {
+                    Class::PackageChange => "explained by a package change",
+                    Class::Unexplained => "unexplained",
+                };
+                let conf = if v.config { ", configuration file" } else { "" };
+                let _ = writeln!(s, "              owner: {owners} ({class}{conf})");
             }
             let obj = match v.kind {
                 ViolationKind::Added => v.observed.as_ref(),
@@ -190,10 +235,11 @@ impl Report {
             let sevs: Vec<String> = sev.iter().map(|(k, n)| format!("{n} {k}")).collect();
             let _ = writeln!(
                 s,
-                "DRIFT: {} violation(s): {} ({})",
+                "DRIFT: {} violation(s): {} ({}); {} package(s) drifted",
                 self.summary.violations,
                 kinds.join(", "),
-                sevs.join(", ")
+                sevs.join(", "),
+                self.package_drift.len()
             );
         }
         let _ = writeln!(

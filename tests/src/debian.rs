@@ -162,3 +162,40 @@ pub fn copy(src: &Path) -> tempfile::TempDir {
     assert_eq!(r.code, 0, "copying the test root failed: {}", r.stderr);
     dir
 }
+
+/// Builds a binary package with `dpkg-deb --build` into `out_dir` and returns its path.
+/// `files` are (absolute path, content); `conffiles` lists which of them are conffiles.
+pub fn build_deb(out_dir: &Path, name: &str, version: &str, files: &[(&str, &str)], conffiles: &[&str]) -> PathBuf {
+    let tree = out_dir.join(format!("{name}_{version}.tree"));
+    let _ = fs::remove_dir_all(&tree);
+    fs::create_dir_all(tree.join("DEBIAN")).expect("create DEBIAN");
+    fs::write(
+        tree.join("DEBIAN/control"),
+        format!(
+            "Package: {name}\nVersion: {version}\nArchitecture: all\nMaintainer: driftwatch tests <tests@invalid>\nPriority: optional\nSection: misc\nDescription: driftwatch test package {name}\n"
+        ),
+    )
+    .expect("write control");
+    if !conffiles.is_empty() {
+        fs::write(tree.join("DEBIAN/conffiles"), conffiles.iter().map(|c| format!("{c}\n")).collect::<String>()).expect("conffiles");
+    }
+    for (path, content) in files {
+        let p = tree.join(path.trim_start_matches('/'));
+        fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        fs::write(&p, content).expect("write file");
+    }
+    let deb = out_dir.join(format!("{name}_{version}_all.deb"));
+    let mut cmd = Command::new("dpkg-deb");
+    cmd.args(["--root-owner-group", "--build"]).arg(&tree).arg(&deb);
+    let r = run_with_limit(cmd, Duration::from_secs(120));
+    assert_eq!(r.code, 0, "dpkg-deb failed: {}", r.stderr);
+    deb
+}
+
+/// Runs `dpkg --root ROOT ARGS...` (maintainer scripts run chrooted into the root).
+pub fn dpkg(root: &Path, args: &[&str]) {
+    let mut cmd = Command::new("dpkg");
+    cmd.arg(format!("--root={}", root.display())).args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    let r = run_with_limit(cmd, Duration::from_secs(300));
+    assert_eq!(r.code, 0, "dpkg {args:?} failed:\n{}\n{}", r.stdout_str(), r.stderr);
+}

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 pub mod dpkg;
 pub mod rpm;
+pub mod verify;
 
 /// Which package manager a manifest comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -149,9 +150,16 @@ pub struct Manifest {
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {position}: {what}")]
-    Parse { path: PathBuf, position: String, what: String },
+    Parse {
+        path: PathBuf,
+        position: String,
+        what: String,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -166,4 +174,227 @@ pub fn read_manifest(root: &Path) -> Result<Option<Manifest>, PackageError> {
         return rpm::read(root).map(Some);
     }
     Ok(None)
+}
+
+/// The inventory of a manifest as baselines store it, sorted by (name, arch).
+pub fn inventory(m: &Manifest) -> Vec<driftwatch_proto::v1::Package> {
+    let mut v: Vec<driftwatch_proto::v1::Package> = m
+        .packages
+        .iter()
+        .map(|p| driftwatch_proto::v1::Package {
+            name: p.name.clone(),
+            version: p.version.clone(),
+            arch: p.arch.clone(),
+            state: p.state.clone(),
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.name, &a.arch).cmp(&(&b.name, &b.arch)));
+    v
+}
+
+/// Resolves the directories of package paths through the root's own symlinks, so that a
+/// package's `/bin/ls` is found at `/usr/bin/ls` when `/bin -> usr/bin` (merged /usr). Symlinks
+/// are resolved inside the root (absolute targets are re-rooted), never on the host; the last
+/// component is kept as it is.
+#[derive(Debug)]
+pub struct RootResolver<'r> {
+    root: &'r Path,
+    dirs: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+}
+
+fn normalize(path: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for c in path.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    let mut out = Vec::with_capacity(path.len() + 1);
+    for p in &parts {
+        out.push(b'/');
+        out.extend_from_slice(p);
+    }
+    if out.is_empty() {
+        out.push(b'/');
+    }
+    out
+}
+
+fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut v = dir.to_vec();
+    if v != b"/" {
+        v.push(b'/');
+    }
+    v.extend_from_slice(name);
+    v
+}
+
+impl<'r> RootResolver<'r> {
+    pub fn new(root: &'r Path) -> Self {
+        RootResolver {
+            root,
+            dirs: std::collections::HashMap::new(),
+        }
+    }
+
+    fn host_path(&self, p: &[u8]) -> PathBuf {
+        use std::os::unix::ffi::OsStrExt;
+        self.root.join(std::ffi::OsStr::from_bytes(&p[1..]))
+    }
+
+    /// The canonical form of directory `dir` (absolute inside the root).
+    fn dir(&mut self, dir: &[u8], hops: u32) -> Vec<u8> {
+        if dir == b"/" || hops > 40 {
+            return dir.to_vec();
+        }
+        if let Some(c) = self.dirs.get(dir) {
+            return c.clone();
+        }
+        let parent = driftwatch_proto::path::parent(dir).unwrap_or(b"/");
+        let parent = self.dir(parent, hops);
+        let name = driftwatch_proto::path::file_name(dir);
+        let candidate = join(&parent, name);
+        let resolved = match std::fs::read_link(self.host_path(&candidate)) {
+            Ok(target) => {
+                use std::os::unix::ffi::OsStrExt;
+                let t = target.as_os_str().as_bytes();
+                let next = if t.starts_with(b"/") {
+                    normalize(t)
+                } else {
+                    normalize(&join(&parent, t))
+                };
+                self.dir(&next, hops + 1)
+            }
+            Err(_) => candidate,
+        };
+        self.dirs.insert(dir.to_vec(), resolved.clone());
+        resolved
+    }
+
+    /// The canonical path of `path`: its directory resolved, its last component kept.
+    pub fn resolve(&mut self, path: &[u8]) -> Vec<u8> {
+        let normal = normalize(path);
+        match driftwatch_proto::path::parent(&normal) {
+            None => normal,
+            Some(parent) => {
+                let name = driftwatch_proto::path::file_name(&normal).to_vec();
+                let dir = self.dir(&parent.to_vec(), 0);
+                join(&dir, &name)
+            }
+        }
+    }
+}
+
+/// Which packages own which canonical paths.
+#[derive(Debug, Default)]
+pub struct Owners {
+    /// (canonical path, owner indices into the manifest's packages, is a config file), sorted.
+    entries: Vec<(Vec<u8>, Vec<u32>, bool)>,
+}
+
+impl Owners {
+    /// Builds the owner table of `manifest`, resolving paths inside `root`.
+    pub fn build(root: &Path, manifest: &Manifest) -> Owners {
+        let mut resolver = RootResolver::new(root);
+        let mut flat: Vec<(Vec<u8>, u32, bool)> = Vec::new();
+        for (i, p) in manifest.packages.iter().enumerate() {
+            for f in &p.files {
+                flat.push((resolver.resolve(&f.path), i as u32, f.config));
+            }
+        }
+        flat.sort_unstable();
+        let mut entries: Vec<(Vec<u8>, Vec<u32>, bool)> = Vec::new();
+        for (path, idx, config) in flat {
+            match entries.last_mut() {
+                Some(last) if last.0 == path => {
+                    if last.1.last() != Some(&idx) {
+                        last.1.push(idx);
+                    }
+                    last.2 |= config;
+                }
+                _ => entries.push((path, vec![idx], config)),
+            }
+        }
+        Owners { entries }
+    }
+
+    /// Owners of a canonical path, and whether it is a config file.
+    pub fn get(&self, path: &[u8]) -> Option<(&[u32], bool)> {
+        let i = self
+            .entries
+            .binary_search_by(|e| e.0.as_slice().cmp(path))
+            .ok()?;
+        Some((&self.entries[i].1, self.entries[i].2))
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_through_the_roots_own_symlinks() {
+        let t = tempfile::tempdir().unwrap();
+        let r = t.path();
+        std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+        std::fs::create_dir_all(r.join("usr/lib/x")).unwrap();
+        std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
+        // An absolute target is re-rooted, never followed on the host.
+        std::os::unix::fs::symlink("/usr/lib", r.join("lib")).unwrap();
+        std::os::unix::fs::symlink("../../etc", r.join("usr/lib/x/up")).unwrap();
+        std::os::unix::fs::symlink("loop2", r.join("loop1")).unwrap();
+        std::os::unix::fs::symlink("loop1", r.join("loop2")).unwrap();
+        let mut res = RootResolver::new(r);
+        assert_eq!(res.resolve(b"/bin/ls"), b"/usr/bin/ls");
+        assert_eq!(res.resolve(b"/bin"), b"/bin", "the last component is kept");
+        assert_eq!(res.resolve(b"/lib/x/file"), b"/usr/lib/x/file");
+        assert_eq!(res.resolve(b"/lib/x/up/passwd"), b"/etc/passwd");
+        assert_eq!(res.resolve(b"/usr/./bin/../bin/cat"), b"/usr/bin/cat");
+        // A symlink loop ends, unresolved, instead of hanging.
+        let _ = res.resolve(b"/loop1/x");
+    }
+
+    #[test]
+    fn owners_merge_packages_sharing_a_path() {
+        let t = tempfile::tempdir().unwrap();
+        let pkg = |name: &str, files: &[&str]| Package {
+            name: name.into(),
+            version: "1".into(),
+            arch: "amd64".into(),
+            state: "installed".into(),
+            files: files
+                .iter()
+                .map(|f| PackageFile {
+                    path: f.as_bytes().to_vec(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let m = Manifest {
+            manager: Manager::Dpkg,
+            packages: vec![
+                pkg("a", &["/usr", "/usr/bin/a"]),
+                pkg("b", &["/usr", "/usr/bin/b"]),
+            ],
+            diversions: vec![],
+            stat_overrides: vec![],
+            notes: vec![],
+        };
+        let o = Owners::build(t.path(), &m);
+        assert_eq!(o.get(b"/usr").unwrap().0, &[0, 1]);
+        assert_eq!(o.get(b"/usr/bin/b").unwrap().0, &[1]);
+        assert!(o.get(b"/etc").is_none());
+    }
 }

@@ -184,9 +184,37 @@ pub struct RawPolicy {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scan: Option<RawScan>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub packages: Option<RawPackages>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub paths: Option<RawPaths>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rule: Vec<RawRule>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RawPackages {
+    /// Severity of a package installed, removed or changed since the image was built.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<Severity>,
+    /// Severity of a file violation whose owning package changed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explained: Option<Severity>,
+    /// Severity of a file violation of a package that did not change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unexplained_owned: Option<Severity>,
+    /// `verify-packages` checks configuration files too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_conffiles: Option<bool>,
+}
+
+/// What the policy says about packages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackagePolicy {
+    pub drift: Severity,
+    pub explained: Severity,
+    pub unexplained_owned: Severity,
+    pub verify_conffiles: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -329,6 +357,7 @@ pub struct Policy {
     pub one_file_system: bool,
     pub cross_filesystems: Vec<Vec<u8>>,
     pub max_hash_size: u64,
+    pub packages: PackagePolicy,
     include: GlobSet,
     exclude: GlobSet,
     rule_globs: GlobSet,
@@ -387,6 +416,21 @@ impl RawPolicy {
                 b.max_hash_size = scan.max_hash_size;
             }
         }
+        if let Some(pk) = self.packages {
+            let b = base.packages.get_or_insert_with(RawPackages::default);
+            if pk.drift.is_some() {
+                b.drift = pk.drift;
+            }
+            if pk.explained.is_some() {
+                b.explained = pk.explained;
+            }
+            if pk.unexplained_owned.is_some() {
+                b.unexplained_owned = pk.unexplained_owned;
+            }
+            if pk.verify_conffiles.is_some() {
+                b.verify_conffiles = pk.verify_conffiles;
+            }
+        }
         if let Some(paths) = self.paths {
             let b = base.paths.get_or_insert_with(RawPaths::default);
             if paths.include.is_some() {
@@ -433,6 +477,13 @@ impl Policy {
     fn validate(effective: RawPolicy) -> Result<Policy, PolicyError> {
         let scan = effective.scan.clone().unwrap_or_default();
         let paths = effective.paths.clone().unwrap_or_default();
+        let pk = effective.packages.clone().unwrap_or_default();
+        let packages = PackagePolicy {
+            drift: pk.drift.unwrap_or(Severity::High),
+            explained: pk.explained.unwrap_or(Severity::Low),
+            unexplained_owned: pk.unexplained_owned.unwrap_or(Severity::Critical),
+            verify_conffiles: pk.verify_conffiles.unwrap_or(true),
+        };
         let mut cross = Vec::new();
         for p in scan.cross_filesystems.iter().flatten() {
             if driftwatch_proto::path::validate(p.as_bytes()).is_err() {
@@ -474,6 +525,7 @@ impl Policy {
             one_file_system: scan.one_file_system.unwrap_or(true),
             cross_filesystems: cross,
             max_hash_size: scan.max_hash_size.map_or(4 << 30, |b| b.0),
+            packages,
             include,
             exclude,
             rule_globs,
@@ -665,6 +717,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.max_hash_size, 1 << 20);
+        assert_eq!(
+            p.packages.unexplained_owned,
+            Severity::Critical,
+            "kept from the default"
+        );
         assert!(p.is_excluded(b"/opt/data/x"));
         assert!(p.is_excluded(b"/proc"), "the default's excludes are kept");
         let log = p.for_path(b"/var/log/syslog");
