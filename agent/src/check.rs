@@ -95,11 +95,13 @@ pub fn check(
         None => None,
     };
     let n = baseline.entries.len();
+    let mut cache_loaded_ok = !opts.full;
     let mut cache = match (&opts.state_dir, &root_id) {
         (Some(dir), Some(id)) if !opts.full => match ScanCache::load(dir, id, &baseline) {
             Ok(c) => c,
             Err(e) => {
                 warnings.push(format!("scan cache discarded: {e}"));
+                cache_loaded_ok = false;
                 ScanCache::empty(n)
             }
         },
@@ -194,13 +196,19 @@ pub fn check(
         attribute_packages(opts, &baseline, &policy, &mut violations, &mut warnings);
     violations.sort_by(|a, b| a.path.0.cmp(&b.path.0));
 
+    let mut cache_changed = !updates.is_empty();
     for (i, slot) in updates {
         cache.set(i, slot);
     }
     for (i, _) in seen.iter().enumerate().filter(|(_, s)| !**s) {
+        cache_changed |= cache.slot(i).is_some();
         cache.set(i, None);
     }
+    // An unchanged cache is not rewritten (a full check of a clean tree touches no disk),
+    // unless it was discarded or never written.
+    let cache_file_ok = opts.state_dir.as_ref().is_some_and(|d| crate::cache::cache_path(d).is_file()) && cache_loaded_ok;
     if let (Some(dir), Some(id)) = (&opts.state_dir, &root_id)
+        && (cache_changed || !cache_file_ok)
         && let Err(e) = cache.save(dir, id, &baseline.merkle_root, scan_start_ns)
     {
         warnings.push(format!(

@@ -329,9 +329,16 @@ fn walk(
             }
             _ => {}
         }
-        match read_xattrs(dent.path()) {
-            Ok(x) => entry.xattrs = x,
-            Err(e) => problems.push(e),
+        // Regular files that will be hashed read their xattrs through the open descriptor in
+        // the hash job (off this thread, and from the very inode that is hashed).
+        let xattrs_in_job = ft == FileType::Regular
+            && meta.size() <= policy.max_hash_size
+            && (opts.purpose == Purpose::Baseline || pp.attributes.contains(Attribute::Content));
+        if !xattrs_in_job {
+            match read_xattrs(dent.path()) {
+                Ok(x) => entry.xattrs = x,
+                Err(e) => problems.push(e),
+            }
         }
         entry.path = path;
         let mut obs = Observed {
@@ -361,6 +368,10 @@ fn walk(
                 if let Some(h) = cache.and_then(|c| c.lookup(&obs.entry.path, &key)) {
                     obs.entry.content_hash = h.to_vec();
                     obs.cached = true;
+                    match read_xattrs(dent.path()) {
+                        Ok(x) => obs.entry.xattrs = x,
+                        Err(e) => problems.push(e),
+                    }
                 } else {
                     if !problems.is_empty() {
                         obs.problem = Some(problems.join("; "));
@@ -372,11 +383,20 @@ fn walk(
                     let tx = tx.clone();
                     let permit_rx = permit_rx.clone();
                     pool.spawn(move || {
-                        match hash::hash_file(&full, &key) {
-                            Ok(h) => {
+                        match hash::hash_file_with_xattrs(&full, &key) {
+                            Ok((h, xattrs)) => {
                                 obs.entry.content_hash = h.hash.to_vec();
                                 obs.key = Some(h.key);
                                 obs.hashed = true;
+                                match xattrs {
+                                    Ok(x) => obs.entry.xattrs = x,
+                                    Err(e) => {
+                                        obs.problem = Some(match obs.problem.take() {
+                                            Some(p) => format!("{p}; {e}"),
+                                            None => e,
+                                        })
+                                    }
+                                }
                             }
                             Err(e) => {
                                 let msg = e.to_string();

@@ -231,13 +231,14 @@ pub fn read(root: &Path) -> Result<Manifest, PackageError> {
     let mut diverted: Vec<(&[u8], &Diversion)> =
         diversions.iter().map(|d| (d.from.as_slice(), d)).collect();
     diverted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let mut overridden: Vec<(&[u8], &StatOverride)> =
-        stat_overrides.iter().map(|o| (o.path.as_slice(), o)).collect();
+    let mut overridden: Vec<(&[u8], &StatOverride)> = stat_overrides
+        .iter()
+        .map(|o| (o.path.as_slice(), o))
+        .collect();
     overridden.sort_unstable_by(|a, b| a.0.cmp(b.0));
 
     let mut notes = Vec::new();
     let mut packages = Vec::with_capacity(records.len());
-    let (mut t_read, mut t_list, mut t_sums, mut t_files) = (std::time::Duration::ZERO, std::time::Duration::ZERO, std::time::Duration::ZERO, std::time::Duration::ZERO);
     for record in records {
         let mut list = None;
         let mut sums_data = None;
@@ -246,18 +247,11 @@ pub fn read(root: &Path) -> Result<Manifest, PackageError> {
         if record.state != State::ConfigFiles {
             for base in info_names(&record) {
                 let rel = format!("info/{base}.list");
-                let t = std::time::Instant::now();
-                let got = db.read(&rel)?;
-                t_read += t.elapsed();
-                if let Some(data) = got {
-                    let t = std::time::Instant::now();
+                if let Some(data) = db.read(&rel)? {
                     list = Some(parse_list(&data, &db.path(&rel))?);
-                    t_list += t.elapsed();
                     let rel = format!("info/{base}.md5sums");
                     sums_path = db.path(&rel);
-                    let t = std::time::Instant::now();
                     sums_data = db.read(&rel)?;
-                    t_read += t.elapsed();
                     break;
                 }
             }
@@ -271,15 +265,17 @@ pub fn read(root: &Path) -> Result<Manifest, PackageError> {
                 ));
             }
         }
-        let t = std::time::Instant::now();
         let sums = match &sums_data {
             Some(data) => parse_md5sums(data, &sums_path)?,
             None => Vec::new(),
         };
-        t_sums += t.elapsed();
-        let t = std::time::Instant::now();
-        let files = package_files(&record, list.unwrap_or_default(), &sums, &diverted, &overridden);
-        t_files += t.elapsed();
+        let files = package_files(
+            &record,
+            list.unwrap_or_default(),
+            &sums,
+            &diverted,
+            &overridden,
+        );
         packages.push(Package {
             name: record.name,
             version: record.version,
@@ -288,7 +284,6 @@ pub fn read(root: &Path) -> Result<Manifest, PackageError> {
             files,
         });
     }
-    eprintln!("PHASES read {t_read:?} list {t_list:?} sums {t_sums:?} files {t_files:?}");
     Ok(Manifest {
         manager: Manager::Dpkg,
         packages,
@@ -412,9 +407,7 @@ fn add_md5sums(files: &mut Vec<PackageFile>, sums: &[Md5sum<'_>]) {
         }
     } else {
         for sum in sums {
-            let found = files
-                .binary_search_by(|f| rel(&f.path).cmp(&sum.path))
-                .ok();
+            let found = files.binary_search_by(|f| rel(&f.path).cmp(&sum.path)).ok();
             set(files, found, sum);
         }
     }
@@ -750,10 +743,7 @@ fn version_string(value: &[u8]) -> Result<String, String> {
         return Err("empty 'Version' field".to_string());
     }
     if value.iter().any(|&b| is_space(b)) {
-        return Err(format!(
-            "version '{}' has embedded whitespace",
-            show(value)
-        ));
+        return Err(format!("version '{}' has embedded whitespace", show(value)));
     }
     if let Some(&bad) = value.iter().find(|&&b| !b.is_ascii_graphic()) {
         return Err(format!(
@@ -844,7 +834,10 @@ fn check_instances(records: &mut [StatusRecord], file: &Path) -> Result<(), Pack
     for group in records.chunk_by(|a, b| a.name == b.name) {
         for pair in group.windows(2) {
             if pair[0].arch == pair[1].arch {
-                let (first, second) = (pair[0].line.min(pair[1].line), pair[0].line.max(pair[1].line));
+                let (first, second) = (
+                    pair[0].line.min(pair[1].line),
+                    pair[0].line.max(pair[1].line),
+                );
                 return Err(parse_error(
                     file,
                     second,
@@ -913,8 +906,7 @@ pub fn parse_md5sums<'a>(data: &'a [u8], file: &Path) -> Result<Vec<Md5sum<'a>>,
                 show(line)
             )));
         };
-        let md5 = md5_hex(hash)
-            .ok_or_else(|| at(format!("'{}' is not an MD5 sum", show(hash))))?;
+        let md5 = md5_hex(hash).ok_or_else(|| at(format!("'{}' is not an MD5 sum", show(hash))))?;
         if sep != b"  " && sep != b" *" {
             return Err(at(format!(
                 "malformed line '{}' (expected two spaces after the MD5 sum)",
@@ -997,8 +989,20 @@ pub fn parse_diversions(data: &[u8], file: &Path) -> Result<Vec<Diversion>, Pack
         diversions.push(Diversion { from, to, package });
     }
     // dpkg-divert never writes two diversions of one path, nor two to one path.
-    unique(&diversions, |d| &d.from, &from_lines, file, "second diversion of")?;
-    unique(&diversions, |d| &d.to, &to_lines, file, "second diversion to")?;
+    unique(
+        &diversions,
+        |d| &d.from,
+        &from_lines,
+        file,
+        "second diversion of",
+    )?;
+    unique(
+        &diversions,
+        |d| &d.to,
+        &to_lines,
+        file,
+        "second diversion to",
+    )?;
     Ok(diversions)
 }
 
@@ -1033,7 +1037,13 @@ pub fn parse_statoverride(data: &[u8], file: &Path) -> Result<Vec<StatOverride>,
         });
         lines_of.push(number);
     }
-    unique(&overrides, |o| &o.path, &lines_of, file, "second stat override for")?;
+    unique(
+        &overrides,
+        |o| &o.path,
+        &lines_of,
+        file,
+        "second stat override for",
+    )?;
     Ok(overrides)
 }
 
@@ -1049,7 +1059,9 @@ fn parse_octal_mode(s: &[u8]) -> Option<u32> {
 /// control characters.
 fn owner_name(s: &[u8]) -> Result<String, String> {
     match std::str::from_utf8(s) {
-        Ok(name) if !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+        Ok(name)
+            if !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+        {
             Ok(name.to_string())
         }
         _ => Err(format!("invalid user or group name '{}'", show(s))),
@@ -1190,8 +1202,7 @@ fn normalize_path(raw: &[u8]) -> Result<Vec<u8>, String> {
 fn valid_relative(p: &[u8]) -> bool {
     !p.is_empty()
         && !p.contains(&0)
-        && p
-            .split(|&b| b == b'/')
+        && p.split(|&b| b == b'/')
             .all(|c| !c.is_empty() && c != b"." && c != b"..")
 }
 
@@ -1314,9 +1325,12 @@ impl AdminDir {
             .read_to_end(&mut data)
             .map_err(io_error)?;
         if data.len() as u64 > MAX_FILE_BYTES {
-            return Err(io_error(io::Error::other("grew beyond the size limit while read")));
+            return Err(io_error(io::Error::other(
+                "grew beyond the size limit while read",
+            )));
         }
-        self.read_total.set(self.read_total.get() + data.len() as u64);
+        self.read_total
+            .set(self.read_total.get() + data.len() as u64);
         Ok(Some(data))
     }
 
@@ -1449,7 +1463,10 @@ mod tests {
         assert_eq!(foo.name, "foo", "names are lower-cased as dpkg does");
         assert_eq!(foo.version, "1:2.3-4", "the epoch is part of the version");
         assert_eq!(foo.arch, "amd64");
-        assert_eq!((foo.want, foo.error, foo.state), (Want::Install, ErrorFlag::Ok, State::Installed));
+        assert_eq!(
+            (foo.want, foo.error, foo.state),
+            (Want::Install, ErrorFlag::Ok, State::Installed)
+        );
         assert_eq!(foo.multi_arch, MultiArch::No);
         assert_eq!(foo.line, 1);
     }
@@ -1457,8 +1474,13 @@ mod tests {
     #[test]
     fn every_status_word() {
         for (word, state) in STATES {
-            let version = if state == State::NotInstalled { "" } else { "Version: 1\n" };
-            let data = format!("Package: a\nStatus: install ok {word}\n{version}Architecture: all\n");
+            let version = if state == State::NotInstalled {
+                ""
+            } else {
+                "Version: 1\n"
+            };
+            let data =
+                format!("Package: a\nStatus: install ok {word}\n{version}Architecture: all\n");
             let r = parse_status(data.as_bytes(), p()).unwrap();
             assert_eq!(r[0].state, state, "{word}");
             assert_eq!(r[0].state.as_str(), word);
@@ -1467,13 +1489,24 @@ mod tests {
             let data = format!("Package: a\nStatus: {word} ok installed\nVersion: 1\n");
             assert_eq!(parse_status(data.as_bytes(), p()).unwrap()[0].want, want);
         }
-        let r = parse_status(b"Package: a\nStatus: install reinstreq half-installed\n", p()).unwrap();
+        let r = parse_status(
+            b"Package: a\nStatus: install reinstreq half-installed\n",
+            p(),
+        )
+        .unwrap();
         assert_eq!(r[0].error, ErrorFlag::ReinstReq);
-        assert_eq!(r[0].version, "", "half-installed packages may lack a version");
+        assert_eq!(
+            r[0].version, "",
+            "half-installed packages may lack a version"
+        );
         let r = parse_status(b"Package: a\nStatus: Hold OK Installed\nVersion: 1\n", p()).unwrap();
         assert_eq!((r[0].want, r[0].state), (Want::Hold, State::Installed));
         let r = parse_status(b"Package: a\nVersion: 1\n", p()).unwrap();
-        assert_eq!(r[0].state, State::NotInstalled, "no Status means not-installed");
+        assert_eq!(
+            r[0].state,
+            State::NotInstalled,
+            "no Status means not-installed"
+        );
     }
 
     #[test]
@@ -1485,7 +1518,12 @@ mod tests {
             } else {
                 String::new()
             };
-            status += &stanza(&format!("pkg-{word}"), "amd64", &format!("install ok {word}"), &extra);
+            status += &stanza(
+                &format!("pkg-{word}"),
+                "amd64",
+                &format!("install ok {word}"),
+                &extra,
+            );
         }
         let root = Root::new(&status);
         for (word, _) in STATES {
@@ -1513,29 +1551,53 @@ mod tests {
 
     #[test]
     fn multi_arch_same_packages_use_qualified_info_names() {
-        let status = stanza("libfoo1", "amd64", "install ok installed", "Multi-Arch: same\n")
-            + &stanza("libfoo1", "i386", "install ok installed", "Multi-Arch: same\n")
-            + &stanza("tool", "amd64", "install ok installed", "Multi-Arch: foreign\n")
-            + &stanza("old", "amd64", "install ok installed", "");
+        let status = stanza(
+            "libfoo1",
+            "amd64",
+            "install ok installed",
+            "Multi-Arch: same\n",
+        ) + &stanza(
+            "libfoo1",
+            "i386",
+            "install ok installed",
+            "Multi-Arch: same\n",
+        ) + &stanza(
+            "tool",
+            "amd64",
+            "install ok installed",
+            "Multi-Arch: foreign\n",
+        ) + &stanza("old", "amd64", "install ok installed", "");
         let root = Root::new(&status);
-        root.write("info/libfoo1:amd64.list", b"/usr/lib/x86_64-linux-gnu/libfoo.so.1\n");
+        root.write(
+            "info/libfoo1:amd64.list",
+            b"/usr/lib/x86_64-linux-gnu/libfoo.so.1\n",
+        );
         root.write(
             "info/libfoo1:amd64.md5sums",
             format!("{MD5_A}  usr/lib/x86_64-linux-gnu/libfoo.so.1\n").as_bytes(),
         );
-        root.write("info/libfoo1:i386.list", b"/usr/lib/i386-linux-gnu/libfoo.so.1\n");
+        root.write(
+            "info/libfoo1:i386.list",
+            b"/usr/lib/i386-linux-gnu/libfoo.so.1\n",
+        );
         root.write("info/tool.list", b"/usr/bin/tool\n");
         // A package whose list sits under the other form is found all the same.
         root.write("info/old:amd64.list", b"/usr/bin/old\n");
         let m = root.read();
         let keys: Vec<String> = m.packages.iter().map(Package::key).collect();
-        assert_eq!(keys, ["libfoo1:amd64", "libfoo1:i386", "old:amd64", "tool:amd64"]);
+        assert_eq!(
+            keys,
+            ["libfoo1:amd64", "libfoo1:i386", "old:amd64", "tool:amd64"]
+        );
         let amd64 = package(&m, "libfoo1:amd64");
         assert_eq!(
             file(amd64, b"/usr/lib/x86_64-linux-gnu/libfoo.so.1").digest,
             Some(Digest::Md5(MD5_A_BYTES))
         );
-        assert_eq!(paths(package(&m, "libfoo1:i386")), [b"/usr/lib/i386-linux-gnu/libfoo.so.1"]);
+        assert_eq!(
+            paths(package(&m, "libfoo1:i386")),
+            [b"/usr/lib/i386-linux-gnu/libfoo.so.1"]
+        );
         assert_eq!(paths(package(&m, "tool:amd64")), [b"/usr/bin/tool"]);
         assert_eq!(paths(package(&m, "old:amd64")), [b"/usr/bin/old"]);
         assert!(m.notes.is_empty());
@@ -1552,7 +1614,15 @@ mod tests {
         let r = parse_status(status.as_bytes(), p()).unwrap();
         let c = &r[0].conffiles;
         assert_eq!(c.len(), 6);
-        assert_eq!(c[0], Conffile { path: b"/etc/a.conf".to_vec(), md5: Some(MD5_A_BYTES), obsolete: false, remove_on_upgrade: false });
+        assert_eq!(
+            c[0],
+            Conffile {
+                path: b"/etc/a.conf".to_vec(),
+                md5: Some(MD5_A_BYTES),
+                obsolete: false,
+                remove_on_upgrade: false
+            }
+        );
         assert_eq!(c[1].path, b"/etc/with space.conf");
         assert!(c[2].obsolete && !c[2].remove_on_upgrade);
         assert!(c[3].obsolete && c[3].remove_on_upgrade);
@@ -1560,10 +1630,16 @@ mod tests {
         assert_eq!(c[5].md5, None);
 
         let root = Root::new(&status);
-        root.write("info/pkg.list", b"/.\n/etc\n/etc/a.conf\n/etc/with space.conf\n/etc/new.conf\n/usr/bin/pkg\n");
+        root.write(
+            "info/pkg.list",
+            b"/.\n/etc\n/etc/a.conf\n/etc/with space.conf\n/etc/new.conf\n/usr/bin/pkg\n",
+        );
         // md5sums usually lacks conffiles; when it has one, the status field wins.
         let other = "ffffffffffffffffffffffffffffffff";
-        root.write("info/pkg.md5sums", format!("{other}  etc/a.conf\n{MD5_A}  usr/bin/pkg\n").as_bytes());
+        root.write(
+            "info/pkg.md5sums",
+            format!("{other}  etc/a.conf\n{MD5_A}  usr/bin/pkg\n").as_bytes(),
+        );
         let m = root.read();
         let pkg = package(&m, "pkg:all");
         let a = file(pkg, b"/etc/a.conf");
@@ -1587,7 +1663,9 @@ mod tests {
             "removed",
             "amd64",
             "deinstall ok config-files",
-            &format!("Conffiles:\n /etc/removed.conf {MD5_A}\n /etc/removed/other obsolete-hash-marker-not\n"),
+            &format!(
+                "Conffiles:\n /etc/removed.conf {MD5_A}\n /etc/removed/other obsolete-hash-marker-not\n"
+            ),
         );
         // That conffile line has an invalid hash: refused.
         assert!(parse_status(status.as_bytes(), p()).is_err());
@@ -1599,13 +1677,20 @@ mod tests {
         );
         let root = Root::new(&status);
         // A leftover list is ignored: only conffiles stay on disk.
-        root.write("info/removed.list", b"/usr/bin/removed\n/etc/removed.conf\n");
+        root.write(
+            "info/removed.list",
+            b"/usr/bin/removed\n/etc/removed.conf\n",
+        );
         let m = root.read();
         let pkg = package(&m, "removed:amd64");
         assert_eq!(pkg.state, "config-files");
         assert_eq!(paths(pkg), [b"/etc/removed.conf"]);
         assert!(pkg.files[0].config);
-        assert!(m.notes.is_empty(), "no list is expected for config-files: {:?}", m.notes);
+        assert!(
+            m.notes.is_empty(),
+            "no list is expected for config-files: {:?}",
+            m.notes
+        );
     }
 
     #[test]
@@ -1626,25 +1711,42 @@ mod tests {
         assert_eq!(
             m.diversions,
             [
-                Diversion { from: b"/bin/sh".to_vec(), to: b"/bin/sh.distrib".to_vec(), package: Some("dash".into()) },
-                Diversion { from: b"/usr/bin/tool".to_vec(), to: b"/usr/bin/tool.orig".to_vec(), package: None },
+                Diversion {
+                    from: b"/bin/sh".to_vec(),
+                    to: b"/bin/sh.distrib".to_vec(),
+                    package: Some("dash".into())
+                },
+                Diversion {
+                    from: b"/usr/bin/tool".to_vec(),
+                    to: b"/usr/bin/tool.orig".to_vec(),
+                    package: None
+                },
             ]
         );
         // dash diverted it: dash's own /bin/sh stays where it is.
-        assert_eq!(paths(package(&m, "dash:amd64")), [&b"/bin/sh"[..], b"/usr/bin/dash"]);
+        assert_eq!(
+            paths(package(&m, "dash:amd64")),
+            [&b"/bin/sh"[..], b"/usr/bin/dash"]
+        );
         // bash's copy lives at the diverted-to path, with its checksum.
         let bash = package(&m, "bash:amd64");
         assert_eq!(paths(bash), [&b"/bin/sh.distrib"[..], b"/usr/bin/bash"]);
         assert_eq!(bash.files[0].digest, Some(Digest::Md5(MD5_A_BYTES)));
         // A local diversion applies to every package.
-        assert_eq!(paths(package(&m, "tool:amd64")), [&b"/etc/tool.conf"[..], b"/usr/bin/tool.orig"]);
+        assert_eq!(
+            paths(package(&m, "tool:amd64")),
+            [&b"/etc/tool.conf"[..], b"/usr/bin/tool.orig"]
+        );
     }
 
     #[test]
     fn stat_overrides_are_recorded_and_applied() {
         let status = stanza("sudo", "amd64", "install ok installed", "");
         let root = Root::new(&status);
-        root.write("info/sudo.list", b"/usr/bin/sudo\n/var/lib/sudo\n/usr/bin/with space\n");
+        root.write(
+            "info/sudo.list",
+            b"/usr/bin/sudo\n/var/lib/sudo\n/usr/bin/with space\n",
+        );
         root.write(
             "statoverride",
             b"root root 4711 /usr/bin/sudo\n#0 adm 750 /var/lib/sudo/\nroot root 0755 /usr/bin/with space\nnobody nogroup 0600 /not/owned\n",
@@ -1654,9 +1756,15 @@ mod tests {
         assert_eq!(m.stat_overrides[3].path, b"/not/owned");
         let sudo = package(&m, "sudo:amd64");
         let bin = file(sudo, b"/usr/bin/sudo");
-        assert_eq!((bin.user.as_deref(), bin.group.as_deref(), bin.mode), (Some("root"), Some("root"), Some(0o4711)));
+        assert_eq!(
+            (bin.user.as_deref(), bin.group.as_deref(), bin.mode),
+            (Some("root"), Some("root"), Some(0o4711))
+        );
         let dir = file(sudo, b"/var/lib/sudo");
-        assert_eq!((dir.user.as_deref(), dir.group.as_deref(), dir.mode), (Some("#0"), Some("adm"), Some(0o750)));
+        assert_eq!(
+            (dir.user.as_deref(), dir.group.as_deref(), dir.mode),
+            (Some("#0"), Some("adm"), Some(0o750))
+        );
         assert_eq!(file(sudo, b"/usr/bin/with space").mode, Some(0o755));
     }
 
@@ -1664,10 +1772,23 @@ mod tests {
     fn list_paths_are_raw_bytes_in_baseline_form() {
         let data = b"/.\n/etc/\n/usr/share/caf\xe9\n/usr/share/new\rline\n/usr/share/a b\n";
         let list = parse_list(data, Path::new("x.list")).unwrap();
-        let want: Vec<&[u8]> = vec![b"/", b"/etc", b"/usr/share/caf\xe9", b"/usr/share/new\rline", b"/usr/share/a b"];
+        let want: Vec<&[u8]> = vec![
+            b"/",
+            b"/etc",
+            b"/usr/share/caf\xe9",
+            b"/usr/share/new\rline",
+            b"/usr/share/a b",
+        ];
         assert_eq!(list, want);
-        for bad in [&b"/usr/../etc\n"[..], b"//etc\n", b"/a/./b\n", b"/a\0b\n", b"\n"] {
-            let (position, what) = parse_failure(parse_list(&[b"/ok\n", bad].concat(), Path::new("x.list")));
+        for bad in [
+            &b"/usr/../etc\n"[..],
+            b"//etc\n",
+            b"/a/./b\n",
+            b"/a\0b\n",
+            b"\n",
+        ] {
+            let (position, what) =
+                parse_failure(parse_list(&[b"/ok\n", bad].concat(), Path::new("x.list")));
             assert_eq!(position, "line 2", "{what}");
         }
         let (position, what) = parse_failure(parse_list(b"/a\n/b", Path::new("x.list")));
@@ -1683,10 +1804,19 @@ mod tests {
         );
         let sums = parse_md5sums(data.as_bytes(), Path::new("x.md5sums")).unwrap();
         let got: Vec<&[u8]> = sums.iter().map(|s| &s.path[..]).collect();
-        let want: Vec<&[u8]> = vec![b"usr/bin/a", b"usr/bin/b", b"usr/bin/binary-mode", b"usr/share/back\\slash\nnewline", b"usr/bin/no-final-newline"];
+        let want: Vec<&[u8]> = vec![
+            b"usr/bin/a",
+            b"usr/bin/b",
+            b"usr/bin/binary-mode",
+            b"usr/share/back\\slash\nnewline",
+            b"usr/bin/no-final-newline",
+        ];
         assert_eq!(got, want);
         assert!(sums.iter().all(|s| s.md5 == MD5_A_BYTES));
-        assert!(matches!(sums[0].path, Cow::Borrowed(_)), "no allocation for plain lines");
+        assert!(
+            matches!(sums[0].path, Cow::Borrowed(_)),
+            "no allocation for plain lines"
+        );
 
         for (bad, what) in [
             (format!("{MD5_A}  ../etc/shadow\n"), "invalid path"),
@@ -1696,7 +1826,8 @@ mod tests {
             (format!("{MD5_A}  \n"), "invalid path"),
         ] {
             let input = format!("{MD5_A}  ok\n{bad}");
-            let (position, message) = parse_failure(parse_md5sums(input.as_bytes(), Path::new("x.md5sums")));
+            let (position, message) =
+                parse_failure(parse_md5sums(input.as_bytes(), Path::new("x.md5sums")));
             assert_eq!(position, "line 2", "{message}");
             assert!(message.contains(what), "{message}");
         }
@@ -1704,26 +1835,72 @@ mod tests {
         let status = stanza("pkg", "all", "install ok installed", "");
         let root = Root::new(&status);
         root.write("info/pkg.list", b"/usr/bin/a\n/usr/bin\n");
-        root.write("info/pkg.md5sums", format!("{MD5_A}  usr/bin/a\n{MD5_A}  usr/bin/unlisted\n").as_bytes());
+        root.write(
+            "info/pkg.md5sums",
+            format!("{MD5_A}  usr/bin/a\n{MD5_A}  usr/bin/unlisted\n").as_bytes(),
+        );
         let pkg = package(&root.read(), "pkg:all").clone();
-        assert_eq!(paths(&pkg), [&b"/usr/bin"[..], b"/usr/bin/a", b"/usr/bin/unlisted"]);
+        assert_eq!(
+            paths(&pkg),
+            [&b"/usr/bin"[..], b"/usr/bin/a", b"/usr/bin/unlisted"]
+        );
         assert_eq!(pkg.files[0].digest, None);
         assert_eq!(pkg.files[2].digest, Some(Digest::Md5(MD5_A_BYTES)));
     }
 
     #[test]
+    fn md5sums_in_any_order_join_the_same_way() {
+        let status = stanza("pkg", "all", "install ok installed", "");
+        let other = "ffffffffffffffffffffffffffffffff";
+        let sorted =
+            format!("{MD5_A}  usr/a\n{other}  usr/b\n{MD5_A}  usr/c-unlisted\n{other}  usr/d\n");
+        let unsorted =
+            format!("{other}  usr/d\n{MD5_A}  usr/c-unlisted\n{MD5_A}  usr/a\n{other}  usr/b\n");
+        let mut seen = Vec::new();
+        for sums in [sorted, unsorted] {
+            let root = Root::new(&status);
+            root.write("info/pkg.list", b"/usr/d\n/usr\n/usr/b\n/usr/a\n");
+            root.write("info/pkg.md5sums", sums.as_bytes());
+            seen.push(package(&root.read(), "pkg:all").files.clone());
+        }
+        assert_eq!(seen[0], seen[1]);
+        let digests: Vec<Option<Digest>> = seen[0].iter().map(|f| f.digest.clone()).collect();
+        let (a, f) = (
+            Some(Digest::Md5(MD5_A_BYTES)),
+            Some(Digest::Md5([0xff; 16])),
+        );
+        assert_eq!(digests, [None, a.clone(), f.clone(), a, f]);
+        assert_eq!(seen[0][3].path, b"/usr/c-unlisted");
+    }
+
+    #[test]
     fn files_are_sorted_and_deduplicated() {
-        let status = stanza("pkg", "all", "install ok installed", &format!("Conffiles:\n /etc/b {MD5_A}\n"));
+        let status = stanza(
+            "pkg",
+            "all",
+            "install ok installed",
+            &format!("Conffiles:\n /etc/b {MD5_A}\n"),
+        );
         let root = Root::new(&status);
-        root.write("info/pkg.list", b"/usr/z\n/etc/b\n/etc\n/usr/z\n/\n/usr/z/\n/etc/a\n");
+        root.write(
+            "info/pkg.list",
+            b"/usr/z\n/etc/b\n/etc\n/usr/z\n/\n/usr/z/\n/etc/a\n",
+        );
         let m = root.read();
-        assert_eq!(paths(&m.packages[0]), [&b"/"[..], b"/etc", b"/etc/a", b"/etc/b", b"/usr/z"]);
+        assert_eq!(
+            paths(&m.packages[0]),
+            [&b"/"[..], b"/etc", b"/etc/a", b"/etc/b", b"/usr/z"]
+        );
     }
 
     #[test]
     fn missing_list_is_a_note_and_missing_status_an_error() {
-        let status = stanza("ghost", "amd64", "install ok installed", &format!("Conffiles:\n /etc/ghost {MD5_A}\n"))
-            + &stanza("fine", "amd64", "install ok installed", "");
+        let status = stanza(
+            "ghost",
+            "amd64",
+            "install ok installed",
+            &format!("Conffiles:\n /etc/ghost {MD5_A}\n"),
+        ) + &stanza("fine", "amd64", "install ok installed", "");
         let root = Root::new(&status);
         root.write("info/fine.list", b"/usr/bin/fine\n");
         let m = root.read();
@@ -1770,11 +1947,24 @@ mod tests {
         ];
         for (data, position, what) in cases {
             let (got_position, got_what) = parse_failure(parse_status(data, p()));
-            assert_eq!(&got_position, position, "{} -> {got_what}", escape::bytes(data));
-            assert!(got_what.contains(what), "{} -> {got_what}", escape::bytes(data));
+            assert_eq!(
+                &got_position,
+                position,
+                "{} -> {got_what}",
+                escape::bytes(data)
+            );
+            assert!(
+                got_what.contains(what),
+                "{} -> {got_what}",
+                escape::bytes(data)
+            );
         }
         // What dpkg tolerates: a CR ending a value, whitespace before the colon, an empty file.
-        let r = parse_status(b"Package: a\r\nStatus : install ok installed\r\nVersion: 1\r\n", p()).unwrap();
+        let r = parse_status(
+            b"Package: a\r\nStatus : install ok installed\r\nVersion: 1\r\n",
+            p(),
+        )
+        .unwrap();
         assert_eq!((r[0].name.as_str(), r[0].version.as_str()), ("a", "1"));
         assert!(parse_status(b"", p()).unwrap().is_empty());
         assert!(parse_status(b"\n\n", p()).unwrap().is_empty());
@@ -1784,22 +1974,40 @@ mod tests {
     fn malformed_diversions_and_overrides_name_their_line() {
         let f = Path::new("diversions");
         let (position, what) = parse_failure(parse_diversions(b"/a\n/a.distrib\n", f));
-        assert_eq!((position.as_str(), what.contains("no package line")), ("line 2", true));
+        assert_eq!(
+            (position.as_str(), what.contains("no package line")),
+            ("line 2", true)
+        );
         let (position, _) = parse_failure(parse_diversions(b"/a\n/b\n:\n/c\n", f));
         assert_eq!(position, "line 4");
         let (position, what) = parse_failure(parse_diversions(b"/a\n/b\n:\n/a\n/c\nx\n", f));
-        assert_eq!((position.as_str(), what.contains("second diversion of")), ("line 4", true), "{what}");
+        assert_eq!(
+            (position.as_str(), what.contains("second diversion of")),
+            ("line 4", true),
+            "{what}"
+        );
         let (position, what) = parse_failure(parse_diversions(b"/a\n/b\nNot/A/Package\n", f));
-        assert_eq!((position.as_str(), what.contains("package name")), ("line 3", true));
+        assert_eq!(
+            (position.as_str(), what.contains("package name")),
+            ("line 3", true)
+        );
         assert!(parse_diversions(b"", f).unwrap().is_empty());
 
         let f = Path::new("statoverride");
         for (data, position, what) in [
-            (&b"root root 0755 /a\nroot root 8755 /b\n"[..], "line 2", "invalid mode"),
+            (
+                &b"root root 0755 /a\nroot root 8755 /b\n"[..],
+                "line 2",
+                "invalid mode",
+            ),
             (b"root root 17777 /b\n", "line 1", "invalid mode"),
             (b"root root 0755\n", "line 1", "malformed"),
             (b"root root 0755 relative/../x\n", "line 1", "invalid path"),
-            (b"root root 0755 /a\nroot adm 0700 /a/\n", "line 2", "second stat override"),
+            (
+                b"root root 0755 /a\nroot adm 0700 /a/\n",
+                "line 2",
+                "second stat override",
+            ),
             (b"\n", "line 1", "malformed"),
         ] {
             let (got_position, got_what) = parse_failure(parse_statoverride(data, f));
@@ -1810,18 +2018,38 @@ mod tests {
 
     #[test]
     fn journal_updates_override_status() {
-        let status = stanza("a", "all", "install ok installed", "") + &stanza("b", "all", "install ok installed", "");
+        let status = stanza("a", "all", "install ok installed", "")
+            + &stanza("b", "all", "install ok installed", "");
         let root = Root::new(&status);
         root.write("info/a.list", b"/a\n");
         root.write("info/b.list", b"/b\n");
         root.write("info/c.list", b"/c\n");
-        root.write("updates/0000", b"Package: a\nStatus: install ok unpacked\nVersion: 2\nArchitecture: all\n");
-        root.write("updates/0001", b"Package: b\nStatus: purge ok not-installed\nArchitecture: all\n");
-        root.write("updates/0002", b"Package: c\nStatus: install ok installed\nVersion: 3\nArchitecture: all\n");
+        root.write(
+            "updates/0000",
+            b"Package: a\nStatus: install ok unpacked\nVersion: 2\nArchitecture: all\n",
+        );
+        root.write(
+            "updates/0001",
+            b"Package: b\nStatus: purge ok not-installed\nArchitecture: all\n",
+        );
+        root.write(
+            "updates/0002",
+            b"Package: c\nStatus: install ok installed\nVersion: 3\nArchitecture: all\n",
+        );
         root.write("updates/tmp.i", b"not a journal entry");
         let m = root.read();
-        let got: Vec<(String, &str, &str)> = m.packages.iter().map(|p| (p.key(), p.version.as_str(), p.state.as_str())).collect();
-        assert_eq!(got, [("a:all".to_string(), "2", "unpacked"), ("c:all".to_string(), "3", "installed")]);
+        let got: Vec<(String, &str, &str)> = m
+            .packages
+            .iter()
+            .map(|p| (p.key(), p.version.as_str(), p.state.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a:all".to_string(), "2", "unpacked"),
+                ("c:all".to_string(), "3", "installed")
+            ]
+        );
     }
 
     #[test]
@@ -1830,15 +2058,25 @@ mod tests {
         let outside = Root::new(&stanza("host-only", "all", "install ok installed", ""));
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(root.path().join("var/lib")).unwrap();
-        std::os::unix::fs::symlink(outside.0.path().join("var/lib/dpkg"), root.path().join("var/lib/dpkg")).unwrap();
+        std::os::unix::fs::symlink(
+            outside.0.path().join("var/lib/dpkg"),
+            root.path().join("var/lib/dpkg"),
+        )
+        .unwrap();
         match read(root.path()) {
-            Err(PackageError::Io { source, .. }) => assert_eq!(source.kind(), io::ErrorKind::NotFound),
+            Err(PackageError::Io { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::NotFound)
+            }
             other => panic!("read the host's database through a symlink: {other:?}"),
         }
         // A database file that is a symlink is refused, even within the root.
         let root = Root::new(&stanza("a", "all", "install ok installed", ""));
         std::fs::write(root.0.path().join("elsewhere"), b"/etc/shadow\n").unwrap();
-        std::os::unix::fs::symlink("../../../../elsewhere", root.0.path().join("var/lib/dpkg/info/a.list")).unwrap();
+        std::os::unix::fs::symlink(
+            "../../../../elsewhere",
+            root.0.path().join("var/lib/dpkg/info/a.list"),
+        )
+        .unwrap();
         assert!(matches!(read(root.0.path()), Err(PackageError::Io { .. })));
     }
 
@@ -1855,7 +2093,10 @@ mod tests {
     fn require(found: bool, what: &str) -> bool {
         if !found {
             let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-            assert!(!ci, "this test needs {what} and CI=true forbids skipping it");
+            assert!(
+                !ci,
+                "this test needs {what} and CI=true forbids skipping it"
+            );
             eprintln!("SKIPPED: needs {what}");
         }
         found
@@ -1868,7 +2109,9 @@ mod tests {
         let root = Path::new(DEBIAN_ROOT);
         if !require(
             root.join("var/lib/dpkg/status").is_file(),
-            &format!("the Debian root at {DEBIAN_ROOT} (cargo run -p driftwatch-tests --bin debian-root)"),
+            &format!(
+                "the Debian root at {DEBIAN_ROOT} (cargo run -p driftwatch-tests --bin debian-root)"
+            ),
         ) {
             return;
         }
@@ -1876,17 +2119,28 @@ mod tests {
         let m = read(root).unwrap();
         let elapsed = started.elapsed();
         let files: usize = m.packages.iter().map(|p| p.files.len()).sum();
-        eprintln!("read {} packages, {files} files in {elapsed:?}", m.packages.len());
+        eprintln!(
+            "read {} packages, {files} files in {elapsed:?}",
+            m.packages.len()
+        );
         assert!(m.packages.len() > 80, "{} packages", m.packages.len());
         assert!(files > 3000, "{files} files");
         assert!(m.notes.is_empty(), "{:?}", m.notes);
         for pkg in &m.packages {
-            assert!(pkg.files.windows(2).all(|w| w[0].path < w[1].path), "{} files unsorted", pkg.key());
+            assert!(
+                pkg.files.windows(2).all(|w| w[0].path < w[1].path),
+                "{} files unsorted",
+                pkg.key()
+            );
             for f in &pkg.files {
                 baseline_path::validate(&f.path).unwrap();
             }
         }
-        assert!(m.packages.windows(2).all(|w| (&w[0].name, &w[0].arch) < (&w[1].name, &w[1].arch)));
+        assert!(
+            m.packages
+                .windows(2)
+                .all(|w| (&w[0].name, &w[0].arch) < (&w[1].name, &w[1].arch))
+        );
 
         let dpkg = package(&m, "dpkg:amd64");
         assert_eq!(dpkg.state, "installed");
@@ -1899,23 +2153,49 @@ mod tests {
         let issue = file(base_files, b"/etc/issue");
         assert!(issue.config);
         let real: [u8; 16] = Md5::digest(std::fs::read(root.join("etc/issue")).unwrap()).into();
-        assert_eq!(issue.digest, Some(Digest::Md5(real)), "an untouched conffile matches");
-        assert!(file(base_files, b"/").digest.is_none(), "base-files owns /. as /");
+        assert_eq!(
+            issue.digest,
+            Some(Digest::Md5(real)),
+            "an untouched conffile matches"
+        );
+        assert!(
+            file(base_files, b"/").digest.is_none(),
+            "base-files owns /. as /"
+        );
 
         // dash diverts /bin/sh itself: its own /bin/sh stays put.
-        assert!(m.diversions.iter().any(|d| d.from == b"/bin/sh" && d.package.as_deref() == Some("dash")));
+        assert!(
+            m.diversions
+                .iter()
+                .any(|d| d.from == b"/bin/sh" && d.package.as_deref() == Some("dash"))
+        );
         file(package(&m, "dash:amd64"), b"/bin/sh");
 
-        if !require(Command::new("dpkg-query").arg("--version").output().is_ok(), "dpkg-query") {
+        if !require(
+            Command::new("dpkg-query").arg("--version").output().is_ok(),
+            "dpkg-query",
+        ) {
             return;
         }
         let out = Command::new("dpkg-query")
             .arg(format!("--admindir={DEBIAN_ROOT}/var/lib/dpkg"))
-            .args(["-W", "-f", "${Package}:${Architecture} ${Version} ${db:Status-Status}\n"])
+            .args([
+                "-W",
+                "-f",
+                "${Package}:${Architecture} ${Version} ${db:Status-Status}\n",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let mut theirs: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(str::to_string).collect();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut theirs: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
         theirs.sort();
         let mut ours: Vec<String> = m
             .packages
@@ -1924,48 +2204,5 @@ mod tests {
             .collect();
         ours.sort();
         assert_eq!(ours, theirs);
-    }
-
-    #[test]
-    fn tmp_host_timing() {
-        for _ in 0..3 {
-            let started = std::time::Instant::now();
-            let m = read(Path::new("/")).unwrap();
-            eprintln!("HOST read {} packages in {:?}", m.packages.len(), started.elapsed());
-        }
-        let started = std::time::Instant::now();
-        let data = std::fs::read("/var/lib/dpkg/status").unwrap();
-        let r = parse_status(&data, p()).unwrap();
-        eprintln!("HOST status {} bytes {} records parse {:?}", data.len(), r.len(), started.elapsed());
-        let started = std::time::Instant::now();
-        let mut n = 0;
-        for e in std::fs::read_dir("/var/lib/dpkg/info").unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().into_string().unwrap();
-            if name.ends_with(".list") { let d = std::fs::read(e.path()).unwrap(); n += parse_list(&d, p()).unwrap().len(); }
-            if name.ends_with(".md5sums") { let d = std::fs::read(e.path()).unwrap(); n += parse_md5sums(&d, p()).unwrap().len(); }
-        }
-        eprintln!("HOST lists+md5sums {n} entries {:?}", started.elapsed());
-        let started = std::time::Instant::now();
-        let mut blobs = Vec::new();
-        for e in std::fs::read_dir("/var/lib/dpkg/info").unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().into_string().unwrap();
-            if name.ends_with(".list") || name.ends_with(".md5sums") { blobs.push((name.ends_with(".list"), std::fs::read(e.path()).unwrap())); }
-        }
-        let total: usize = blobs.iter().map(|b| b.1.len()).sum();
-        eprintln!("HOST read only {} files {total} bytes {:?}", blobs.len(), started.elapsed());
-        let started = std::time::Instant::now();
-        let mut n = 0;
-        for (list, d) in &blobs { if *list { n += parse_list(d, p()).unwrap().len() } }
-        eprintln!("HOST parse lists {n} {:?}", started.elapsed());
-        let started = std::time::Instant::now();
-        let mut n = 0;
-        for (list, d) in &blobs { if !*list { n += parse_md5sums(d, p()).unwrap().len() } }
-        eprintln!("HOST parse md5sums {n} {:?}", started.elapsed());
-        let started = std::time::Instant::now();
-        let mut n = 0;
-        for (_, d) in &blobs { n += Lines::new(d).count() }
-        eprintln!("HOST lines only {n} {:?}", started.elapsed());
     }
 }

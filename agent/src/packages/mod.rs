@@ -353,7 +353,7 @@ mod tests {
         std::os::unix::fs::symlink("usr/bin", r.join("bin")).unwrap();
         // An absolute target is re-rooted, never followed on the host.
         std::os::unix::fs::symlink("/usr/lib", r.join("lib")).unwrap();
-        std::os::unix::fs::symlink("../../etc", r.join("usr/lib/x/up")).unwrap();
+        std::os::unix::fs::symlink("../../../etc", r.join("usr/lib/x/up")).unwrap();
         std::os::unix::fs::symlink("loop2", r.join("loop1")).unwrap();
         std::os::unix::fs::symlink("loop1", r.join("loop2")).unwrap();
         let mut res = RootResolver::new(r);
