@@ -2,6 +2,8 @@
 //! every file violation attributed to its owning package and classified; `verify-packages`
 //! agrees with debsums.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
