@@ -282,7 +282,7 @@ impl<'r> RootResolver<'r> {
             None => normal,
             Some(parent) => {
                 let name = driftwatch_proto::path::file_name(&normal).to_vec();
-                let dir = self.dir(&parent.to_vec(), 0);
+                let dir = self.dir(parent, 0);
                 join(&dir, &name)
             }
         }
