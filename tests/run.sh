@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(debootstrap util-linux mount ca-certificates dpkg-dev debsums rpm)
+packages=(debootstrap util-linux mount ca-certificates dpkg-dev debsums rpm db5.3-util)
 if command -v dpkg-query >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do

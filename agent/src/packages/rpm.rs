@@ -1000,7 +1000,7 @@ pub fn database_present(root: &Path) -> bool {
 /// identity, size, mtime and ctime must be the same before and after reading (else it is
 /// retried, then refused as "changed while being read").
 ///
-/// Other formats are read by this host's `rpm` program (see [`read_with_program`]).
+/// Other formats are read by this host's `rpm` program (`rpm --root ROOT --dbpath DIR -qa`).
 pub fn read(root: &Path) -> Result<Manifest, PackageError> {
     let db = match locate(root) {
         Ok(Some(db)) => db,
