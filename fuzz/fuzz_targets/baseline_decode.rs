@@ -31,6 +31,12 @@ fn check_invariants(b: &Baseline) {
     for (i, e) in b.entries.iter().enumerate() {
         assert_eq!(b.find(&e.path), Some(i));
         assert!(e.content_hash.is_empty() || e.content_hash.len() == 32);
+        assert!(
+            e.packages
+                .iter()
+                .all(|&p| (p as usize) < b.header.packages.len()),
+            "an entry names a package the header does not list"
+        );
     }
     if let Some(exp) = b.header.expires_unix {
         assert!(exp >= NOW, "an expired baseline was accepted");

@@ -137,10 +137,11 @@ impl Names {
             }
             m
         };
-        Names {
-            users: parse("etc/passwd"),
-            groups: parse("etc/group"),
-        }
+        let (mut users, mut groups) = (parse("etc/passwd"), parse("etc/group"));
+        // rpm and dpkg both treat "root" as id 0 whatever the databases say.
+        users.entry(0).or_insert_with(|| "root".to_string());
+        groups.entry(0).or_insert_with(|| "root".to_string());
+        Names { users, groups }
     }
 }
 
