@@ -525,20 +525,21 @@ fn run_check(a: CheckArgs) -> Result<ExitCode> {
     let report = check::check(&opts, &mut |p| progress.update(p));
     progress.finish();
     let report = report?;
+    emit(a.format, &report, || report.render_text(), report.clean)
+}
+
+/// Prints a report as JSON or text and maps it to the exit status (0 clean, 1 drift).
+fn emit<T: Serialize>(format: Format, report: &T, text: impl FnOnce() -> String, clean: bool) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
-    match a.format {
+    match format {
         Format::Json => {
-            serde_json::to_writer_pretty(&mut out, &report)?;
+            serde_json::to_writer_pretty(&mut out, report)?;
             writeln!(out)?;
         }
-        Format::Text => out.write_all(report.render_text().as_bytes())?,
+        Format::Text => out.write_all(text().as_bytes())?,
     }
     out.flush()?;
-    Ok(ExitCode::from(if report.clean {
-        EXIT_CLEAN
-    } else {
-        EXIT_DRIFT
-    }))
+    Ok(ExitCode::from(if clean { EXIT_CLEAN } else { EXIT_DRIFT }))
 }
 
 fn verify_packages(a: VerifyPackagesArgs) -> Result<ExitCode> {
@@ -555,20 +556,7 @@ fn verify_packages(a: VerifyPackagesArgs) -> Result<ExitCode> {
         policy.packages.verify_conffiles,
         threads(a.threads),
     )?;
-    let mut out = std::io::stdout().lock();
-    match a.format {
-        Format::Json => {
-            serde_json::to_writer_pretty(&mut out, &report)?;
-            writeln!(out)?;
-        }
-        Format::Text => out.write_all(report.render_text().as_bytes())?,
-    }
-    out.flush()?;
-    Ok(ExitCode::from(if report.clean {
-        EXIT_CLEAN
-    } else {
-        EXIT_DRIFT
-    }))
+    emit(a.format, &report, || report.render_text(), report.clean)
 }
 
 fn policy_show(a: PolicyShowArgs) -> Result<ExitCode> {

@@ -91,28 +91,8 @@ pub fn hash_file_with_xattrs(
 
 /// Every extended attribute of an open file, sorted by name.
 fn read_fd_xattrs(file: &File) -> Result<Vec<driftwatch_proto::v1::Xattr>, String> {
-    use std::os::unix::ffi::OsStrExt;
     use xattr::FileExt;
-    let names = match file.list_xattr() {
-        Ok(n) => n,
-        Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
-        Err(e) => return Err(format!("cannot list extended attributes: {e}")),
-    };
-    let mut out = Vec::new();
-    for name in names {
-        match file.get_xattr(&name) {
-            Ok(Some(value)) => out.push(driftwatch_proto::v1::Xattr { name: name.as_bytes().to_vec(), value }),
-            Ok(None) => {}
-            Err(e) => {
-                return Err(format!(
-                    "cannot read extended attribute {}: {e}",
-                    String::from_utf8_lossy(name.as_bytes())
-                ))
-            }
-        }
-    }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(out)
+    crate::scan::collect_xattrs(file.list_xattr(), |name| file.get_xattr(name))
 }
 
 static NOATIME_ALLOWED: AtomicBool = AtomicBool::new(true);

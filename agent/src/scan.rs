@@ -143,19 +143,24 @@ pub(crate) fn file_type_of(ft: fs::FileType) -> FileType {
 
 /// Reads every extended attribute of `path` without following a symlink, sorted by name.
 fn read_xattrs(path: &Path) -> Result<Vec<Xattr>, String> {
-    let names = match xattr::list(path) {
+    collect_xattrs(xattr::list(path), |name| xattr::get(path, name))
+}
+
+/// Gathers the attributes `names` lists with `get`, sorted by name. A filesystem without
+/// xattr support has none; an attribute removed between list and get is gone.
+pub(crate) fn collect_xattrs<I: IntoIterator<Item = std::ffi::OsString>>(
+    names: std::io::Result<I>,
+    get: impl Fn(&std::ffi::OsStr) -> std::io::Result<Option<Vec<u8>>>,
+) -> Result<Vec<Xattr>, String> {
+    let names = match names {
         Ok(n) => n,
         Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(Vec::new()),
         Err(e) => return Err(format!("cannot list extended attributes: {e}")),
     };
     let mut out = Vec::new();
     for name in names {
-        match xattr::get(path, &name) {
-            Ok(Some(value)) => out.push(Xattr {
-                name: name.as_bytes().to_vec(),
-                value,
-            }),
-            // Removed between list and get: it is gone.
+        match get(&name) {
+            Ok(Some(value)) => out.push(Xattr { name: name.as_bytes().to_vec(), value }),
             Ok(None) => {}
             Err(e) => {
                 return Err(format!(

@@ -263,6 +263,19 @@ pub fn check_json(
     agent(args)
 }
 
+/// Runs `check` of `root` against `baseline` with the human (text) report.
+pub fn check_text(root: &Path, baseline: &Path, keys: &Keys) -> Run {
+    agent([
+        OsStr::new("check"),
+        OsStr::new("--baseline"),
+        baseline.as_os_str(),
+        OsStr::new("--trusted-key"),
+        keys.public.as_os_str(),
+        OsStr::new("--root"),
+        root.as_os_str(),
+    ])
+}
+
 /// Decodes a JSON path (`{"text": ..}` or `{"bytes": base64}`) to raw bytes.
 pub fn json_path(v: &serde_json::Value) -> Vec<u8> {
     use base64::Engine;

@@ -194,15 +194,7 @@ fn real_debian_root_drifts_are_reported_exactly() {
     assert!(report["package_drift"].as_array().unwrap().is_empty());
 
     // The human report names every path, escaped, and the before/after values.
-    let r = driftwatch_tests::agent([
-        "check".as_ref(),
-        "--baseline".as_ref(),
-        bl.as_os_str(),
-        "--trusted-key".as_ref(),
-        keys.public.as_os_str(),
-        "--root".as_ref(),
-        root.as_os_str(),
-    ]);
+    let r = driftwatch_tests::check_text(root, &bl, &keys);
     assert_eq!(r.code, 1);
     let text = r.stdout_str();
     assert!(

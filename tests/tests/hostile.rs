@@ -248,15 +248,7 @@ fn hostile_names_round_trip_raw_in_json_and_escaped_in_text() {
     want.sort();
     assert_eq!(kinds(&r.json()), want);
 
-    let text = driftwatch_tests::agent([
-        "check".as_ref(),
-        "--baseline".as_ref(),
-        bl.as_os_str(),
-        "--trusted-key".as_ref(),
-        keys.public.as_os_str(),
-        "--root".as_ref(),
-        root.as_os_str(),
-    ]);
+    let text = driftwatch_tests::check_text(&root, &bl, &keys);
     assert_eq!(text.code, 1);
     assert!(!text.stdout.contains(&0x1b), "raw ESC reached the terminal");
     assert!(
