@@ -40,6 +40,9 @@ Options:
                        (default: the built-in policy)
   --threads N          pass --threads N to driftwatch-agent baseline/check
                        (default: the agent's own default)
+  --nice N             run the whole benchmark at this nice value (e.g. -10,
+                       needs root) so that other work on the machine skews
+                       it less; recorded in the report (default: unchanged)
   --aide-workers LIST  AIDE --workers values to probe once; the fastest is
                        used for the timed runs (default: 1,2,4)
   -h, --help           show this help
@@ -70,6 +73,7 @@ USE_DW=1
 DW_THREADS=
 DW_POLICY=
 AIDE_WORKERS=1,2,4
+NICE=
 ORIG_ARGS=("$@")
 
 while (($#)); do
@@ -90,6 +94,8 @@ while (($#)); do
         --policy=*) DW_POLICY=${1#*=}; shift ;;
         --threads) DW_THREADS=${2:?--threads needs a value}; shift 2 ;;
         --threads=*) DW_THREADS=${1#*=}; shift ;;
+        --nice) NICE=${2:?--nice needs a value}; shift 2 ;;
+        --nice=*) NICE=${1#*=}; shift ;;
         --aide-workers) AIDE_WORKERS=${2:?--aide-workers needs a value}; shift 2 ;;
         --aide-workers=*) AIDE_WORKERS=${1#*=}; shift ;;
         -h|--help) usage; exit 0 ;;
@@ -103,6 +109,7 @@ if [[ -n $DW_POLICY ]]; then
     [[ -f $DW_POLICY ]] || die "--policy: no such file: $DW_POLICY"
     DW_POLICY=$(cd "$(dirname "$DW_POLICY")" && pwd)/$(basename "$DW_POLICY")
 fi
+[[ -z $NICE || $NICE =~ ^-?[0-9]+$ ]] || die "--nice must be an integer"
 [[ $AIDE_WORKERS =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--aide-workers must look like 1,2,4"
 IFS=, read -r -a DATASET_LIST <<<"$DATASETS"
 for ds in "${DATASET_LIST[@]}"; do
@@ -144,6 +151,9 @@ for t in hyperfine aide b3sum /usr/bin/time python3 find; do need "$t"; done
 if ((BUILD)); then
     log "building driftwatch-agent (release)"
     (cd "$REPO_ROOT" && cargo build --release -p driftwatch-agent) >&2
+fi
+if [[ -n $NICE ]]; then
+    renice -n "$NICE" -p $$ >/dev/null || die "renice -n $NICE failed (negative values need root)"
 fi
 DW_NOTE=
 if ((USE_DW)) && [[ ! -x $AGENT ]]; then
@@ -247,6 +257,11 @@ cpu_model=$(awk -F': *' '/^model name/ { print $2; exit }' /proc/cpuinfo)
 agent_version="not measured ($DW_NOTE)"
 agent_sha=
 if ((USE_DW)); then
+    # Benchmark a private copy: a rebuild during the run must not change it.
+    agent_copy=$(mktemp -d "$DATA_DIR/agent.XXXXXX")
+    TMP_DIRS+=("$agent_copy")
+    cp "$AGENT" "$agent_copy/driftwatch-agent"
+    AGENT=$agent_copy/driftwatch-agent
     agent_version=$(first_line "$AGENT" --version || true)
     agent_sha=$(sha256sum "$AGENT" | cut -d' ' -f1)
 fi
@@ -267,7 +282,7 @@ FACTS=$RESULTS_DIR/machine.md
     echo "| CPU | ${cpu_model:-unknown} |"
     echo "| memory | $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo) |"
     echo "| kernel | $(uname -sr) |"
-    echo "| data dir filesystem | $(stat -f -c %T "$DATA_DIR") |"
+    echo "| data dir filesystem | $(df --output=fstype "$DATA_DIR" | sed -n '2p') |"
     echo "| driftwatch-agent | $agent_version${agent_sha:+ (sha256 ${agent_sha:0:16}…)} |"
     echo "| repo revision | $git_rev |"
     echo "| aide | $(first_line aide --version) |"
@@ -275,6 +290,7 @@ FACTS=$RESULTS_DIR/machine.md
     echo "| find | $(first_line find --version) |"
     echo "| hyperfine | $(first_line hyperfine --version) |"
     echo "| runs per command | $RUNS (+1 untimed warm-up each) |"
+    echo "| nice value of the benchmark | $(ps -o ni= -p $$ | tr -d ' ') |"
     echo "| load average at start (1/5/15 min) | $(cut -d' ' -f1-3 /proc/loadavg) |"
 } >"$FACTS"
 read -r load1 _ </proc/loadavg
@@ -291,14 +307,15 @@ q() { printf '%q' "$1"; }
 # RSS of one command (KiB), via GNU time; the command's output is discarded.
 # Also records its wall time and exit status.  Usage: measure_rss OUTFILE LABEL CMD...
 measure_rss() {
-    local out=$1 label=$2 tf rc=0 m_rss='' m_wall=''
+    local out=$1 label=$2 tf rc=0 m_rss='' m_wall='' m_in=''
     shift 2
     tf=$(mktemp)
-    /usr/bin/time -f '%M %e' -o "$tf" "$@" >/dev/null 2>&1 || rc=$?
+    # %I: 512-byte blocks the process read from storage (page cache hits are free).
+    /usr/bin/time -f '%M %e %I' -o "$tf" "$@" >/dev/null 2>&1 || rc=$?
     # GNU time puts "Command exited with non-zero status N" before the format.
-    read -r m_rss m_wall < <(tail -n 1 "$tf") || true
+    read -r m_rss m_wall m_in < <(tail -n 1 "$tf") || true
     rm -f "$tf"
-    printf '%s\t%s\t%s\t%s\n' "$label" "${m_rss:-?}" "${m_wall:-?}" "$rc" >>"$out"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$label" "${m_rss:-?}" "${m_wall:-?}" "$rc" "${m_in:-?}" >>"$out"
     return "$rc"
 }
 
@@ -477,14 +494,31 @@ print(min(r, key=lambda x: x["mean"])["parameters"]["workers"])' "$res/aide-work
     fi
     add "find -printf (stat walk)" "true" \
         "find $(q "$tree") -printf '%p %y %m %U %G %s %T@ %C@ %i %D\\n'"
+    # Package verification without a baseline, where the tree has a dpkg database.
+    if [[ -f $tree/var/lib/dpkg/status ]]; then
+        command -v debsums >/dev/null || apt-get install -y -qq debsums >/dev/null 2>&1 || true
+        if command -v debsums >/dev/null; then
+            if ((dw)); then
+                add "driftwatch verify-packages" "true" "$(q "$AGENT") verify-packages --root $(q "$tree")$extra"
+            fi
+            add "debsums -s -a" "true" "debsums --root=$(q "$tree") -s -a"
+        fi
+    fi
 
     local -a args=()
     local i
     for i in "${!cmds[@]}"; do
-        args+=(--command-name "${names[$i]}" --prepare "${preps[$i]}")
+        # Each prepare step also logs the machine's pgpgin counter (KiB read
+        # from storage), so the report can show whether a run really ran from
+        # the page cache.
+        args+=(--command-name "${names[$i]}"
+            --prepare "${preps[$i]}; echo $i \$(awk '\$1 == \"pgpgin\" { print \$2 }' /proc/vmstat) >>$(q "$res/pgpgin.log")")
     done
     log "[$name] hyperfine: ${#cmds[@]} commands x (1 warm-up + $RUNS runs)"
+    : >"$res/pgpgin.log"
+    for i in "${!names[@]}"; do printf '%s\t%s\n' "$i" "${names[$i]}"; done >"$res/commands.tsv"
     "${HF[@]}" --warmup 1 --runs "$RUNS" "${args[@]}" \
+        --cleanup "echo end \$(awk '\$1 == \"pgpgin\" { print \$2 }' /proc/vmstat) >>$(q "$res/pgpgin.log")" \
         --export-json "$res/hyperfine.json" \
         --export-markdown "$res/hyperfine.md" \
         "${cmds[@]}" >&2
@@ -526,8 +560,8 @@ for ds in datasets:
     med = {r["command"]: r["median"] for r in hf}
     rss = {}
     for l in open(os.path.join(d, "rss.tsv")):
-        label, kib, wall, rc = l.rstrip("\n").split("\t")
-        rss[label] = (kib, wall, rc)
+        f = l.rstrip("\n").split("\t")
+        rss[f[0]] = tuple(f[1:5]) if len(f) >= 5 else (*f[1:4], "?")
     dw = meta.get("driftwatch") == "1"
     note = meta.get("driftwatch_note", "")
     gib = int(meta["bytes"]) / 2**30
@@ -548,19 +582,44 @@ for ds in datasets:
     elif meta.get("policy", "built-in") != "built-in":
         out.append(f"driftwatch ran with `--policy {meta['policy']}`.")
         out.append("")
-    out.append("| command | median (s) | min (s) | max (s) | runs |")
-    out.append("| --- | ---: | ---: | ---: | ---: |")
+    out.append("| command | median (s) | min (s) | max (s) | runs | CPU user+sys, mean (s) | storage reads, worst run (MiB) |")
+    out.append("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     order = ["driftwatch baseline create", f"aide --init (workers={meta['aide_workers']})",
              "b3sum, 2 procs", "b3sum --no-mmap, 2 procs",
-             "driftwatch check (warm cache)", "find -printf (stat walk)"]
+             "driftwatch check (warm cache)", "find -printf (stat walk)",
+             "driftwatch verify-packages", "debsums -s -a"]
     byname = {r["command"]: r for r in hf}
+    # Package verification is only benchmarked on trees with a dpkg database.
+    if "debsums -s -a" not in byname:
+        order = order[:-2]
+    # Storage reads (KiB, whole machine) per timed run, from the pgpgin log
+    # written by hyperfine's prepare/cleanup steps; the warm-up run is skipped.
+    reads = {}
+    try:
+        idx = dict(l.rstrip("\n").split("\t", 1) for l in open(os.path.join(d, "commands.tsv")))
+        marks, cur = [], []
+        for l in open(os.path.join(d, "pgpgin.log")):
+            k, v = l.split()
+            if k == "end":
+                marks.append((cur, int(v)))
+                cur = []
+            else:
+                cur.append((k, int(v)))
+        for seq, end in marks:
+            vals = [v for _, v in seq] + [end]
+            deltas = [b - a for a, b in zip(vals, vals[1:])][1:]
+            reads[idx[seq[0][0]]] = deltas
+    except (OSError, ValueError, KeyError, IndexError):
+        pass
     for name in order:
         r = byname.get(name)
         if r is None:
-            out.append(f"| {name} | not yet measured ({note}) | | | |")
+            out.append(f"| {name} | not yet measured ({note}) | | | | | |")
         else:
+            rd = reads.get(name)
+            rd = f"{max(rd) / 1024:.0f}" if rd else "?"
             out.append(f"| {name} | {fmt_s(r['median'])} | {fmt_s(r['min'])} | "
-                       f"{fmt_s(r['max'])} | {len(r['times'])} |")
+                       f"{fmt_s(r['max'])} | {len(r['times'])} | {fmt_s(r['user'] + r['system'])} | {rd} |")
     out.append("")
 
     def ratio_row(label, num, den, limit):
@@ -575,6 +634,8 @@ for ds in datasets:
     out.append(ratio_row("baseline create / b3sum (2 procs)", "driftwatch baseline create", "b3sum, 2 procs", 1.2))
     out.append(ratio_row("baseline create / AIDE --init", "driftwatch baseline create", aide, 0.15))
     out.append(ratio_row("cached check / find -printf", "driftwatch check (warm cache)", "find -printf (stat walk)", 2))
+    if "debsums -s -a" in med:
+        out.append(ratio_row("verify-packages / debsums -s -a", "driftwatch verify-packages", "debsums -s -a", 0.5))
     for label in ("driftwatch baseline create", "driftwatch check (warm cache)"):
         v = rss.get(label)
         if ds != "usr":
@@ -588,6 +649,14 @@ for ds in datasets:
     out.append("")
     # informational
     info = []
+    cpu = {r["command"]: r["user"] + r["system"] for r in hf}
+    if "driftwatch baseline create" in cpu:
+        info.append(f"CPU-time ratios (less sensitive to other load on the machine): "
+                    f"baseline create / b3sum {cpu['driftwatch baseline create'] / cpu['b3sum, 2 procs']:.2f}, "
+                    f"/ AIDE {cpu['driftwatch baseline create'] / cpu[aide]:.3f}")
+    if "driftwatch check (warm cache)" in cpu:
+        info.append(f"cached check / find -printf (CPU time) "
+                    f"{cpu['driftwatch check (warm cache)'] / cpu['find -printf (stat walk)']:.2f}")
     if "driftwatch baseline create" in med:
         info.append(f"baseline create / b3sum --no-mmap (2 procs): "
                     f"{med['driftwatch baseline create'] / med['b3sum --no-mmap, 2 procs']:.3f}")
@@ -599,12 +668,16 @@ for ds in datasets:
         out.append("")
     out.append("Peak RSS and wall time of single runs (GNU time, warm page cache):")
     out.append("")
-    out.append("| run | peak RSS (MiB) | wall (s) | exit |")
-    out.append("| --- | ---: | ---: | ---: |")
-    for label, (kib, wall, rc) in rss.items():
+    out.append("| run | peak RSS (MiB) | wall (s) | exit | read from storage (MiB) |")
+    out.append("| --- | ---: | ---: | ---: | ---: |")
+    for label, (kib, wall, rc, blocks) in rss.items():
         m = f"{int(kib) / MIB:.1f}" if kib != "?" else "?"
-        out.append(f"| {label} | {m} | {wall} | {rc} |")
+        b = f"{int(blocks) * 512 / 2**20:.0f}" if blocks != "?" else "?"
+        out.append(f"| {label} | {m} | {wall} | {rc} | {b} |")
     out.append("")
+out.append("Storage reads are the machine-wide `pgpgin` delta over each timed run (other "
+           "processes included); near 0 means the run was served from the page cache.")
+out.append("")
 print("\n".join(out))
 PY
 }

@@ -133,7 +133,9 @@ pub fn diff_inventories(
                 let kind = match (present(&b.state), present(&a.state)) {
                     (true, false) => Some(PackageDriftKind::Removed),
                     (false, true) => Some(PackageDriftKind::Installed),
-                    _ if b.version != a.version || b.state != a.state => Some(PackageDriftKind::Changed),
+                    _ if b.version != a.version || b.state != a.state => {
+                        Some(PackageDriftKind::Changed)
+                    }
                     _ => None,
                 };
                 if let Some(kind) = kind {

@@ -206,7 +206,11 @@ pub fn check(
     }
     // An unchanged cache is not rewritten (a full check of a clean tree touches no disk),
     // unless it was discarded or never written.
-    let cache_file_ok = opts.state_dir.as_ref().is_some_and(|d| crate::cache::cache_path(d).is_file()) && cache_loaded_ok;
+    let cache_file_ok = opts
+        .state_dir
+        .as_ref()
+        .is_some_and(|d| crate::cache::cache_path(d).is_file())
+        && cache_loaded_ok;
     if let (Some(dir), Some(id)) = (&opts.state_dir, &root_id)
         && (cache_changed || !cache_file_ok)
         && let Err(e) = cache.save(dir, id, &baseline.merkle_root, scan_start_ns)

@@ -529,7 +529,12 @@ fn run_check(a: CheckArgs) -> Result<ExitCode> {
 }
 
 /// Prints a report as JSON or text and maps it to the exit status (0 clean, 1 drift).
-fn emit<T: Serialize>(format: Format, report: &T, text: impl FnOnce() -> String, clean: bool) -> Result<ExitCode> {
+fn emit<T: Serialize>(
+    format: Format,
+    report: &T,
+    text: impl FnOnce() -> String,
+    clean: bool,
+) -> Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match format {
         Format::Json => {

@@ -144,7 +144,9 @@ fn open_checked(path: &Path, seen: &StatKey) -> Result<(File, StatKey), HashErro
         Errno::ELOOP => HashError::Replaced,
         e => HashError::Open(e.desc().to_string()),
     })?;
-    let before = file.metadata().map_err(|e| HashError::Read(e.to_string()))?;
+    let before = file
+        .metadata()
+        .map_err(|e| HashError::Read(e.to_string()))?;
     if !before.is_file() || before.dev() != seen.dev || before.ino() != seen.ino {
         return Err(HashError::Replaced);
     }

@@ -160,7 +160,10 @@ pub(crate) fn collect_xattrs<I: IntoIterator<Item = std::ffi::OsString>>(
     let mut out = Vec::new();
     for name in names {
         match get(&name) {
-            Ok(Some(value)) => out.push(Xattr { name: name.as_bytes().to_vec(), value }),
+            Ok(Some(value)) => out.push(Xattr {
+                name: name.as_bytes().to_vec(),
+                value,
+            }),
             Ok(None) => {}
             Err(e) => {
                 return Err(format!(

@@ -165,7 +165,13 @@ pub fn copy(src: &Path) -> tempfile::TempDir {
 
 /// Builds a binary package with `dpkg-deb --build` into `out_dir` and returns its path.
 /// `files` are (absolute path, content); `conffiles` lists which of them are conffiles.
-pub fn build_deb(out_dir: &Path, name: &str, version: &str, files: &[(&str, &str)], conffiles: &[&str]) -> PathBuf {
+pub fn build_deb(
+    out_dir: &Path,
+    name: &str,
+    version: &str,
+    files: &[(&str, &str)],
+    conffiles: &[&str],
+) -> PathBuf {
     let tree = out_dir.join(format!("{name}_{version}.tree"));
     let _ = fs::remove_dir_all(&tree);
     fs::create_dir_all(tree.join("DEBIAN")).expect("create DEBIAN");
@@ -177,7 +183,14 @@ pub fn build_deb(out_dir: &Path, name: &str, version: &str, files: &[(&str, &str
     )
     .expect("write control");
     if !conffiles.is_empty() {
-        fs::write(tree.join("DEBIAN/conffiles"), conffiles.iter().map(|c| format!("{c}\n")).collect::<String>()).expect("conffiles");
+        fs::write(
+            tree.join("DEBIAN/conffiles"),
+            conffiles
+                .iter()
+                .map(|c| format!("{c}\n"))
+                .collect::<String>(),
+        )
+        .expect("conffiles");
     }
     for (path, content) in files {
         let p = tree.join(path.trim_start_matches('/'));
@@ -186,7 +199,9 @@ pub fn build_deb(out_dir: &Path, name: &str, version: &str, files: &[(&str, &str
     }
     let deb = out_dir.join(format!("{name}_{version}_all.deb"));
     let mut cmd = Command::new("dpkg-deb");
-    cmd.args(["--root-owner-group", "--build"]).arg(&tree).arg(&deb);
+    cmd.args(["--root-owner-group", "--build"])
+        .arg(&tree)
+        .arg(&deb);
     let r = run_with_limit(cmd, Duration::from_secs(120));
     assert_eq!(r.code, 0, "dpkg-deb failed: {}", r.stderr);
     deb
@@ -195,7 +210,15 @@ pub fn build_deb(out_dir: &Path, name: &str, version: &str, files: &[(&str, &str
 /// Runs `dpkg --root ROOT ARGS...` (maintainer scripts run chrooted into the root).
 pub fn dpkg(root: &Path, args: &[&str]) {
     let mut cmd = Command::new("dpkg");
-    cmd.arg(format!("--root={}", root.display())).args(args).env("DEBIAN_FRONTEND", "noninteractive");
+    cmd.arg(format!("--root={}", root.display()))
+        .args(args)
+        .env("DEBIAN_FRONTEND", "noninteractive");
     let r = run_with_limit(cmd, Duration::from_secs(300));
-    assert_eq!(r.code, 0, "dpkg {args:?} failed:\n{}\n{}", r.stdout_str(), r.stderr);
+    assert_eq!(
+        r.code,
+        0,
+        "dpkg {args:?} failed:\n{}\n{}",
+        r.stdout_str(),
+        r.stderr
+    );
 }

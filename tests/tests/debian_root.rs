@@ -188,7 +188,12 @@ fn real_debian_root_drifts_are_reported_exactly() {
     assert_eq!(sev("/usr/local/bin"), "high");
     // A file of a package that did not change is gone: the loudest case.
     assert_eq!(sev("/usr/bin/yes"), "critical");
-    let yes = report["violations"].as_array().unwrap().iter().find(|v| v["path"]["text"] == "/usr/bin/yes").unwrap();
+    let yes = report["violations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["path"]["text"] == "/usr/bin/yes")
+        .unwrap();
     assert_eq!(yes["packages"], serde_json::json!(["coreutils:amd64"]));
     assert_eq!(yes["class"], "unexplained");
     assert!(report["package_drift"].as_array().unwrap().is_empty());

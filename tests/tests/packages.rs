@@ -11,28 +11,48 @@ use std::process::Command;
 use std::time::Duration;
 
 use driftwatch_tests::debian::{self, build_deb, dpkg};
-use driftwatch_tests::{agent, baseline_create, check_json, json_path, require_program, require_root, run_with_limit, Keys};
+use driftwatch_tests::{
+    Keys, agent, baseline_create, check_json, json_path, require_program, require_root,
+    run_with_limit,
+};
 
 /// Paths debsums reports as changed or missing (`debsums --root R -s -a`).
 fn debsums(root: &Path) -> BTreeSet<String> {
     let mut cmd = Command::new("debsums");
-    cmd.arg(format!("--root={}", root.display())).args(["-s", "-a"]);
+    cmd.arg(format!("--root={}", root.display()))
+        .args(["-s", "-a"]);
     let r = run_with_limit(cmd, Duration::from_secs(300));
     // debsums prints the host path (root + package path); compare package paths.
     let prefix = root.display().to_string();
     r.stderr
         .lines()
         .filter_map(|l| {
-            let rest = l.strip_prefix("debsums: changed file ").or_else(|| l.strip_prefix("debsums: missing file "))?;
+            let rest = l
+                .strip_prefix("debsums: changed file ")
+                .or_else(|| l.strip_prefix("debsums: missing file "))?;
             let host = rest.split(" (from ").next()?;
-            Some(host.strip_prefix(prefix.as_str()).unwrap_or(host).to_string())
+            Some(
+                host.strip_prefix(prefix.as_str())
+                    .unwrap_or(host)
+                    .to_string(),
+            )
         })
         .collect()
 }
 
 fn verify_packages(root: &Path) -> (i32, serde_json::Value) {
-    let r = agent(["verify-packages".as_ref(), "--root".as_ref(), root.as_os_str(), "--format".as_ref(), "json".as_ref()]);
-    assert!(r.code == 0 || r.code == 1, "verify-packages failed: {}", r.stderr);
+    let r = agent([
+        "verify-packages".as_ref(),
+        "--root".as_ref(),
+        root.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]);
+    assert!(
+        r.code == 0 || r.code == 1,
+        "verify-packages failed: {}",
+        r.stderr
+    );
     (r.code, r.json())
 }
 
@@ -49,7 +69,10 @@ fn finding_paths(report: &serde_json::Value) -> BTreeSet<String> {
 
 #[test]
 fn package_drift_is_reported_and_every_file_attributed() {
-    if !require_root("dpkg --root runs maintainer scripts chrooted") || !require_program("dpkg-deb") || !require_program("debsums") {
+    if !require_root("dpkg --root runs maintainer scripts chrooted")
+        || !require_program("dpkg-deb")
+        || !require_program("debsums")
+    {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -58,16 +81,40 @@ fn package_drift_is_reported_and_every_file_attributed() {
         debs,
         "dwtest-conf",
         "1.0",
-        &[("/etc/dwtest/dwtest.conf", "listen 8080\n"), ("/usr/share/dwtest-conf/README", "conf package\n")],
+        &[
+            ("/etc/dwtest/dwtest.conf", "listen 8080\n"),
+            ("/usr/share/dwtest-conf/README", "conf package\n"),
+        ],
         &["/etc/dwtest/dwtest.conf"],
     );
-    let up_v1 = build_deb(debs, "dwtest-up", "1.0", &[("/usr/lib/dwtest-up/data.txt", "version one\n")], &[]);
-    let up_v11 = build_deb(debs, "dwtest-up", "1.1", &[("/usr/lib/dwtest-up/data.txt", "version one.one\n")], &[]);
-    let new_v1 = build_deb(debs, "dwtest-new", "1.0", &[("/usr/bin/dwtest-new", "#!/bin/sh\necho new\n")], &[]);
+    let up_v1 = build_deb(
+        debs,
+        "dwtest-up",
+        "1.0",
+        &[("/usr/lib/dwtest-up/data.txt", "version one\n")],
+        &[],
+    );
+    let up_v11 = build_deb(
+        debs,
+        "dwtest-up",
+        "1.1",
+        &[("/usr/lib/dwtest-up/data.txt", "version one.one\n")],
+        &[],
+    );
+    let new_v1 = build_deb(
+        debs,
+        "dwtest-new",
+        "1.0",
+        &[("/usr/bin/dwtest-new", "#!/bin/sh\necho new\n")],
+        &[],
+    );
 
     let copy = debian::copy(&debian::minbase());
     let root = copy.path();
-    dpkg(root, &["-i", conf_v1.to_str().unwrap(), up_v1.to_str().unwrap()]);
+    dpkg(
+        root,
+        &["-i", conf_v1.to_str().unwrap(), up_v1.to_str().unwrap()],
+    );
 
     // The image: its baseline carries the package inventory and file owners.
     let keys = Keys::new();
@@ -75,17 +122,31 @@ fn package_drift_is_reported_and_every_file_attributed() {
     let r = baseline_create(root, &bl, &keys, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let r = check_json(root, &bl, &keys, None, &[]);
-    assert_eq!(r.code, 0, "untouched root is not clean:\n{}", r.stdout_str());
+    assert_eq!(
+        r.code,
+        0,
+        "untouched root is not clean:\n{}",
+        r.stdout_str()
+    );
 
     // verify-packages agrees with debsums on the untouched root: nothing.
     let (code, report) = verify_packages(root);
-    assert_eq!(code, 0, "untouched root: {:?}", finding_paths(&report).into_iter().take(10).collect::<Vec<_>>());
+    assert_eq!(
+        code,
+        0,
+        "untouched root: {:?}",
+        finding_paths(&report)
+            .into_iter()
+            .take(10)
+            .collect::<Vec<_>>()
+    );
     assert!(debsums(root).is_empty());
-    let adduser_files: BTreeSet<Vec<u8>> = fs::read_to_string(root.join("var/lib/dpkg/info/adduser.list"))
-        .unwrap()
-        .lines()
-        .map(|l| l.as_bytes().to_vec())
-        .collect();
+    let adduser_files: BTreeSet<Vec<u8>> =
+        fs::read_to_string(root.join("var/lib/dpkg/info/adduser.list"))
+            .unwrap()
+            .lines()
+            .map(|l| l.as_bytes().to_vec())
+            .collect();
 
     // --- drift ---
     dpkg(root, &["-i", new_v1.to_str().unwrap()]); // installed
@@ -106,10 +167,20 @@ fn package_drift_is_reported_and_every_file_attributed() {
         .iter()
         .map(|d| {
             let v = |x: &serde_json::Value| x["version"].as_str().unwrap_or("-").to_string();
-            (d["name"].as_str().unwrap().to_string(), d["kind"].as_str().unwrap().to_string(), v(&d["before"]), v(&d["after"]))
+            (
+                d["name"].as_str().unwrap().to_string(),
+                d["kind"].as_str().unwrap().to_string(),
+                v(&d["before"]),
+                v(&d["after"]),
+            )
         })
         .collect();
-    let adduser_version = report["package_drift"].as_array().unwrap().iter().find(|d| d["name"] == "adduser").unwrap()["before"]["version"]
+    let adduser_version = report["package_drift"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "adduser")
+        .unwrap()["before"]["version"]
         .as_str()
         .unwrap()
         .to_string();
@@ -130,31 +201,71 @@ fn package_drift_is_reported_and_every_file_attributed() {
         let p = String::from_utf8_lossy(&path).to_string();
         let kind = v["kind"].as_str().unwrap();
         let class = v["class"].as_str().unwrap_or("(none)");
-        let owners: Vec<&str> = v["packages"].as_array().map(|a| a.iter().map(|x| x.as_str().unwrap()).collect()).unwrap_or_default();
+        let owners: Vec<&str> = v["packages"]
+            .as_array()
+            .map(|a| a.iter().map(|x| x.as_str().unwrap()).collect())
+            .unwrap_or_default();
         let sev = v["severity"].as_str().unwrap();
         match p.as_str() {
-            "/usr/bin/dwtest-new" => assert_eq!((kind, class, owners.as_slice(), sev), ("added", "package-change", &["dwtest-new:all"][..], "low"), "{v}"),
+            "/usr/bin/dwtest-new" => assert_eq!(
+                (kind, class, owners.as_slice(), sev),
+                ("added", "package-change", &["dwtest-new:all"][..], "low"),
+                "{v}"
+            ),
             "/usr/lib/dwtest-up/data.txt" => {
-                assert_eq!((kind, class, owners.as_slice(), sev), ("modified", "package-change", &["dwtest-up:all"][..], "low"), "{v}")
+                assert_eq!(
+                    (kind, class, owners.as_slice(), sev),
+                    ("modified", "package-change", &["dwtest-up:all"][..], "low"),
+                    "{v}"
+                )
             }
             "/etc/dwtest/dwtest.conf" => {
-                assert_eq!((kind, class, owners.as_slice(), sev), ("modified", "unexplained", &["dwtest-conf:all"][..], "critical"), "{v}");
+                assert_eq!(
+                    (kind, class, owners.as_slice(), sev),
+                    (
+                        "modified",
+                        "unexplained",
+                        &["dwtest-conf:all"][..],
+                        "critical"
+                    ),
+                    "{v}"
+                );
                 assert_eq!(v["config"], true);
             }
-            "/usr/bin/tac" => assert_eq!((kind, class, owners.as_slice(), sev), ("modified", "unexplained", &["coreutils:amd64"][..], "critical"), "{v}"),
+            "/usr/bin/tac" => assert_eq!(
+                (kind, class, owners.as_slice(), sev),
+                (
+                    "modified",
+                    "unexplained",
+                    &["coreutils:amd64"][..],
+                    "critical"
+                ),
+                "{v}"
+            ),
             _ => {
                 // Everything else is a file or directory of the purged package, removed, and
                 // explained by that removal.
                 assert_eq!(kind, "removed", "unexpected violation {v}");
                 assert!(owners.contains(&"adduser:all"), "{v}");
                 assert_eq!(class, "package-change", "{v}");
-                assert!(adduser_files.iter().any(|f| f.as_slice() == path.as_slice() || f.ends_with(&path)), "{v}");
+                assert!(
+                    adduser_files
+                        .iter()
+                        .any(|f| f.as_slice() == path.as_slice() || f.ends_with(&path)),
+                    "{v}"
+                );
                 explained_removals += 1;
             }
         }
         seen.insert(p);
     }
-    for p in ["/usr/bin/dwtest-new", "/usr/lib/dwtest-up/data.txt", "/etc/dwtest/dwtest.conf", "/usr/bin/tac", "/usr/sbin/adduser"] {
+    for p in [
+        "/usr/bin/dwtest-new",
+        "/usr/lib/dwtest-up/data.txt",
+        "/etc/dwtest/dwtest.conf",
+        "/usr/bin/tac",
+        "/usr/sbin/adduser",
+    ] {
         assert!(seen.contains(p), "{p} not reported");
     }
     assert!(explained_removals >= 3);
@@ -167,5 +278,12 @@ fn package_drift_is_reported_and_every_file_attributed() {
     let theirs = debsums(root);
     // debsums prints dpkg's own spelling (/usr/bin/tac); ours is the package path too.
     assert_eq!(ours, theirs, "verify-packages and debsums disagree");
-    assert_eq!(ours, ["/etc/dwtest/dwtest.conf".to_string(), "/usr/bin/tac".to_string()].into());
+    assert_eq!(
+        ours,
+        [
+            "/etc/dwtest/dwtest.conf".to_string(),
+            "/usr/bin/tac".to_string()
+        ]
+        .into()
+    );
 }

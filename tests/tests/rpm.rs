@@ -10,7 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use driftwatch_tests::{agent, baseline_create, check_json, json_path, require_program, require_root, run_with_limit, Keys};
+use driftwatch_tests::{
+    Keys, agent, baseline_create, check_json, json_path, require_program, require_root,
+    run_with_limit,
+};
 
 const ALPHA: &str = r#"Name: dwrpm-alpha
 Epoch: 1
@@ -58,8 +61,18 @@ fn rpmbuild(dir: &Path, name: &str, spec: &str) -> PathBuf {
     let mut cmd = Command::new("rpmbuild");
     cmd.args(["-bb", "--nodeps", "--define"])
         .arg(format!("_topdir {}", top.display()))
-        .args(["--define", "_binary_filedigest_algorithm 8", "--define", "debug_package %{nil}"])
-        .args(["--define", "__os_install_post %{nil}", "--define", "_build_id_links none"])
+        .args([
+            "--define",
+            "_binary_filedigest_algorithm 8",
+            "--define",
+            "debug_package %{nil}",
+        ])
+        .args([
+            "--define",
+            "__os_install_post %{nil}",
+            "--define",
+            "_build_id_links none",
+        ])
         .arg(&spec_file);
     run(cmd);
     let rpms = top.join("RPMS/noarch");
@@ -72,13 +85,19 @@ fn rpmbuild(dir: &Path, name: &str, spec: &str) -> PathBuf {
 
 fn rpm(root: &Path, args: &[&str]) {
     let mut cmd = Command::new("rpm");
-    cmd.arg("--root").arg(root).args(["--dbpath", "/var/lib/rpm", "--define", "_db_backend sqlite"]).args(args);
+    cmd.arg("--root")
+        .arg(root)
+        .args(["--dbpath", "/var/lib/rpm", "--define", "_db_backend sqlite"])
+        .args(args);
     run(cmd);
 }
 
 #[test]
 fn rpm_package_drift_is_detected_and_attributed() {
-    if !require_root("rpm --root installs through chroot") || !require_program("rpmbuild") || !require_program("rpm") {
+    if !require_root("rpm --root installs through chroot")
+        || !require_program("rpmbuild")
+        || !require_program("rpm")
+    {
         return;
     }
     let work = tempfile::tempdir().unwrap();
@@ -86,18 +105,46 @@ fn rpm_package_drift_is_detected_and_attributed() {
     let beta = rpmbuild(work.path(), "dwrpm-beta", BETA);
     let root = work.path().join("root");
     fs::create_dir_all(root.join("var/lib/rpm")).unwrap();
-    rpm(&root, &["--nodeps", "-i", alpha.to_str().unwrap(), beta.to_str().unwrap()]);
-    assert!(root.join("var/lib/rpm/rpmdb.sqlite").is_file(), "a real SQLite rpmdb");
+    rpm(
+        &root,
+        &[
+            "--nodeps",
+            "-i",
+            alpha.to_str().unwrap(),
+            beta.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        root.join("var/lib/rpm/rpmdb.sqlite").is_file(),
+        "a real SQLite rpmdb"
+    );
 
     let keys = Keys::new();
     let bl = work.path().join("image.dwb");
     let r = baseline_create(&root, &bl, &keys, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let show = agent(["baseline".as_ref(), "show".as_ref(), bl.as_os_str(), "--format".as_ref(), "json".as_ref()]);
+    let show = agent([
+        "baseline".as_ref(),
+        "show".as_ref(),
+        bl.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]);
     assert_eq!(show.code, 0);
     let r = check_json(&root, &bl, &keys, None, &[]);
-    assert_eq!(r.code, 0, "untouched rpm root not clean: {}", r.stdout_str());
-    let r = agent(["verify-packages".as_ref(), "--root".as_ref(), root.as_os_str(), "--format".as_ref(), "json".as_ref()]);
+    assert_eq!(
+        r.code,
+        0,
+        "untouched rpm root not clean: {}",
+        r.stdout_str()
+    );
+    let r = agent([
+        "verify-packages".as_ref(),
+        "--root".as_ref(),
+        root.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]);
     assert_eq!(r.code, 0, "{}", r.stdout_str());
     assert_eq!(r.json()["package_manager"], "rpm");
 
@@ -122,26 +169,66 @@ fn rpm_package_drift_is_detected_and_attributed() {
     let mut got = Vec::new();
     for v in report["violations"].as_array().unwrap() {
         let path = String::from_utf8(json_path(&v["path"])).unwrap();
-        let owners: Vec<String> = v["packages"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
-        got.push((path, v["kind"].as_str().unwrap().to_string(), v["class"].as_str().unwrap().to_string(), owners, v["severity"].as_str().unwrap().to_string()));
+        let owners: Vec<String> = v["packages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect();
+        got.push((
+            path,
+            v["kind"].as_str().unwrap().to_string(),
+            v["class"].as_str().unwrap().to_string(),
+            owners,
+            v["severity"].as_str().unwrap().to_string(),
+        ));
     }
     got.sort();
     let s = |x: &str| x.to_string();
     assert_eq!(
         got,
         vec![
-            (s("/usr/bin/dwalpha"), s("modified"), s("unexplained"), vec![s("dwrpm-alpha:noarch")], s("critical")),
-            (s("/usr/lib/dwbeta"), s("removed"), s("package-change"), vec![s("dwrpm-beta:noarch")], s("low")),
-            (s("/usr/lib/dwbeta/data.txt"), s("removed"), s("package-change"), vec![s("dwrpm-beta:noarch")], s("low")),
+            (
+                s("/usr/bin/dwalpha"),
+                s("modified"),
+                s("unexplained"),
+                vec![s("dwrpm-alpha:noarch")],
+                s("critical")
+            ),
+            (
+                s("/usr/lib/dwbeta"),
+                s("removed"),
+                s("package-change"),
+                vec![s("dwrpm-beta:noarch")],
+                s("low")
+            ),
+            (
+                s("/usr/lib/dwbeta/data.txt"),
+                s("removed"),
+                s("package-change"),
+                vec![s("dwrpm-beta:noarch")],
+                s("low")
+            ),
         ]
     );
 
     // verify-packages: the tampered file, from rpm's own SHA-256, and nothing else.
-    let r = agent(["verify-packages".as_ref(), "--root".as_ref(), root.as_os_str(), "--format".as_ref(), "json".as_ref()]);
+    let r = agent([
+        "verify-packages".as_ref(),
+        "--root".as_ref(),
+        root.as_os_str(),
+        "--format".as_ref(),
+        "json".as_ref(),
+    ]);
     assert_eq!(r.code, 1);
     let findings = r.json()["findings"].as_array().unwrap().clone();
     assert_eq!(findings.len(), 1, "{findings:?}");
     assert_eq!(findings[0]["path"]["text"], "/usr/bin/dwalpha");
     assert_eq!(findings[0]["package"], "dwrpm-alpha:noarch");
-    assert!(findings[0]["changes"][0]["before"].as_str().unwrap().starts_with("sha256:"));
+    assert!(
+        findings[0]["changes"][0]["before"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
 }
