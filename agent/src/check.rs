@@ -290,6 +290,11 @@ fn attribute_packages(
     } else {
         attribution::diff_inventories(&header.packages, &live_inventory, policy.packages.drift)
     };
+    if violations.is_empty() {
+        // Nothing to attribute: the owner table (every package path resolved in the root) is
+        // only built when a file violation needs it.
+        return drift;
+    }
     let changed: BTreeSet<String> = drift.iter().map(PackageDrift::key).collect();
     let owners = packages::Owners::build(&opts.root, &live);
     let key = |p: &driftwatch_proto::v1::Package| format!("{}:{}", p.name, p.arch);

@@ -183,6 +183,35 @@ fn mtime_ns(m: &fs::Metadata) -> i64 {
         .saturating_add(m.mtime_nsec())
 }
 
+/// Events the walker sends at once.
+const BATCH: usize = 256;
+
+struct Batch<'a> {
+    tx: &'a Sender<Vec<Event>>,
+    events: Vec<Event>,
+}
+
+/// The consumer hung up: the scan is being abandoned.
+struct Abandoned;
+
+impl Batch<'_> {
+    fn push(&mut self, ev: Event) -> Result<(), Abandoned> {
+        self.events.push(ev);
+        if self.events.len() >= BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), Abandoned> {
+        if self.events.is_empty() {
+            return Ok(());
+        }
+        let full = std::mem::replace(&mut self.events, Vec::with_capacity(BATCH));
+        self.tx.send(full).map_err(|_| Abandoned)
+    }
+}
+
 /// Walks `opts.root` under `policy` and hands every event to `sink`.
 pub fn scan(
     opts: &ScanOptions,
@@ -207,11 +236,11 @@ pub fn scan(
     let mut stats = ScanStats::default();
     // Results from the walker and the hash jobs. Bounded so a slow sink slows the walk instead
     // of growing memory.
-    let (tx, rx) = bounded::<Event>(4096);
+    let (tx, rx) = bounded::<Vec<Event>>(64);
     std::thread::scope(|s| {
         let walker_tx = tx;
         s.spawn(|| walk(opts, policy, cache, root_meta.dev(), &pool, walker_tx));
-        for ev in rx {
+        for ev in rx.into_iter().flatten() {
             match &ev {
                 Event::Object(o) => {
                     stats.entries += 1;
@@ -239,8 +268,14 @@ fn walk(
     cache: Option<&dyn HashSource>,
     root_dev: u64,
     pool: &rayon::ThreadPool,
-    tx: Sender<Event>,
+    tx: Sender<Vec<Event>>,
 ) {
+    // The walk's own events travel in batches: one channel operation per event made the walker
+    // and the consumer hand the two cores back and forth (thousands of sched_yield calls).
+    let mut batch = Batch {
+        tx: &tx,
+        events: Vec::with_capacity(BATCH),
+    };
     // Permits bound the hash jobs in flight: the walker takes one before spawning a job and
     // the job gives it back when done.
     let (permit_tx, permit_rx) = bounded::<()>(MAX_IN_FLIGHT);
@@ -260,7 +295,7 @@ fn walk(
                     Some(io) => format!("cannot list directory: {io}"),
                     None => e.to_string(),
                 };
-                if tx.send(Event::Incomplete { path, reason }).is_err() {
+                if batch.push(Event::Incomplete { path, reason }).is_err() {
                     return;
                 }
                 continue;
@@ -292,7 +327,7 @@ fn walk(
                     Some(io) => format!("cannot stat: {io}"),
                     None => e.to_string(),
                 };
-                if tx.send(Event::Incomplete { path, reason }).is_err() {
+                if batch.push(Event::Incomplete { path, reason }).is_err() {
                     return;
                 }
                 continue;
@@ -305,7 +340,7 @@ fn walk(
             && !policy.cross_filesystems.iter().any(|c| c[..] == path[..])
         {
             it.skip_current_dir();
-            if tx.send(Event::OtherFilesystem { path }).is_err() {
+            if batch.push(Event::OtherFilesystem { path }).is_err() {
                 return;
             }
             continue;
@@ -384,7 +419,8 @@ fn walk(
                     if !problems.is_empty() {
                         obs.problem = Some(problems.join("; "));
                     }
-                    if permit_tx.send(()).is_err() {
+                    // Hand over what is batched before possibly waiting for a permit.
+                    if batch.flush().is_err() || permit_tx.send(()).is_err() {
                         return;
                     }
                     let full = dent.path().to_path_buf();
@@ -415,7 +451,7 @@ fn walk(
                             }
                         }
                         // The receiver only goes away when the scan is abandoned.
-                        let _ = tx.send(Event::Object(Box::new(obs)));
+                        let _ = tx.send(vec![Event::Object(Box::new(obs))]);
                         let _ = permit_rx.recv();
                     });
                     continue;
@@ -425,8 +461,9 @@ fn walk(
         if !problems.is_empty() {
             obs.problem = Some(problems.join("; "));
         }
-        if tx.send(Event::Object(Box::new(obs))).is_err() {
+        if batch.push(Event::Object(Box::new(obs))).is_err() {
             return;
         }
     }
+    let _ = batch.flush();
 }
