@@ -4,6 +4,8 @@
 //! - [`policy`] decides scope, attributes and severities; [`diff`] compares values (pure).
 //! - [`baseline`] reads and writes signed baseline files; [`create`] and [`check`] are the two
 //!   pipelines built on them; [`cache`] makes re-checks cheap; [`report`] renders results.
+//! - [`packages`] reads dpkg and rpm databases and verifies package files (`verify-packages`);
+//!   [`attribution`] (pure) turns package drift into owners and classes of file violations.
 
 pub mod attribution;
 pub mod baseline;
