@@ -101,12 +101,9 @@ pub fn create(
     let manifest = packages::read_manifest(&opts.root)?;
     let (package_manager, inventory, package_notes) = match &manifest {
         Some(m) => {
-            attach_owners(&opts.root, m, &mut entries);
-            (
-                m.manager.as_str().to_string(),
-                packages::inventory(m),
-                m.notes.clone(),
-            )
+            let (inventory, positions) = packages::inventory_with_positions(m);
+            attach_owners(&opts.root, m, &positions, &mut entries);
+            (m.manager.as_str().to_string(), inventory, m.notes.clone())
         }
         None => (String::new(), Vec::new(), Vec::new()),
     };
@@ -129,24 +126,19 @@ pub fn create(
     })
 }
 
-/// Records on every entry which packages own it (indices into the sorted inventory) and
-/// whether it is a configuration file.
-pub fn attach_owners(root: &std::path::Path, manifest: &Manifest, entries: &mut [Entry]) {
+/// Records on every entry which packages own it and whether it is a configuration file.
+/// `positions[i]` is the inventory index of the manifest's package `i`
+/// ([`packages::inventory_with_positions`]).
+pub fn attach_owners(
+    root: &std::path::Path,
+    manifest: &Manifest,
+    positions: &[u32],
+    entries: &mut [Entry],
+) {
     let owners = packages::Owners::build(root, manifest);
-    // Owner indices refer to manifest order; the inventory is sorted by (name, arch).
-    let inventory = packages::inventory(manifest);
-    let position = |i: u32| {
-        let p = &manifest.packages[i as usize];
-        inventory
-            .binary_search_by(|q| {
-                (q.name.as_str(), q.arch.as_str()).cmp(&(p.name.as_str(), p.arch.as_str()))
-            })
-            .ok()
-            .map(|x| x as u32)
-    };
     for e in entries.iter_mut() {
         if let Some((idx, config)) = owners.get(&e.path) {
-            let mut v: Vec<u32> = idx.iter().filter_map(|&i| position(i)).collect();
+            let mut v: Vec<u32> = idx.iter().map(|&i| positions[i as usize]).collect();
             v.sort_unstable();
             v.dedup();
             e.packages = v;

@@ -77,8 +77,9 @@ pub struct Hashed {
     pub key: StatKey,
 }
 
-/// Hashes the regular file at `path` like [`hash_file`], and reads its extended attributes
-/// through the same descriptor (so they belong to the inode that was hashed).
+/// Hashes the regular file at `path`, which the walk saw with identity `seen` (dev, ino), and
+/// reads its extended attributes through the same descriptor (so they belong to the inode
+/// that was hashed).
 pub fn hash_file_with_xattrs(
     path: &Path,
     seen: &StatKey,
@@ -129,12 +130,6 @@ thread_local! {
 fn aligned(buf: &mut [u8]) -> &mut [u8] {
     let off = buf.as_ptr().align_offset(BUF_ALIGN).min(BUF_ALIGN);
     &mut buf[off..off + BLOCK]
-}
-
-/// Hashes the regular file at `path`, which the walk saw with identity `seen` (dev, ino).
-pub fn hash_file(path: &Path, seen: &StatKey) -> Result<Hashed, HashError> {
-    let (file, key) = open_checked(path, seen)?;
-    hash_open(&file, key)
 }
 
 /// Opens `path` without following a symlink or blocking, and checks it is the regular file
@@ -244,6 +239,10 @@ fn subtree(file: &File, offset: u64, len: u64) -> Result<hazmat::ChainingValue, 
 mod tests {
     use super::*;
     use std::io::Write;
+
+    fn hash_file(p: &Path, seen: &StatKey) -> Result<Hashed, HashError> {
+        hash_file_with_xattrs(p, seen).map(|(h, _)| h)
+    }
 
     fn key_of(p: &Path) -> StatKey {
         StatKey::from_metadata(&std::fs::symlink_metadata(p).unwrap())

@@ -176,20 +176,36 @@ pub fn read_manifest(root: &Path) -> Result<Option<Manifest>, PackageError> {
     Ok(None)
 }
 
-/// The inventory of a manifest as baselines store it, sorted by (name, arch).
+/// The inventory of a manifest as baselines store it, sorted by (name, arch, version).
 pub fn inventory(m: &Manifest) -> Vec<driftwatch_proto::v1::Package> {
-    let mut v: Vec<driftwatch_proto::v1::Package> = m
-        .packages
+    inventory_with_positions(m).0
+}
+
+/// The inventory, and for each package of `m` (in manifest order) its index in that
+/// inventory. `name:arch` is not unique (rpm installonly kernels, `gpg-pubkey`), so positions
+/// come from the sort itself, never from a search by name.
+pub fn inventory_with_positions(m: &Manifest) -> (Vec<driftwatch_proto::v1::Package>, Vec<u32>) {
+    let mut order: Vec<usize> = (0..m.packages.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (a, b) = (&m.packages[a], &m.packages[b]);
+        (&a.name, &a.arch, &a.version).cmp(&(&b.name, &b.arch, &b.version))
+    });
+    let mut positions = vec![0u32; m.packages.len()];
+    let inventory = order
         .iter()
-        .map(|p| driftwatch_proto::v1::Package {
-            name: p.name.clone(),
-            version: p.version.clone(),
-            arch: p.arch.clone(),
-            state: p.state.clone(),
+        .enumerate()
+        .map(|(rank, &i)| {
+            positions[i] = rank as u32;
+            let p = &m.packages[i];
+            driftwatch_proto::v1::Package {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                arch: p.arch.clone(),
+                state: p.state.clone(),
+            }
         })
         .collect();
-    v.sort_by(|a, b| (&a.name, &a.arch).cmp(&(&b.name, &b.arch)));
-    v
+    (inventory, positions)
 }
 
 /// Resolves the directories of package paths through the root's own symlinks, so that a
@@ -364,6 +380,32 @@ mod tests {
         assert_eq!(res.resolve(b"/usr/./bin/../bin/cat"), b"/usr/bin/cat");
         // A symlink loop ends, unresolved, instead of hanging.
         let _ = res.resolve(b"/loop1/x");
+    }
+
+    #[test]
+    fn inventory_positions_follow_the_sort_even_for_repeated_names() {
+        let pkg = |name: &str, version: &str| Package {
+            name: name.into(),
+            version: version.into(),
+            arch: "x86_64".into(),
+            state: "installed".into(),
+            files: vec![],
+        };
+        // Two installonly kernels share name and arch.
+        let m = Manifest {
+            manager: Manager::Rpm,
+            packages: vec![pkg("kernel", "6.2"), pkg("bash", "5"), pkg("kernel", "6.1")],
+            diversions: vec![],
+            stat_overrides: vec![],
+            notes: vec![],
+        };
+        let (inv, pos) = inventory_with_positions(&m);
+        let names: Vec<_> = inv
+            .iter()
+            .map(|p| format!("{}-{}", p.name, p.version))
+            .collect();
+        assert_eq!(names, ["bash-5", "kernel-6.1", "kernel-6.2"]);
+        assert_eq!(pos, [2, 0, 1]);
     }
 
     #[test]
