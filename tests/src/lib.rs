@@ -236,6 +236,19 @@ pub fn baseline_create(root: &Path, out: &Path, keys: &Keys, extra: &[&str]) -> 
     agent(args)
 }
 
+/// The arguments of `check` of `root` against `baseline`, trusting `keys`.
+fn check_args<'a>(root: &'a Path, baseline: &'a Path, keys: &'a Keys) -> Vec<&'a OsStr> {
+    vec![
+        OsStr::new("check"),
+        OsStr::new("--baseline"),
+        baseline.as_os_str(),
+        OsStr::new("--trusted-key"),
+        keys.public.as_os_str(),
+        OsStr::new("--root"),
+        root.as_os_str(),
+    ]
+}
+
 /// Runs `check --format json` of `root` against `baseline`; `state` is the state directory.
 pub fn check_json(
     root: &Path,
@@ -244,17 +257,8 @@ pub fn check_json(
     state: Option<&Path>,
     extra: &[&str],
 ) -> Run {
-    let mut args: Vec<&OsStr> = vec![
-        OsStr::new("check"),
-        OsStr::new("--baseline"),
-        baseline.as_os_str(),
-        OsStr::new("--trusted-key"),
-        keys.public.as_os_str(),
-        OsStr::new("--root"),
-        root.as_os_str(),
-        OsStr::new("--format"),
-        OsStr::new("json"),
-    ];
+    let mut args = check_args(root, baseline, keys);
+    args.extend([OsStr::new("--format"), OsStr::new("json")]);
     if let Some(s) = state {
         args.push(OsStr::new("--state-dir"));
         args.push(s.as_os_str());
@@ -265,14 +269,29 @@ pub fn check_json(
 
 /// Runs `check` of `root` against `baseline` with the human (text) report.
 pub fn check_text(root: &Path, baseline: &Path, keys: &Keys) -> Run {
-    agent([
-        OsStr::new("check"),
-        OsStr::new("--baseline"),
+    agent(check_args(root, baseline, keys))
+}
+
+/// Runs `baseline show FILE --format json` with `extra` arguments.
+pub fn baseline_show_json(baseline: &Path, extra: &[&str]) -> Run {
+    let mut args = vec![
+        OsStr::new("baseline"),
+        OsStr::new("show"),
         baseline.as_os_str(),
-        OsStr::new("--trusted-key"),
-        keys.public.as_os_str(),
+    ];
+    args.extend([OsStr::new("--format"), OsStr::new("json")]);
+    args.extend(extra.iter().map(OsStr::new));
+    agent(args)
+}
+
+/// Runs `verify-packages --root ROOT --format json`.
+pub fn verify_packages_json(root: &Path) -> Run {
+    agent([
+        OsStr::new("verify-packages"),
         OsStr::new("--root"),
         root.as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("json"),
     ])
 }
 

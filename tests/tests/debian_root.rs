@@ -21,13 +21,7 @@ fn settle(since: Instant) {
 }
 
 fn merkle_root(baseline: &Path) -> String {
-    let r = driftwatch_tests::agent([
-        "baseline".as_ref(),
-        "show".as_ref(),
-        baseline.as_os_str(),
-        "--format".as_ref(),
-        "json".as_ref(),
-    ]);
+    let r = driftwatch_tests::baseline_show_json(baseline, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     r.json()["merkle_root"].as_str().unwrap().to_string()
 }

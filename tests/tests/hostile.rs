@@ -25,6 +25,12 @@ fn tree() -> tempfile::TempDir {
     d
 }
 
+/// A character device with major 1 and the given minor (needs root).
+fn char_device(path: &Path, minor: u64) {
+    let dev = nix::sys::stat::makedev(1, minor);
+    nix::sys::stat::mknod(path, SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), dev).unwrap();
+}
+
 fn kinds(report: &serde_json::Value) -> Vec<(Vec<u8>, String)> {
     findings(report)
         .into_iter()
@@ -46,14 +52,7 @@ fn fifos_sockets_devices_and_symlink_loops_neither_block_nor_loop() {
     symlink("/", root.join("to-host-root")).unwrap();
     let is_root = nix::unistd::geteuid().is_root();
     if is_root {
-        let dev = nix::sys::stat::makedev(1, 3);
-        nix::sys::stat::mknod(
-            &root.join("null"),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            dev,
-        )
-        .unwrap();
+        char_device(&root.join("null"), 3);
     }
     let keys = Keys::new();
     let bl = t.path().join("bl");
@@ -61,14 +60,7 @@ fn fifos_sockets_devices_and_symlink_loops_neither_block_nor_loop() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.elapsed < Duration::from_secs(60));
 
-    let show = driftwatch_tests::agent([
-        "baseline".as_ref(),
-        "show".as_ref(),
-        bl.as_os_str(),
-        "--entries".as_ref(),
-        "--format".as_ref(),
-        "json".as_ref(),
-    ]);
+    let show = driftwatch_tests::baseline_show_json(&bl, &["--entries"]);
     let j = show.json();
     let counts = &j["counts_by_type"];
     assert_eq!(counts["fifo"], 1);
@@ -89,14 +81,7 @@ fn fifos_sockets_devices_and_symlink_loops_neither_block_nor_loop() {
     // A device node whose numbers change is drift.
     if is_root {
         fs::remove_file(root.join("null")).unwrap();
-        let dev = nix::sys::stat::makedev(1, 5);
-        nix::sys::stat::mknod(
-            &root.join("null"),
-            SFlag::S_IFCHR,
-            Mode::from_bits_truncate(0o666),
-            dev,
-        )
-        .unwrap();
+        char_device(&root.join("null"), 5);
         let r = check_json(&root, &bl, &keys, None, &[]);
         assert_eq!(
             findings(&r.json()),

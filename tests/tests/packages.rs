@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use driftwatch_tests::debian::{self, build_deb, dpkg};
 use driftwatch_tests::{
-    Keys, agent, baseline_create, check_json, json_path, require_program, require_root,
-    run_with_limit,
+    Keys, baseline_create, check_json, json_path, require_program, require_root, run_with_limit,
 };
 
 /// Paths debsums reports as changed or missing (`debsums --root R -s -a`).
@@ -41,13 +40,7 @@ fn debsums(root: &Path) -> BTreeSet<String> {
 }
 
 fn verify_packages(root: &Path) -> (i32, serde_json::Value) {
-    let r = agent([
-        "verify-packages".as_ref(),
-        "--root".as_ref(),
-        root.as_os_str(),
-        "--format".as_ref(),
-        "json".as_ref(),
-    ]);
+    let r = driftwatch_tests::verify_packages_json(root);
     assert!(
         r.code == 0 || r.code == 1,
         "verify-packages failed: {}",

@@ -11,8 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use driftwatch_tests::{
-    Keys, agent, baseline_create, check_json, json_path, require_program, require_root,
-    run_with_limit,
+    Keys, baseline_create, check_json, json_path, require_program, require_root, run_with_limit,
 };
 
 const ALPHA: &str = r#"Name: dwrpm-alpha
@@ -123,13 +122,7 @@ fn rpm_package_drift_is_detected_and_attributed() {
     let bl = work.path().join("image.dwb");
     let r = baseline_create(&root, &bl, &keys, &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let show = agent([
-        "baseline".as_ref(),
-        "show".as_ref(),
-        bl.as_os_str(),
-        "--format".as_ref(),
-        "json".as_ref(),
-    ]);
+    let show = driftwatch_tests::baseline_show_json(&bl, &[]);
     assert_eq!(show.code, 0);
     let r = check_json(&root, &bl, &keys, None, &[]);
     assert_eq!(
@@ -138,13 +131,7 @@ fn rpm_package_drift_is_detected_and_attributed() {
         "untouched rpm root not clean: {}",
         r.stdout_str()
     );
-    let r = agent([
-        "verify-packages".as_ref(),
-        "--root".as_ref(),
-        root.as_os_str(),
-        "--format".as_ref(),
-        "json".as_ref(),
-    ]);
+    let r = driftwatch_tests::verify_packages_json(&root);
     assert_eq!(r.code, 0, "{}", r.stdout_str());
     assert_eq!(r.json()["package_manager"], "rpm");
 
@@ -213,13 +200,7 @@ fn rpm_package_drift_is_detected_and_attributed() {
     );
 
     // verify-packages: the tampered file, from rpm's own SHA-256, and nothing else.
-    let r = agent([
-        "verify-packages".as_ref(),
-        "--root".as_ref(),
-        root.as_os_str(),
-        "--format".as_ref(),
-        "json".as_ref(),
-    ]);
+    let r = driftwatch_tests::verify_packages_json(&root);
     assert_eq!(r.code, 1);
     let findings = r.json()["findings"].as_array().unwrap().clone();
     assert_eq!(findings.len(), 1, "{findings:?}");

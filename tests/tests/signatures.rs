@@ -75,14 +75,7 @@ fn a_wrong_key_is_refused_and_the_signer_named() {
     assert_eq!(baseline_create(&root, &bl, &keys, &[]).code, 0);
     let r = verify(&bl, &other.public);
     assert_eq!(r.code, 1);
-    let fp = agent([
-        "baseline".as_ref(),
-        "show".as_ref(),
-        bl.as_os_str(),
-        "--format".as_ref(),
-        "json".as_ref(),
-    ])
-    .json()["signer"]
+    let fp = driftwatch_tests::baseline_show_json(&bl, &[]).json()["signer"]
         .as_str()
         .unwrap()
         .to_string();
