@@ -83,6 +83,21 @@ pub struct Report {
     pub package_drift: Vec<PackageDrift>,
 }
 
+/// The indented lines under a finding in the text reports: each changed attribute with before
+/// and after, then the reason, if any.
+pub fn write_details(s: &mut String, changes: &[crate::diff::Change], reason: Option<&str>) {
+    for c in changes {
+        let _ = writeln!(
+            s,
+            "              {}: {} -> {}",
+            c.attribute, c.before, c.after
+        );
+    }
+    if let Some(r) = reason {
+        let _ = writeln!(s, "              reason: {r}");
+    }
+}
+
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -163,16 +178,7 @@ impl Report {
                 v.kind.as_str(),
                 escape::bytes(&v.path.0)
             );
-            for c in &v.changes {
-                let _ = writeln!(
-                    s,
-                    "              {}: {} -> {}",
-                    c.attribute, c.before, c.after
-                );
-            }
-            if let Some(r) = &v.reason {
-                let _ = writeln!(s, "              reason: {r}");
-            }
+            write_details(&mut s, &v.changes, v.reason.as_deref());
             if let Some(class) = v.class {
                 let owners = if v.packages.is_empty() {
                     "no package".to_string()

@@ -409,16 +409,7 @@ impl VerifyReport {
                 crate::escape::bytes(&f.path.0),
                 crate::escape::bytes(f.package.as_bytes())
             );
-            for c in &f.changes {
-                let _ = writeln!(
-                    s,
-                    "              {}: {} -> {}",
-                    c.attribute, c.before, c.after
-                );
-            }
-            if let Some(r) = &f.reason {
-                let _ = writeln!(s, "              reason: {r}");
-            }
+            crate::report::write_details(&mut s, &f.changes, f.reason.as_deref());
         }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
