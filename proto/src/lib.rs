@@ -8,6 +8,7 @@
 pub mod envelope;
 pub mod merkle;
 pub mod path;
+pub mod set;
 
 /// Generated protobuf types of package `driftwatch.v1`.
 #[allow(
@@ -19,6 +20,10 @@ pub mod path;
 pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/driftwatch.v1.rs"));
 }
+
+/// The encoded `FileDescriptorSet` of every driftwatch .proto file, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/driftwatch_descriptor.bin"));
 
 /// First eight bytes of every baseline file.
 pub const BASELINE_MAGIC: [u8; 8] = *b"DWBASE\x00\x01";
