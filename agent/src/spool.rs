@@ -533,13 +533,13 @@ fn decode_meta(b: &[u8]) -> Result<Meta, &'static str> {
     Ok(m)
 }
 
-fn new_epoch() -> Result<u64, SpoolError> {
+fn new_epoch(dir: &Path) -> Result<u64, SpoolError> {
     let rng = SystemRandom::new();
     loop {
         let mut b = [0u8; 8];
         rng.fill(&mut b).map_err(|_| SpoolError::Io {
-            op: "get random bytes for the epoch of",
-            path: PathBuf::from("the spool"),
+            op: "get random bytes for a new epoch of",
+            path: dir.to_path_buf(),
             source: io::Error::other("system random number generator failed"),
         })?;
         let e = u64::from_le_bytes(b);
@@ -947,11 +947,22 @@ pub struct Spool {
 impl Spool {
     /// Opens (creating it if needed) the spool in `dir`, takes its lock, and recovers it.
     pub fn open(dir: &Path, limits: SpoolLimits) -> Result<(Spool, Recovery), SpoolError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io_err("create", dir))?;
+        if !dir.is_dir() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(io_err("create", dir))?;
+            // The new directory's own entry must be durable, or synced records could vanish
+            // with it.
+            let parent = match dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            File::open(parent)
+                .and_then(|p| p.sync_all())
+                .map_err(io_err("sync", parent))?;
+        }
         let dir_handle = File::open(dir).map_err(io_err("open", dir))?;
         let lock = take_lock(dir)?;
 
@@ -1021,7 +1032,7 @@ impl Spool {
         let acked = scan.acked.max(max_marker.saturating_sub(1));
         let epoch = match meta {
             Some(m) => m.epoch,
-            None => new_epoch()?,
+            None => new_epoch(dir)?,
         };
         // Durable before any file is rewritten or deleted: the high-water mark covers every
         // seq the scan saw, so none of them is ever assigned again.
