@@ -345,4 +345,5 @@ pub fn finding(path: &[u8], kind: &str, attrs: &[&str]) -> Finding {
     (path.to_vec(), kind.to_string(), a)
 }
 
+pub mod daemon;
 pub mod debian;
