@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use driftwatch_proto::path as bpath;
+use driftwatch_proto::v1::Entry;
 
 use std::collections::BTreeSet;
 
@@ -143,21 +144,9 @@ pub fn check(
             {
                 violations.push(v);
             }
-            if let Some(i) = index
-                && !o.cached
-            {
-                let slot = match (
-                    o.key,
-                    o.entry.content_hash.len() == 32 && o.problem.is_none(),
-                ) {
-                    (Some(key), true) => {
-                        let mut hash = [0u8; 32];
-                        hash.copy_from_slice(&o.entry.content_hash);
-                        Some(Slot { key, hash })
-                    }
-                    _ => None,
-                };
-                if slot.is_some() || cache.slot(i).is_some() {
+            if let (Some(i), Some(base)) = (index, base) {
+                let slot = slot_for(&o, base);
+                if cache.slot(i) != slot.as_ref() {
                     updates.push((i, slot));
                 }
             }
@@ -236,6 +225,24 @@ pub fn check(
         stats,
         warnings,
     ))
+}
+
+/// What the scan cache may remember about a regular file observed without any problem: its
+/// content hash, and whether its xattrs were the baseline entry's. The latter only when they
+/// are known to belong to the hashed inode: read through the hashed descriptor, or taken from
+/// the cache under the same stat key.
+fn slot_for(o: &scan::Observed, base: &Entry) -> Option<Slot> {
+    let key = o.key?;
+    if o.problem.is_some() {
+        return None;
+    }
+    let hash = <[u8; 32]>::try_from(o.entry.content_hash.as_slice()).ok()?;
+    let xattrs_as_baseline = o.xattrs_cached || (o.hashed && o.entry.xattrs == base.xattrs);
+    Some(Slot {
+        key,
+        hash,
+        xattrs_as_baseline,
+    })
 }
 
 /// Reads the live package database, reports package drift against the baseline's inventory,

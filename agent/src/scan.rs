@@ -48,17 +48,30 @@ pub enum Purpose {
     Check,
 }
 
-/// Where a scan may take known hashes from instead of reading files.
+/// What an earlier scan established about a regular file that still has exactly the same
+/// stat key (dev, inode, size, mtime, ctime). The kernel sets ctime whenever content or xattrs
+/// change, so neither can have changed since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// The content hash under this key.
+    pub hash: [u8; 32],
+    /// The extended attributes under this key, if known.
+    pub xattrs: Option<Vec<Xattr>>,
+}
+
+/// Where a scan may take known hashes and xattrs from instead of reading files.
 pub trait HashSource: Sync {
-    /// The hash of `path` if it was computed under exactly this stat key.
-    fn lookup(&self, path: &[u8], key: &StatKey) -> Option<[u8; 32]>;
+    /// What is known about the regular file at `path` if it was hashed under exactly this
+    /// stat key.
+    fn lookup(&self, path: &[u8], key: &StatKey) -> Option<Known>;
 }
 
 /// One object seen on the host.
 #[derive(Debug, Clone)]
 pub struct Observed {
     pub entry: Entry,
-    /// Stat key of a regular file (for the scan cache).
+    /// Stat key of a regular file (for the scan cache); for a hashed file, the one it was
+    /// hashed under.
     pub key: Option<StatKey>,
     /// The policy in force for this path.
     pub policy: PathPolicy,
@@ -68,6 +81,8 @@ pub struct Observed {
     pub hashed: bool,
     /// The content hash came from the cache.
     pub cached: bool,
+    /// The xattrs came from the cache (they were not read in this scan).
+    pub xattrs_cached: bool,
 }
 
 /// Something the scan reports.
@@ -372,31 +387,40 @@ fn walk(
             }
             _ => {}
         }
-        // Regular files that will be hashed read their xattrs through the open descriptor in
-        // the hash job (off this thread, and from the very inode that is hashed).
-        let xattrs_in_job = ft == FileType::Regular
-            && meta.size() <= policy.max_hash_size
+        let key = (ft == FileType::Regular).then(|| StatKey::from_metadata(&meta));
+        let known = match (cache, &key) {
+            (Some(c), Some(k)) => c.lookup(&path, k),
+            _ => None,
+        };
+        let wants_content = ft == FileType::Regular
             && (opts.purpose == Purpose::Baseline || pp.attributes.contains(Attribute::Content));
-        if !xattrs_in_job {
-            match read_xattrs(dent.path()) {
+        let hash_job = wants_content && meta.size() <= policy.max_hash_size && known.is_none();
+        let (known_hash, known_xattrs) = match known {
+            Some(k) => (Some(k.hash), k.xattrs),
+            None => (None, None),
+        };
+        let xattrs_cached = known_xattrs.is_some();
+        match known_xattrs {
+            Some(x) => entry.xattrs = x,
+            // Files that will be hashed read their xattrs through the open descriptor in the
+            // hash job (off this thread, and from the very inode that is hashed).
+            None if hash_job => {}
+            None => match read_xattrs(dent.path()) {
                 Ok(x) => entry.xattrs = x,
                 Err(e) => problems.push(e),
-            }
+            },
         }
         entry.path = path;
         let mut obs = Observed {
             entry,
-            key: None,
+            key,
             policy: pp,
             problem: None,
             hashed: false,
             cached: false,
+            xattrs_cached,
         };
-        if ft == FileType::Regular {
-            let key = StatKey::from_metadata(&meta);
-            obs.key = Some(key);
-            let wants_content =
-                opts.purpose == Purpose::Baseline || pp.attributes.contains(Attribute::Content);
+        if let Some(key) = key {
             if meta.size() > policy.max_hash_size {
                 let reason = format!(
                     "content not hashed: size {} is above the policy's max_hash_size {}",
@@ -408,13 +432,9 @@ fn walk(
                     problems.push(reason);
                 }
             } else if wants_content {
-                if let Some(h) = cache.and_then(|c| c.lookup(&obs.entry.path, &key)) {
+                if let Some(h) = known_hash {
                     obs.entry.content_hash = h.to_vec();
                     obs.cached = true;
-                    match read_xattrs(dent.path()) {
-                        Ok(x) => obs.entry.xattrs = x,
-                        Err(e) => problems.push(e),
-                    }
                 } else {
                     if !problems.is_empty() {
                         obs.problem = Some(problems.join("; "));
@@ -432,6 +452,7 @@ fn walk(
                                 obs.entry.content_hash = h.hash.to_vec();
                                 obs.key = Some(h.key);
                                 obs.hashed = true;
+                                obs.xattrs_cached = false;
                                 match xattrs {
                                     Ok(x) => obs.entry.xattrs = x,
                                     Err(e) => {
