@@ -129,7 +129,18 @@ fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 /// Path of `p` inside `root`, as a baseline path.
 fn inside_path(root: &Path, p: &Path) -> Vec<u8> {
-    let rel = p.strip_prefix(root).unwrap_or(p).as_os_str().as_bytes();
+    // The walk builds every path by joining names onto `root` as given, so a byte prefix test
+    // is enough (and much cheaper than comparing components); anything else takes the general
+    // route.
+    let (r, b) = (root.as_os_str().as_bytes(), p.as_os_str().as_bytes());
+    let rel = match b.strip_prefix(r) {
+        Some(rest) if r.ends_with(b"/") || rest.is_empty() || rest.starts_with(b"/") => {
+            let rest = rest.strip_prefix(b"/").unwrap_or(rest);
+            (!rest.starts_with(b"/") && !rest.ends_with(b"/")).then_some(rest)
+        }
+        _ => None,
+    };
+    let rel = rel.unwrap_or_else(|| p.strip_prefix(root).unwrap_or(p).as_os_str().as_bytes());
     let mut v = Vec::with_capacity(rel.len() + 1);
     v.push(b'/');
     v.extend_from_slice(rel);
@@ -318,7 +329,8 @@ fn walk(
         };
         let path = inside_path(&opts.root, dent.path());
         let is_dir = dent.file_type().is_dir();
-        if dent.depth() > 0 && policy.is_excluded(&path) {
+        let class = policy.classify(&path);
+        if dent.depth() > 0 && class.excluded {
             if is_dir {
                 it.skip_current_dir();
             }
@@ -360,10 +372,10 @@ fn walk(
             }
             continue;
         }
-        if !policy.is_included(&path) {
+        if !class.included {
             continue;
         }
-        let pp = policy.for_path(&path);
+        let pp = class.policy;
         let ft = file_type_of(meta.file_type());
         let mut problems: Vec<String> = Vec::new();
         let mut entry = Entry {
@@ -487,4 +499,47 @@ fn walk(
         }
     }
     let _ = batch.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_path_agrees_with_component_wise_stripping() {
+        let slow = |root: &str, p: &str| {
+            let rel = Path::new(p)
+                .strip_prefix(root)
+                .unwrap_or(Path::new(p))
+                .as_os_str()
+                .as_bytes();
+            [b"/", rel].concat()
+        };
+        for (root, p) in [
+            ("/", "/"),
+            ("/", "/etc"),
+            ("/", "/etc/passwd"),
+            ("/srv/img", "/srv/img"),
+            ("/srv/img", "/srv/img/etc/passwd"),
+            ("/srv/img/", "/srv/img/etc"),
+            (".", "."),
+            (".", "./etc/passwd"),
+            ("img", "img/a"),
+            ("/srv/./img", "/srv/./img/a/b"),
+            ("/srv//img", "/srv//img/a"),
+        ] {
+            assert_eq!(
+                inside_path(Path::new(root), Path::new(p)),
+                slow(root, p),
+                "{root} {p}"
+            );
+        }
+        assert_eq!(
+            inside_path(
+                Path::new("/r"),
+                Path::new(std::ffi::OsStr::from_bytes(b"/r/\xff\n"))
+            ),
+            b"/\xff\n".to_vec()
+        );
+    }
 }
