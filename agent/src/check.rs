@@ -255,28 +255,32 @@ fn attribute_packages(
     warnings: &mut Vec<String>,
 ) -> Vec<PackageDrift> {
     let header = &baseline.header;
-    let live = match packages::read_manifest(&opts.root) {
+    let unreadable = |reason: String| {
+        let db: &[u8] = if header.package_manager == "rpm" {
+            b"/var/lib/rpm"
+        } else {
+            b"/var/lib/dpkg/status"
+        };
+        Violation {
+            path: JsonBytes(db.to_vec()),
+            kind: ViolationKind::Unverifiable,
+            severity: policy.packages.drift,
+            changes: Vec::new(),
+            reason: Some(reason),
+            baseline: None,
+            observed: None,
+            packages: Vec::new(),
+            class: None,
+            config: false,
+        }
+    };
+    // The file lists are read only if a file violation needs its owner (below).
+    let live = match packages::read_lazily(&opts.root) {
         Ok(m) => m,
         Err(e) => {
-            let db: &[u8] = if header.package_manager == "rpm" {
-                b"/var/lib/rpm"
-            } else {
-                b"/var/lib/dpkg/status"
-            };
-            violations.push(Violation {
-                path: JsonBytes(db.to_vec()),
-                kind: ViolationKind::Unverifiable,
-                severity: policy.packages.drift,
-                changes: Vec::new(),
-                reason: Some(format!(
-                    "the package database cannot be read, so package drift is unknown: {e}"
-                )),
-                baseline: None,
-                observed: None,
-                packages: Vec::new(),
-                class: None,
-                config: false,
-            });
+            violations.push(unreadable(format!(
+                "the package database cannot be read, so package drift is unknown: {e}"
+            )));
             return Vec::new();
         }
     };
@@ -289,8 +293,9 @@ fn attribute_packages(
         }
         return Vec::new();
     };
-    warnings.extend(live.notes.iter().map(|n| format!("packages: {n}")));
-    let live_inventory = packages::inventory(&live);
+    let note = |n: &String| format!("packages: {n}");
+    warnings.extend(live.packages().notes.iter().map(note));
+    let live_inventory = packages::inventory(live.packages());
     let drift = if header.package_manager.is_empty() {
         warnings.push("the baseline has no package inventory: package drift is not checked".into());
         Vec::new()
@@ -298,10 +303,22 @@ fn attribute_packages(
         attribution::diff_inventories(&header.packages, &live_inventory, policy.packages.drift)
     };
     if violations.is_empty() {
-        // Nothing to attribute: the owner table (every package path resolved in the root) is
-        // only built when a file violation needs it.
+        // Nothing to attribute: the file lists are only read, and the owner table (every
+        // package path resolved in the root) only built, when a file violation needs them.
         return drift;
     }
+    let notes_before = live.packages().notes.len();
+    let live = match live.with_files() {
+        Ok(m) => m,
+        Err(e) => {
+            violations.push(unreadable(format!(
+                "the package database's file lists cannot be read, so file violations are not \
+                 attributed to packages: {e}"
+            )));
+            return drift;
+        }
+    };
+    warnings.extend(live.notes.iter().skip(notes_before).map(note));
     let changed: BTreeSet<String> = drift.iter().map(PackageDrift::key).collect();
     let owners = packages::Owners::build(&opts.root, &live);
     let key = |p: &driftwatch_proto::v1::Package| format!("{}:{}", p.name, p.arch);
