@@ -22,7 +22,6 @@ use driftwatch_proto::v1::{
 // --- fixture -------------------------------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(dead_code)] // PGSTUB
 enum Kind {
     Sqlite,
     Postgres,
@@ -64,7 +63,9 @@ impl Fixture {
                 .unwrap()?;
                 Arc::new(s)
             }
-            Kind::Postgres => unreachable!("PGSTUB"),
+            Kind::Postgres => {
+                Arc::new(driftwatch_collector::storage::PgStore::connect(&self.pg_url).await?)
+            }
         })
     }
 
@@ -116,7 +117,14 @@ macro_rules! conformance {
                 }
             )*
         }
-        // PGMOD
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::run(super::Kind::Postgres, stringify!($name), super::$name).await;
+                }
+            )*
+        }
     };
 }
 
@@ -143,6 +151,7 @@ conformance!(
     search_filters,
     security_events_are_kept,
     schema_too_new_is_refused,
+    concurrent_first_opens_migrate_once,
     reopen_keeps_everything,
 );
 
@@ -1442,6 +1451,14 @@ async fn schema_too_new_is_refused(f: Fixture) {
         Err(e) => panic!("expected SchemaTooNew, got {e}"),
         Ok(_) => panic!("a newer schema must be refused"),
     }
+}
+
+async fn concurrent_first_opens_migrate_once(f: Fixture) {
+    // Two replicas starting at once on an empty database.
+    let (a, b) = tokio::join!(f.try_open(), f.try_open());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    enroll(a.as_ref(), "h").await;
+    assert_eq!(b.list_hosts().await.unwrap().len(), 1);
 }
 
 async fn reopen_keeps_everything(f: Fixture) {

@@ -20,8 +20,10 @@ use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 
 mod apply;
 mod glob;
+pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// A boxed future, so `dyn Storage` works (`Arc<dyn Storage>` is shared by every task).
