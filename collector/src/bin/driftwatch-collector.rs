@@ -1,0 +1,2 @@
+//! Placeholder until the storage backend lands.
+fn main() {}
