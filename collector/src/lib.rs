@@ -7,6 +7,7 @@
 //! Start one with [`server::Server::bind`] and [`server::Server::run`] (or [`server::serve`]).
 
 pub mod ca;
+pub mod cli;
 pub mod config;
 pub mod enroll;
 pub mod failpoint;

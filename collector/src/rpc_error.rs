@@ -87,6 +87,7 @@ fn storage_code(e: &StorageError) -> Code {
         StorageError::SchemaTooNew { .. } | StorageError::Corrupt { .. } => Code::Internal,
         // A certificate for a host the database does not know (e.g. a restored backup).
         StorageError::UnknownHost(_) => Code::FailedPrecondition,
+        StorageError::InvalidArgument(_) => Code::InvalidArgument,
         StorageError::Token(t) => match t {
             TokenError::Unknown | TokenError::Expired | TokenError::Exhausted => {
                 Code::Unauthenticated
