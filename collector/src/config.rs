@@ -464,6 +464,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../packaging/examples/collector.toml");
+        let s = settings(text).unwrap();
+        assert_eq!(s.server_names, ["collector.example.com", "10.0.0.5"]);
+        assert_eq!(s.heartbeat_interval.seconds(), 30);
+    }
+
+    #[test]
     fn local_settings_are_valid() {
         let s = Settings::for_local(Path::new("/tmp/x"));
         assert_eq!(s.grpc_listen.port(), 0);
