@@ -4,4 +4,8 @@
 //! acknowledges it and serves the state to people over an HTTP JSON API and the `driftwatch`
 //! CLI.
 
+pub mod api;
+pub mod escape;
+pub mod host_state;
+pub mod http;
 pub mod storage;
