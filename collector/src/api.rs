@@ -128,6 +128,9 @@ pub struct Host {
     pub last_seen: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scan: Option<String>,
+    /// `complete` or `incomplete`; absent before the first scan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scan_status: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report: Option<String>,
     pub incomplete: bool,

@@ -8,6 +8,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
+use driftwatch_proto::v1::ScanStatus;
+
 use crate::storage::HostSummary;
 
 /// The heartbeat interval the collector asks agents for (contract: default 30 s).
@@ -85,6 +87,9 @@ impl FromStr for HostState {
 /// Derives the state of `host` at `now_ms` (Unix milliseconds); a host not heard from for
 /// longer than `silent_after` is silent.
 ///
+/// Incomplete is the stored flag (the last report said so) or the last scan's status (a
+/// heartbeat said the newest scan failed part-way, before any report about it arrived).
+///
 /// "Heard from" is the newest of its last heartbeat and its last report: a report is a sign
 /// of life too, and a backend that only updates one of them must not make a live host silent.
 pub fn derive(host: &HostSummary, now_ms: i64, silent_after: Duration) -> HostState {
@@ -105,7 +110,7 @@ pub fn derive(host: &HostSummary, now_ms: i64, silent_after: Duration) -> HostSt
     if host.open_by_severity.iter().any(|&n| n > 0) || host.open_packages > 0 {
         return HostState::Drifted;
     }
-    if host.incomplete {
+    if host.incomplete || host.last_scan_status == ScanStatus::Incomplete {
         return HostState::Incomplete;
     }
     HostState::Clean
@@ -127,6 +132,7 @@ mod tests {
             hello: HelloInfo::default(),
             last_seen_ms: Some(NOW - 10_000),
             last_scan_ms: Some(NOW - 60_000),
+            last_scan_status: ScanStatus::Complete,
             last_report_ms: Some(NOW - 60_000),
             incomplete: false,
             incomplete_reason: String::new(),
@@ -170,6 +176,9 @@ mod tests {
         assert_eq!(derive(&h, NOW, SILENT), HostState::Incomplete);
         h.open_by_severity[5] = 2;
         assert_eq!(derive(&h, NOW, SILENT), HostState::Drifted);
+        let mut h = host();
+        h.last_scan_status = ScanStatus::Incomplete;
+        assert_eq!(derive(&h, NOW, SILENT), HostState::Incomplete);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use driftwatch_proto::v1::{
-    DriftItem, PackageDriftKind, Severity, ViolationClass, ViolationKind, drift_item,
+    DriftItem, PackageDriftKind, ScanStatus, Severity, ViolationClass, ViolationKind, drift_item,
 };
 
 use crate::api::{self, RawBytes, hex, rfc3339_ms};
@@ -72,6 +72,11 @@ pub fn host(h: &HostSummary, now_ms: i64, silent_after: Duration) -> api::Host {
         boot_id: non_empty(&h.hello.boot_id),
         last_seen: h.last_seen_ms.map(rfc3339_ms),
         last_scan: h.last_scan_ms.map(rfc3339_ms),
+        last_scan_status: match h.last_scan_status {
+            ScanStatus::Complete => Some("complete".into()),
+            ScanStatus::Incomplete => Some("incomplete".into()),
+            ScanStatus::Unspecified => None,
+        },
         last_report: h.last_report_ms.map(rfc3339_ms),
         incomplete: h.incomplete,
         incomplete_reason: if h.incomplete {

@@ -40,6 +40,8 @@ impl ApiError {
                     (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
                 }
                 StorageError::UnknownHost(_) => (StatusCode::NOT_FOUND, "not_found"),
+                // A value the parameter parsing let through but storage refused.
+                StorageError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
                 // Deployment or data problems no retry fixes.
                 StorageError::SchemaTooNew { .. } | StorageError::Corrupt { .. } => {
                     (StatusCode::INTERNAL_SERVER_ERROR, "internal")

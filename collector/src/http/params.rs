@@ -310,7 +310,7 @@ impl ViolationSearch {
     }
 }
 
-/// The glob syntax storage applies (globset, `literal_separator`): checked here so a bad
+/// The glob syntax storage applies (globset, `literal_separator`, `backslash_escape`): checked here so a bad
 /// pattern is a 400 naming `path`, not a storage error.
 fn check_path_glob(glob: &str) -> Result<(), ParamError> {
     if !glob.starts_with('/') && !glob.starts_with('*') {
@@ -321,6 +321,7 @@ fn check_path_glob(glob: &str) -> Result<(), ParamError> {
     }
     globset::GlobBuilder::new(glob)
         .literal_separator(true)
+        .backslash_escape(true)
         .build()
         .map(|_| ())
         .map_err(|e| ParamError::new("path", format!("invalid glob: {e}")))
@@ -366,12 +367,16 @@ impl HostFilter {
 /// `GET /api/v1/security-events`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventFilter {
-    /// Unix ms; 0 (everything kept) when not given.
+    /// Unix ms; [`EventFilter::DEFAULT_SINCE`] back from now when not given.
     pub since_ms: i64,
     pub limit: u32,
 }
 
 impl EventFilter {
+    /// Events are listed oldest first, so an unbounded default would show the oldest
+    /// `limit` events of the collector's life; a week back is what an operator looks at.
+    pub const DEFAULT_SINCE: Duration = Duration::from_secs(7 * 86_400);
+
     pub fn parse(
         raw: &[(String, String)],
         now_ms: i64,
@@ -379,7 +384,8 @@ impl EventFilter {
     ) -> Result<Self, ParamError> {
         let p = Pairs::new(raw, &["since", "limit"])?;
         Ok(EventFilter {
-            since_ms: parse_time_param("since", p.get("since"), now_ms)?.unwrap_or(0),
+            since_ms: parse_time_param("since", p.get("since"), now_ms)?
+                .unwrap_or_else(|| now_ms.saturating_sub(Self::DEFAULT_SINCE.as_millis() as i64)),
             limit: parse_limit(p.get("limit"), limits)?,
         })
     }
@@ -557,7 +563,7 @@ mod tests {
         assert_eq!(
             EventFilter::parse(&q(&[]), NOW, Limits::default()).unwrap(),
             EventFilter {
-                since_ms: 0,
+                since_ms: NOW - 7 * 86_400_000,
                 limit: 1000
             }
         );
