@@ -5,6 +5,7 @@
 //! CLI.
 
 pub mod api;
+pub mod cli_client;
 pub mod escape;
 pub mod host_state;
 pub mod http;
