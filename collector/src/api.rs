@@ -20,7 +20,7 @@ pub const SCHEMA: &str = "driftwatch.api.v1";
 /// Raw bytes in JSON, the convention of `docs/report-schema.md`: `{"text": "..."}` when they
 /// are valid UTF-8 (JSON escaping keeps control characters safe), `{"bytes": "<base64>"}`
 /// otherwise. Nothing is lost either way.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub struct RawBytes(pub Vec<u8>);
 
 impl Serialize for RawBytes {

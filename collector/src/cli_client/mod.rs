@@ -199,7 +199,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 Format::Table => {
                     let h: api::HostDetail = parse(&h)?;
-                    let v: api::ViolationList = parse(&v)?;
+                    let mut v: api::ViolationList = parse(&v)?;
+                    // Worst first, resolved last; paths in byte order within a severity.
+                    v.violations.sort_by(|a, b| {
+                        (a.resolved, severity_rank(&b.severity), &a.path).cmp(&(
+                            b.resolved,
+                            severity_rank(&a.severity),
+                            &b.path,
+                        ))
+                    });
                     host_show(&h.host, &v)
                 }
             }
@@ -308,6 +316,17 @@ fn when(t: &str) -> String {
 
 fn when_opt(t: &Option<String>) -> String {
     t.as_deref().map_or_else(|| "-".to_string(), when)
+}
+
+fn severity_rank(s: &str) -> u8 {
+    match s {
+        "critical" => 5,
+        "high" => 4,
+        "medium" => 3,
+        "low" => 2,
+        "info" => 1,
+        _ => 0,
+    }
 }
 
 fn count(n: u64) -> String {
