@@ -1,0 +1,162 @@
+//! Every way an API request fails, and the one place that turns it into an HTTP status and a
+//! JSON [`ErrorBody`].
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use super::params::ParamError;
+use crate::api::{ErrorBody, ErrorDetail};
+use crate::storage::StorageError;
+
+/// Why a request was not answered with data.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    BadParameter(#[from] ParamError),
+    #[error("no such host {0:?}")]
+    UnknownHost(String),
+    #[error("no such endpoint {0:?} (the API is under /api/v1/)")]
+    UnknownEndpoint(String),
+    #[error("request took longer than {0:?}")]
+    Timeout(std::time::Duration),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl ApiError {
+    /// Status and machine-readable code. One exhaustive `match` over every cause, storage's
+    /// included, so a new `StorageError` variant cannot compile without a decision here.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
+            ApiError::UnknownHost(_) | ApiError::UnknownEndpoint(_) => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
+            ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::Storage(e) => match e {
+                // The database is down or refused: retrying later may work.
+                StorageError::Backend(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+                }
+                StorageError::UnknownHost(_) => (StatusCode::NOT_FOUND, "not_found"),
+                // A value the parameter parsing let through but storage refused.
+                StorageError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
+                // Deployment or data problems no retry fixes.
+                StorageError::SchemaTooNew { .. } | StorageError::Corrupt { .. } => {
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+                }
+                // Reads never consume tokens: seeing one here is a bug.
+                StorageError::Token(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
+        }
+    }
+
+    pub fn body(&self) -> (StatusCode, ErrorBody) {
+        let (status, code) = self.status_and_code();
+        let parameter = match self {
+            ApiError::BadParameter(p) => Some(p.parameter.clone()),
+            _ => None,
+        };
+        let message = match self {
+            ApiError::BadParameter(p) => p.message.clone(),
+            other => other.to_string(),
+        };
+        (
+            status,
+            ErrorBody {
+                error: ErrorDetail {
+                    status: status.as_u16(),
+                    code: code.to_string(),
+                    message,
+                    parameter,
+                },
+            },
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.body();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, "HTTP API request failed");
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::TokenError;
+
+    #[test]
+    fn statuses() {
+        let cases: Vec<(ApiError, u16, &str)> = vec![
+            (
+                ParamError {
+                    parameter: "kind".into(),
+                    message: "unknown".into(),
+                }
+                .into(),
+                400,
+                "bad_parameter",
+            ),
+            (ApiError::UnknownHost("x".into()), 404, "not_found"),
+            (
+                StorageError::UnknownHost("x".into()).into(),
+                404,
+                "not_found",
+            ),
+            (
+                StorageError::Backend("down".into()).into(),
+                503,
+                "storage_unavailable",
+            ),
+            (
+                StorageError::Corrupt {
+                    table: "hosts",
+                    detail: "x".into(),
+                }
+                .into(),
+                500,
+                "internal",
+            ),
+            (
+                StorageError::SchemaTooNew {
+                    found: 9,
+                    supported: 1,
+                }
+                .into(),
+                500,
+                "internal",
+            ),
+            (
+                StorageError::Token(TokenError::Unknown).into(),
+                500,
+                "internal",
+            ),
+            (
+                ApiError::Timeout(std::time::Duration::from_secs(1)),
+                503,
+                "timeout",
+            ),
+        ];
+        for (err, status, code) in cases {
+            let (s, body) = err.body();
+            assert_eq!(
+                (s.as_u16(), body.error.code.as_str()),
+                (status, code),
+                "{err}"
+            );
+            assert_eq!(body.error.status, status);
+        }
+        let (_, body) = ApiError::from(ParamError {
+            parameter: "since".into(),
+            message: "bad".into(),
+        })
+        .body();
+        assert_eq!(body.error.parameter.as_deref(), Some("since"));
+    }
+}

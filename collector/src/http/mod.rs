@@ -1,0 +1,343 @@
+//! The read-only HTTP JSON API for people and their tools (schema `driftwatch.api.v1`,
+//! `docs/api.md`): the fleet overview, one host, its violations with before/after, a
+//! fleet-wide violation search, security events and a health check.
+//!
+//! What this module owns: routing, parameter parsing (`params`), the mapping of storage values
+//! to API values (`convert`) and of errors to statuses (`error`). What it must never do: write
+//! anything (every handler only calls read methods of [`Storage`]), decide fleet policy beyond
+//! the display state (`crate::host_state`), or listen anywhere but loopback — there is no access
+//! control until issue 5, so [`check_listen_addr`] refuses other addresses and [`serve`]
+//! checks its listener again.
+//!
+//! The lead wires [`serve`] into `driftwatch-collector serve` with the configured
+//! `http_listen` (after [`check_listen_addr`]) and the shared store.
+
+mod convert;
+mod error;
+pub mod params;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+pub use error::ApiError;
+use params::{EventFilter, HostFilter, HostViolations, Limits, ParamError, ViolationSearch};
+
+use crate::api::{self, SCHEMA, rfc3339_ms};
+use crate::host_state::{self, DEFAULT_SILENT_AFTER};
+use crate::storage::{Storage, ViolationQuery, ViolationRecord};
+
+/// The default `http_listen` (contract: loopback only until issue 5).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
+
+/// Tunables of the API, from the collector's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApiConfig {
+    /// A host not heard from for longer than this is `silent` (default: 3 × the 30 s
+    /// heartbeat interval).
+    pub silent_after: Duration,
+    /// Default and maximum `limit` of the list endpoints.
+    pub limits: Limits,
+    /// A request that takes longer (a slow database) is answered 503 `timeout`.
+    pub request_timeout: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            silent_after: DEFAULT_SILENT_AFTER,
+            limits: Limits::default(),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `http_listen` is not a loopback address.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "http_listen {0} is not a loopback address: the HTTP API has no access control yet, so it \
+     only listens on 127.0.0.1 or ::1 (reach it from elsewhere through an SSH tunnel or a \
+     reverse proxy that authenticates)"
+)]
+pub struct NonLoopbackListen(pub SocketAddr);
+
+/// Refuses a non-loopback listen address. For the config validation (exit 64 on failure) and
+/// for [`serve`].
+pub fn check_listen_addr(addr: SocketAddr) -> Result<(), NonLoopbackListen> {
+    let loopback = match addr {
+        SocketAddr::V4(a) => a.ip().is_loopback(),
+        SocketAddr::V6(a) => {
+            a.ip().is_loopback() || a.ip().to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    };
+    if loopback {
+        Ok(())
+    } else {
+        Err(NonLoopbackListen(addr))
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AppState {
+    store: Arc<dyn Storage>,
+    config: ApiConfig,
+}
+
+/// The API's routes over `store`. Every response is JSON, errors included.
+pub fn router(store: Arc<dyn Storage>, config: ApiConfig) -> Router {
+    let state = AppState { store, config };
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/api/v1/hosts", get(list_hosts))
+        .route("/api/v1/hosts/{host_id}", get(one_host))
+        .route("/api/v1/hosts/{host_id}/violations", get(host_violations))
+        .route("/api/v1/violations", get(search_violations))
+        .route("/api/v1/security-events", get(security_events))
+        .fallback(unknown_endpoint)
+        .layer(middleware::from_fn_with_state(
+            config.request_timeout,
+            time_limit,
+        ))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then lets in-flight requests
+/// finish. Refuses a listener that is not on loopback (see [`check_listen_addr`]).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Storage>,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    check_listen_addr(addr)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tracing::info!(%addr, "HTTP API listening");
+    axum::serve(listener, router(store, config))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Why a middleware rather than a tower layer: the answer must be the API's JSON error, and
+/// tower's `Timeout` would need an extra error-handling layer and crate for that.
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::Timeout(limit).into_response(),
+    }
+}
+
+type Pairs = Vec<(String, String)>;
+
+/// The query string as name/value pairs; a malformed one is a 400 like any bad parameter.
+fn pairs(q: Result<Query<Pairs>, QueryRejection>) -> Result<Pairs, ApiError> {
+    q.map(|Query(p)| p).map_err(|e| {
+        ApiError::BadParameter(ParamError {
+            parameter: "(query string)".into(),
+            message: e.body_text(),
+        })
+    })
+}
+
+fn host_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    p.map(|Path(h)| h).map_err(|e| {
+        ApiError::BadParameter(ParamError {
+            parameter: "host_id".into(),
+            message: e.body_text(),
+        })
+    })
+}
+
+async fn unknown_endpoint(uri: Uri) -> ApiError {
+    ApiError::UnknownEndpoint(uri.path().to_string())
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    // The cheapest read the trait offers: an index probe that returns nothing.
+    match st.store.security_events(i64::MAX, 1).await {
+        Ok(_) => Json(api::Health {
+            status: "ok".into(),
+            storage: st.store.backend().into(),
+            error: None,
+        })
+        .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(api::Health {
+                status: "unavailable".into(),
+                storage: st.store.backend().into(),
+                error: Some(e.to_string()),
+            }),
+        )
+            .into_response(),
+    }
+}
+
+async fn list_hosts(
+    State(st): State<AppState>,
+    q: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Json<api::HostList>, ApiError> {
+    let filter = HostFilter::parse(&pairs(q)?)?;
+    let hosts = st.store.list_hosts().await?;
+    let now = now_ms();
+    let silent_after = st.config.silent_after;
+    let hosts = hosts
+        .iter()
+        .filter(|h| {
+            filter
+                .state
+                .is_none_or(|want| host_state::derive(h, now, silent_after) == want)
+        })
+        .map(|h| convert::host(h, now, silent_after))
+        .collect();
+    Ok(Json(api::HostList {
+        schema: SCHEMA.into(),
+        generated_at: rfc3339_ms(now),
+        silent_after_seconds: silent_after.as_secs(),
+        hosts,
+    }))
+}
+
+async fn one_host(
+    State(st): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Json<api::HostDetail>, ApiError> {
+    let id = host_id(id)?;
+    params::parse_none(&pairs(q)?)?;
+    let host = st.store.host(&id).await?.ok_or(ApiError::UnknownHost(id))?;
+    let now = now_ms();
+    Ok(Json(api::HostDetail {
+        schema: SCHEMA.into(),
+        generated_at: rfc3339_ms(now),
+        silent_after_seconds: st.config.silent_after.as_secs(),
+        host: convert::host(&host, now, st.config.silent_after),
+    }))
+}
+
+async fn host_violations(
+    State(st): State<AppState>,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Json<api::ViolationList>, ApiError> {
+    let id = host_id(id)?;
+    let p = HostViolations::parse(&pairs(q)?, st.config.limits)?;
+    if st.store.host(&id).await?.is_none() {
+        return Err(ApiError::UnknownHost(id));
+    }
+    let search = ViolationSearch {
+        query: ViolationQuery {
+            host_id: Some(id),
+            include_resolved: p.include_resolved,
+            limit: p.limit,
+            ..Default::default()
+        },
+        kind: None,
+    };
+    run_search(&st, search).await
+}
+
+async fn search_violations(
+    State(st): State<AppState>,
+    q: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Json<api::ViolationList>, ApiError> {
+    let search = ViolationSearch::parse(&pairs(q)?, now_ms(), st.config.limits)?;
+    run_search(&st, search).await
+}
+
+/// Asks storage for one row more than the caller's limit, to know whether the answer is
+/// truncated. A kind filter that storage cannot express exactly (file and package kinds share
+/// storage's numbers) is applied here, over a fetch of the maximum limit.
+async fn run_search(
+    st: &AppState,
+    search: ViolationSearch,
+) -> Result<Json<api::ViolationList>, ApiError> {
+    let ViolationSearch { mut query, kind } = search;
+    let limit = query.limit;
+    let fetch = if kind.is_some() {
+        st.config.limits.max.max(limit)
+    } else {
+        limit
+    };
+    query.limit = fetch.saturating_add(1);
+    let rows: Vec<ViolationRecord> = st.store.search_violations(query).await?;
+    let storage_truncated = rows.len() > fetch as usize;
+    let mut matched: Vec<ViolationRecord> = rows
+        .into_iter()
+        .take(fetch as usize)
+        .filter(|r| kind.is_none_or(|k| k.matches(&r.item)))
+        .collect();
+    let truncated = storage_truncated || matched.len() > limit as usize;
+    matched.truncate(limit as usize);
+    Ok(Json(api::ViolationList {
+        schema: SCHEMA.into(),
+        generated_at: rfc3339_ms(now_ms()),
+        limit,
+        truncated,
+        violations: matched.iter().map(convert::violation).collect(),
+    }))
+}
+
+async fn security_events(
+    State(st): State<AppState>,
+    q: Result<Query<Pairs>, QueryRejection>,
+) -> Result<Json<api::SecurityEventList>, ApiError> {
+    let now = now_ms();
+    let f = EventFilter::parse(&pairs(q)?, now, st.config.limits)?;
+    let mut events = st
+        .store
+        .security_events(f.since_ms, f.limit.saturating_add(1))
+        .await?;
+    let truncated = events.len() > f.limit as usize;
+    events.truncate(f.limit as usize);
+    Ok(Json(api::SecurityEventList {
+        schema: SCHEMA.into(),
+        generated_at: rfc3339_ms(now),
+        limit: f.limit,
+        truncated,
+        events: events.iter().map(convert::security_event).collect(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_listens() {
+        for ok in [
+            "127.0.0.1:7480",
+            "127.1.2.3:1",
+            "[::1]:7480",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            assert!(check_listen_addr(ok.parse().unwrap()).is_ok(), "{ok}");
+        }
+        for bad in [
+            "0.0.0.0:7480",
+            "10.0.0.1:7480",
+            "[::]:7480",
+            "[2001:db8::1]:80",
+        ] {
+            let err = check_listen_addr(bad.parse().unwrap()).unwrap_err();
+            assert!(err.to_string().contains("not a loopback address"), "{err}");
+        }
+        assert!(check_listen_addr(DEFAULT_LISTEN.parse().unwrap()).is_ok());
+    }
+}
