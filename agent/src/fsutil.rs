@@ -35,6 +35,9 @@ pub fn write_atomic_with(
             .create(true)
             .truncate(true)
             .mode(mode)
+            // A symlink or FIFO planted at the temporary name is refused, never followed or
+            // blocked on.
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&tmp)?;
         fill(&mut f)?;
         f.sync_all()?;

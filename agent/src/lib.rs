@@ -6,6 +6,8 @@
 //!   pipelines built on them; [`cache`] makes re-checks cheap; [`report`] renders results.
 //! - [`packages`] reads dpkg and rpm databases and verifies package files (`verify-packages`);
 //!   [`attribution`] (pure) turns package drift into owners and classes of file violations.
+//! - [`spool`] is the daemon's durable outbox: checksummed, synced records that leave only when
+//!   the collector acknowledged them.
 
 pub mod attribution;
 pub mod baseline;
@@ -22,4 +24,5 @@ pub mod packages;
 pub mod policy;
 pub mod report;
 pub mod scan;
+pub mod spool;
 pub mod time;
