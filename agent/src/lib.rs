@@ -23,6 +23,8 @@ pub mod keys;
 pub mod packages;
 pub mod policy;
 pub mod report;
+pub mod report_set;
 pub mod scan;
 pub mod spool;
 pub mod time;
+pub mod wire;
