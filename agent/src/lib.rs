@@ -20,6 +20,7 @@ pub mod cache;
 pub mod check;
 pub mod cli;
 pub mod create;
+pub mod daemon;
 pub mod diff;
 pub mod enroll;
 pub mod escape;
