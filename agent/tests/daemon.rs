@@ -557,6 +557,12 @@ async fn enroll_stream_ack_resend_resync() {
         let h = &s.hellos[0];
         assert_eq!(h.host_id, HOST);
         assert_eq!(h.agent_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            (h.image_id.as_str(), h.image_version.as_str()),
+            ("web", "1")
+        );
+        assert_eq!(h.baseline_root.len(), 32);
+        assert_ne!(h.epoch, 0);
         let r = &s.reports[0];
         assert!(r.full, "the first report after a start is full");
         assert_eq!(r.seq, 1);
@@ -662,6 +668,62 @@ async fn enroll_stream_ack_resend_resync() {
     assert_eq!(st["host_id"], HOST);
     assert_eq!(st["last_scan"]["result"], "complete");
     assert_eq!(st["last_scan"]["violations"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_replaces_key_and_certificate_over_mtls() {
+    let t = tempfile::tempdir().unwrap();
+    let ca = Arc::new(make_ca());
+    let ca_pem = t.path().join("ca.pem");
+    std::fs::write(
+        &ca_pem,
+        driftwatch_agent::identity::pem("CERTIFICATE", &ca.der),
+    )
+    .unwrap();
+    let (addr, _collector) = start_collector(ca).await;
+    let url = format!("https://localhost:{}", addr.port());
+    let state = t.path().join("state");
+    let enroll = |extra: &[&str]| {
+        agent()
+            .args([
+                "enroll",
+                "--collector",
+                &url,
+                "--token",
+                TOKEN,
+                "--host-id",
+                HOST,
+            ])
+            .arg("--ca-file")
+            .arg(&ca_pem)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    assert!(enroll(&[]).status.success());
+    let again = enroll(&[]);
+    assert_eq!(again.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already enrolled"));
+
+    let mut id = driftwatch_agent::identity::Identity::load(&state).unwrap();
+    let (old_key, old_cert) = (id.key_pem.clone(), id.cert_der.clone());
+    let collector = driftwatch_agent::transport::CollectorUrl::parse(&url).unwrap();
+    driftwatch_agent::enroll::renew(&collector, &state, &mut id)
+        .await
+        .unwrap();
+    let reloaded = driftwatch_agent::identity::Identity::load(&state).unwrap();
+    assert_ne!(reloaded.key_pem, old_key);
+    assert_ne!(reloaded.cert_der, old_cert);
+    assert_eq!(reloaded.cert_der, id.cert_der);
+    assert_eq!(reloaded.host_id, HOST);
+    assert!(!state.join("identity/renew").exists());
+    let mode = std::fs::metadata(state.join("identity/key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
 }
 
 #[test]

@@ -108,6 +108,26 @@ pub async fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> 
         records_ready: Notify::new(),
         shutting_down: AtomicBool::new(false),
     });
+    // The first Hello names the image and baseline root even before the first scan is done.
+    let s = shared.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        let st = &s.settings;
+        match crate::baseline::read(
+            &st.baseline,
+            &s.inputs.trusted_keys,
+            crate::time::now_unix(),
+        ) {
+            Ok(b) => {
+                s.status().baseline = status::BaselineStatus {
+                    image_id: b.header.image_id.clone(),
+                    image_version: b.header.image_version.clone(),
+                    merkle_root: crate::report::hex(&b.merkle_root),
+                }
+            }
+            Err(e) => tracing::warn!("baseline {}: {e}", st.baseline.display()),
+        }
+    })
+    .await;
     let (queue, scan_thread) = scanner::start(shared.clone())?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -145,6 +165,7 @@ pub async fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> 
     let s = shared.clone();
     let _ = tokio::task::spawn_blocking(move || {
         drop(s.outbox());
+        s.status().set_collector("stopped", None);
         s.write_status();
     })
     .await;

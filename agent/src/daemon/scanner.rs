@@ -211,6 +211,18 @@ fn scan_once(shared: &Shared, req: ScanRequest) {
         st.last_scan = Some(last_scan);
     }
     shared.write_status();
+    let st = shared.status();
+    notify::status(&match st.collector.state {
+        "connected" => format!("connected, {} pending", st.spool.pending_records),
+        "unreachable" => format!(
+            "collector unreachable: {}",
+            st.collector
+                .last_error
+                .as_deref()
+                .unwrap_or("unknown error")
+        ),
+        other => format!("{other}, {} pending", st.spool.pending_records),
+    });
 }
 
 /// What the event loop knows of the last scan, for heartbeats.

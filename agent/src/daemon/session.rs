@@ -132,12 +132,16 @@ pub async fn run(
             }
         },
     };
-    if welcome.epoch != epoch {
-        return Err(SessionError::Protocol(format!(
-            "Welcome for epoch {:x}, Hello said {epoch:x}",
+    // The collector's committed seq counts only for our epoch (it may still hold another).
+    let committed = if welcome.epoch == epoch {
+        welcome.last_committed_seq
+    } else {
+        tracing::debug!(
+            "Welcome for epoch {:x}, Hello said {epoch:x}: nothing of ours is committed",
             welcome.epoch
-        )));
-    }
+        );
+        0
+    };
     tracing::info!(
         host_id = %welcome.host_id,
         last_committed_seq = welcome.last_committed_seq,
@@ -145,7 +149,6 @@ pub async fn run(
     );
     // What the collector already committed leaves the spool now; if nothing is pending and
     // its digest is not ours, it gets the full set.
-    let committed = welcome.last_committed_seq;
     let digest = welcome.set_digest.clone();
     let (acked_through, pending) = blocking(shared, move |s| {
         let mut o = s.outbox();

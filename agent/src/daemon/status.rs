@@ -26,7 +26,7 @@ pub struct LastScan {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Collector {
     pub url: String,
-    /// "connecting", "connected" or "unreachable".
+    /// "connecting", "connected", "unreachable" or "stopped".
     pub state: &'static str,
     pub since: String,
     #[serde(skip_serializing_if = "Option::is_none")]
