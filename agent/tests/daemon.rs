@@ -542,7 +542,11 @@ async fn enroll_stream_ack_resend_resync() {
             .arg("run")
             .arg("--config")
             .arg(&config)
-            .env("RUST_LOG", "info,driftwatch_agent=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("DRIFTWATCH_TEST_LOG")
+                    .unwrap_or_else(|_| "info,driftwatch_agent=debug".into()),
+            )
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap(),

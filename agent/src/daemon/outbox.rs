@@ -248,14 +248,16 @@ impl Outbox {
         debug_assert_eq!(s, seq);
         self.last_full_seq = seq;
         self.acked = seq - 1;
+        self.unreported_lost = 0;
         let mut n = 1;
         for mut r in reports {
             self.stamp(&mut r);
-            // A set larger than the whole spool cannot be held; this fails loudly.
+            // A set larger than the whole spool cannot be held: this fails loudly, and the
+            // next scan sends the full set again.
+            self.full_wanted = true;
             self.spool.append(&r.encode_to_vec())?;
             n += 1;
         }
-        self.unreported_lost = 0;
         self.full_wanted = false;
         self.last_status = Some((ScanStatus::Incomplete, meta.reason));
         Ok(Spooled {

@@ -29,6 +29,8 @@ pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Records read from the spool at a time.
 const BATCH_RECORDS: usize = 64;
 const BATCH_BYTES: usize = 8 << 20;
+/// Heartbeat interval when the Welcome names none (the contract's default).
+const DEFAULT_HEARTBEAT_SECONDS: u64 = 30;
 /// On shutdown, how long to wait for the acks of records already sent.
 const DRAIN: Duration = Duration::from_secs(3);
 
@@ -180,7 +182,10 @@ pub async fn run(
         tokio::task::spawn_blocking(move || s.write_status());
     }
 
-    let heartbeat_every = Duration::from_secs(u64::from(welcome.heartbeat_interval_seconds.max(1)));
+    let heartbeat_every = Duration::from_secs(match welcome.heartbeat_interval_seconds {
+        0 => DEFAULT_HEARTBEAT_SECONDS,
+        n => u64::from(n),
+    });
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(shared.liveness.tick_interval());
