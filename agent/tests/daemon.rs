@@ -423,6 +423,59 @@ impl Drop for Daemon {
     }
 }
 
+fn start_daemon(config: &Path) -> Daemon {
+    Daemon(
+        agent()
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("DRIFTWATCH_TEST_LOG")
+                    .unwrap_or_else(|_| "info,driftwatch_agent=debug".into()),
+            )
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn write_config(
+    dir: &Path,
+    url: &str,
+    trusted: &Path,
+    baseline: &Path,
+    root: &Path,
+    state: &Path,
+) -> PathBuf {
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "collector = \"{url}\"\ntrusted_keys = [{trusted:?}]\nbaseline = {baseline:?}\n\
+             root = {root:?}\nstate_dir = {state:?}\nscan_interval = \"1h\"\n"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+async fn stop(mut daemon: Daemon) {
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+}
+
 async fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
@@ -527,30 +580,8 @@ async fn enroll_stream_ack_resend_resync() {
 
     // Drift before the daemon starts: the first (full) report carries it.
     std::fs::write(root.join("etc/app.conf"), b"setting = 2\n").unwrap();
-    let config = t.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "collector = \"{url}\"\ntrusted_keys = [{:?}]\nbaseline = {:?}\nroot = {:?}\n\
-             state_dir = {:?}\nscan_interval = \"1h\"\n",
-            trusted, baseline, root, state
-        ),
-    )
-    .unwrap();
-    let daemon = Daemon(
-        agent()
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env(
-                "RUST_LOG",
-                std::env::var("DRIFTWATCH_TEST_LOG")
-                    .unwrap_or_else(|_| "info,driftwatch_agent=debug".into()),
-            )
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let config = write_config(t.path(), &url, &trusted, &baseline, &root, &state);
+    let daemon = start_daemon(&config);
     let seen = |f: &dyn Fn(&Seen) -> bool| f(&collector.seen.lock().unwrap());
     wait_for("hello and the full report", Duration::from_secs(60), || {
         seen(&|s| !s.reports.is_empty())
@@ -653,20 +684,7 @@ async fn enroll_stream_ack_resend_resync() {
     }
 
     // SIGTERM: a clean stop.
-    let mut daemon = daemon;
-    daemon.signal(nix::sys::signal::Signal::SIGTERM);
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = daemon.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(status.success(), "{status}");
+    stop(daemon).await;
     let st: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(state.join("status.json")).unwrap()).unwrap();
     assert_eq!(st["host_id"], HOST);
@@ -728,6 +746,77 @@ async fn renewal_replaces_key_and_certificate_over_mtls() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_reports_survive_a_restart_and_the_first_report_after_it_is_full() {
+    let t = tempfile::tempdir().unwrap();
+    let (root, baseline, trusted) = image(t.path());
+    let ca = Arc::new(make_ca());
+    let ca_der = ca.der.to_vec();
+    let (addr, collector) = start_collector(ca).await;
+    let url = format!("https://127.0.0.1:{}", addr.port());
+    let state = t.path().join("state");
+    ok(agent()
+        .args([
+            "enroll",
+            "--collector",
+            &url,
+            "--token",
+            TOKEN,
+            "--host-id",
+            HOST,
+        ])
+        .args(["--ca-fingerprint", &fingerprint(&ca_der)])
+        .arg("--state-dir")
+        .arg(&state));
+    let config = write_config(t.path(), &url, &trusted, &baseline, &root, &state);
+    let seen = |f: &dyn Fn(&Seen) -> bool| f(&collector.seen.lock().unwrap());
+
+    // The collector receives but never commits: the reports stay in the spool across a stop.
+    collector.withhold_acks.store(true, Ordering::SeqCst);
+    let daemon = start_daemon(&config);
+    wait_for("the first report", Duration::from_secs(60), || {
+        seen(&|s| !s.reports.is_empty())
+    })
+    .await;
+    std::fs::write(root.join("usr/bin/tool"), b"changed\n").unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGUSR1);
+    wait_for("the second report", Duration::from_secs(30), || {
+        seen(&|s| s.reports.len() >= 2)
+    })
+    .await;
+    stop(daemon).await;
+    assert_eq!(pending_records(&state), Some(2));
+
+    collector.withhold_acks.store(false, Ordering::SeqCst);
+    let daemon = start_daemon(&config);
+    wait_for(
+        "the resent reports and a new full one",
+        Duration::from_secs(60),
+        || seen(&|s| s.reports.iter().any(|r| r.seq == 3)),
+    )
+    .await;
+    wait_for("every ack", Duration::from_secs(30), || {
+        pending_records(&state) == Some(0)
+    })
+    .await;
+    {
+        let s = collector.seen.lock().unwrap();
+        let seqs: Vec<(u64, bool)> = s.reports.iter().map(|r| (r.seq, r.full)).collect();
+        assert_eq!(
+            seqs,
+            [(1, true), (2, false), (1, true), (2, false), (3, true)],
+            "the same records again, in order, then the full report of the new start"
+        );
+        assert_eq!(s.committed, 3);
+        assert_eq!(s.set.len(), 1);
+        assert!(
+            s.hellos.iter().all(|h| h.epoch == s.hellos[0].epoch),
+            "one epoch"
+        );
+    }
+    stop(daemon).await;
 }
 
 #[test]

@@ -363,6 +363,25 @@ mod tests {
     }
 
     #[test]
+    fn recovery_losses_go_into_the_next_report_once() {
+        let t = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(t.path(), SpoolLimits::default()).unwrap();
+        let mut o = Outbox::new(spool, Limits::default(), 3);
+        o.record_scan(set(&["/a"]), meta()).unwrap();
+        assert_eq!(
+            o.record_scan(set(&["/a"]), meta()).unwrap().reports,
+            1,
+            "status changes back"
+        );
+        o.record_scan(set(&["/a", "/b"]), meta()).unwrap();
+        let r = reports(&o);
+        assert_eq!(r[0].lost_reports, 3);
+        assert!(r[0].status_reason.contains("3 earlier report(s) were lost"));
+        assert_eq!((r[1].lost_reports, r[1].status_reason.as_str()), (0, ""));
+        assert_eq!(r[2].lost_reports, 0);
+    }
+
+    #[test]
     fn resync_spools_one_full_report() {
         let t = tempfile::tempdir().unwrap();
         let mut o = open(t.path(), SpoolLimits::default());
