@@ -105,7 +105,7 @@ pub fn key_and_csr(host_id: &str) -> Result<(KeyPair, Vec<u8>), rcgen::Error> {
     dn.push(DnType::CommonName, host_id);
     params.distinguished_name = dn;
     params.subject_alt_names = vec![SanType::URI(
-        format!("{SPIFFE_PREFIX}{host_id}").try_into()?,
+        driftwatch_proto::host_id::to_uri(host_id).try_into()?,
     )];
     let csr = params.serialize_request(&key)?;
     Ok((key, csr.der().to_vec()))

@@ -21,7 +21,7 @@ use crate::fsutil::write_atomic;
 use crate::transport::{ClientAuth, ServerTrust};
 
 /// The URI SAN prefix of client certificates (the host id follows).
-pub const SPIFFE_PREFIX: &str = "spiffe://driftwatch/host/";
+pub use driftwatch_proto::host_id::SPIFFE_PREFIX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -81,7 +81,7 @@ pub fn parse_certs(path: &Path, text: &[u8]) -> Result<Vec<Vec<u8>>, IdentityErr
     }
 }
 
-/// Validity (not before, not after) and the host id of the SPIFFE URI SAN, if any.
+/// Validity (not before, not after) and the host id of the SPIFFE URI SAN, if any (and valid).
 pub fn certificate_facts(der: &[u8]) -> Result<(i64, i64, Option<String>), String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
     let v = cert.validity();
@@ -89,7 +89,7 @@ pub fn certificate_facts(der: &[u8]) -> Result<(i64, i64, Option<String>), Strin
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
             if let x509_parser::extensions::GeneralName::URI(u) = n
-                && let Some(h) = u.strip_prefix(SPIFFE_PREFIX)
+                && let Some(h) = driftwatch_proto::host_id::from_uri(u)
             {
                 host = Some(h.to_string());
             }
