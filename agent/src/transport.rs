@@ -340,6 +340,61 @@ mod tests {
         }
     }
 
+    fn ca(
+        name: &str,
+    ) -> (
+        rcgen::Issuer<'static, rcgen::KeyPair>,
+        CertificateDer<'static>,
+    ) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        (rcgen::Issuer::new(params, key), cert.der().clone())
+    }
+
+    fn leaf(issuer: &rcgen::Issuer<'static, rcgen::KeyPair>) -> CertificateDer<'static> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.signed_by(&key, issuer).unwrap().der().clone()
+    }
+
+    #[test]
+    fn fingerprint_verifier_needs_the_ca_in_the_chain_and_a_server_cert_it_signed() {
+        let (a, a_der) = ca("A");
+        let (b, b_der) = ca("B");
+        let name = ServerName::try_from("localhost").unwrap();
+        let now = UnixTime::now();
+        let v = FingerprintVerifier::new(fingerprint(&a_der));
+
+        // Signed by B, but A (the fingerprinted CA) rides along in the chain: refused.
+        let forged = leaf(&b);
+        assert!(
+            v.verify_server_cert(&forged, std::slice::from_ref(&a_der), &name, &[], now)
+                .is_err()
+        );
+        // The CA is not in the chain at all: refused.
+        let good = leaf(&a);
+        assert!(
+            v.verify_server_cert(&good, std::slice::from_ref(&b_der), &name, &[], now)
+                .is_err()
+        );
+        assert!(v.pinned().is_none());
+        // Wrong name: refused.
+        let other = ServerName::try_from("collector.example").unwrap();
+        assert!(
+            v.verify_server_cert(&good, std::slice::from_ref(&a_der), &other, &[], now)
+                .is_err()
+        );
+        // Signed by A, A in the chain: accepted and pinned.
+        v.verify_server_cert(&good, &[b_der, a_der.clone()], &name, &[], now)
+            .unwrap();
+        assert_eq!(v.pinned().unwrap(), a_der);
+    }
+
     #[test]
     fn fingerprints() {
         let fp = [0xabu8; 32];
