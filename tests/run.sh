@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs driftwatch's whole test suite: unit tests, then end-to-end tests of the real binaries
-# on real Debian root filesystems (debootstrap, cached in /var/cache/driftwatch-tests).
+# on real Debian root filesystems (debootstrap, cached in /var/cache/driftwatch-tests), and the
+# collector against real SQLite and PostgreSQL databases.
 #
 # On Debian it first installs the system packages the tests use (with sudo when not root).
 # Tests that need root skip with a printed reason when not run as root; with CI=true a skip
@@ -8,7 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(debootstrap util-linux mount ca-certificates dpkg-dev debsums rpm db5.3-util)
+# postgresql: the storage conformance suite and the collector's end-to-end tests start their own
+# PostgreSQL server (initdb + pg_ctl in a temp dir); the packaged cluster is not used.
+packages=(debootstrap util-linux mount ca-certificates dpkg-dev debsums rpm db5.3-util postgresql)
 if command -v dpkg-query >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do

@@ -1,10 +1,12 @@
 //! The scan cache: for each entry of one baseline, the stat key and content hash of the file
-//! at that path when it was last hashed, so a re-check of an unchanged tree costs about a
-//! metadata walk.
+//! at that path when it was last hashed, and whether the extended attributes read through the
+//! hashed descriptor equalled the baseline's. A re-check of an unchanged tree then costs about
+//! a metadata walk (no reads, no xattr calls for those files).
 //!
 //! Trust rules:
 //! - a slot is used only when every field of the stat key (dev, inode, size, mtime, ctime) is
-//!   unchanged; ctime is set by the kernel, so content rewritten behind a restored mtime misses;
+//!   unchanged; ctime is set by the kernel on every change of content, xattrs, mode or owner,
+//!   so content rewritten behind a restored mtime misses, and so does a changed xattr;
 //! - a slot whose ctime is within [`RACY_WINDOW_NS`] of the scan that hashed it is not kept
 //!   (git's "racily clean" problem: a write in the same clock tick leaves ctime unchanged);
 //! - the file is checksummed (BLAKE3) and replaced atomically (temp file, fsync, rename, fsync
@@ -12,12 +14,14 @@
 //! - the cache belongs to one root and one baseline (its Merkle root); any other is ignored.
 //!
 //! Slots are indexed by baseline entry, so the cache holds no paths: it costs a fixed 80 bytes
-//! per entry in memory and 73 on disk. Files that are not in the baseline are never cached
-//! (they are violations anyway).
+//! per entry in memory and 73 on disk. Objects that are not in the baseline are never cached
+//! (they are violations anyway). Xattrs are only remembered as "equal to the baseline's", and
+//! only when read through the descriptor that was hashed and `fstat`ed before and after (never
+//! by path, which a swap after the walk's `lstat` could point at another object).
 //!
-//! Format: magic, header (root path, root dev and inode, baseline root, slot count), one
-//! fixed-size record per slot, BLAKE3 trailer over everything before it; integers
-//! little-endian.
+//! Format: magic (its last byte is the format version), header (root path, root dev and
+//! inode, baseline root, slot count), one fixed-size record per slot (flags, stat key, hash),
+//! BLAKE3 trailer over everything before it; integers little-endian.
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -27,20 +31,28 @@ use std::path::{Path, PathBuf};
 
 use crate::baseline::Baseline;
 use crate::hash::StatKey;
-use crate::scan::HashSource;
+use crate::scan::{HashSource, Known};
 
-const MAGIC: &[u8; 8] = b"DWCACHE\x02";
-/// File name inside the state directory.
+const MAGIC: &[u8; 8] = b"DWCACHE\x03";
+/// File name inside the state directory. It stays the same across format versions (the magic
+/// carries the version), so a cache of an older format is found, discarded with a warning and
+/// replaced, not left behind.
 pub const FILE_NAME: &str = "scan-cache.v2";
 /// Slots changed this close to the scan start are re-hashed next time.
 pub const RACY_WINDOW_NS: i64 = 2_000_000_000;
 const RECORD_LEN: usize = 1 + 8 * 5 + 32;
+/// Record flag: the slot is filled.
+const FILLED: u8 = 1;
+/// Record flag: the xattrs equalled the baseline entry's.
+const XATTRS_AS_BASELINE: u8 = 2;
 
 /// A cached hash: the file had this stat key when its content hashed to `hash`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
     pub key: StatKey,
     pub hash: [u8; 32],
+    /// The xattrs read through the hashed descriptor were exactly the baseline entry's.
+    pub xattrs_as_baseline: bool,
 }
 
 /// Why a cache file was discarded.
@@ -50,6 +62,14 @@ pub enum CacheError {
     Io { path: PathBuf, source: io::Error },
     #[error("{path} is corrupt ({what}); it is discarded and every file is hashed again")]
     Corrupt { path: PathBuf, what: &'static str },
+    #[error(
+        "{path} has format version {found}, this driftwatch uses {supported}; it is discarded and every file is hashed again"
+    )]
+    Version {
+        path: PathBuf,
+        found: u8,
+        supported: u8,
+    },
 }
 
 /// Identity of the scanned root a cache belongs to.
@@ -166,8 +186,15 @@ impl ScanCache {
         };
         let mut magic = [0u8; 8];
         r.exact(&mut magic).map_err(|_| corrupt("too short"))?;
-        if &magic != MAGIC {
+        if magic[..7] != MAGIC[..7] {
             return Err(corrupt("bad magic"));
+        }
+        if magic[7] != MAGIC[7] {
+            return Err(CacheError::Version {
+                path,
+                found: magic[7],
+                supported: MAGIC[7],
+            });
         }
         let root_len = r.u64().map_err(|_| corrupt("truncated header"))?;
         if root_len > 4096 {
@@ -199,24 +226,25 @@ impl ScanCache {
                 b.copy_from_slice(&rec[1 + 8 * i..9 + 8 * i]);
                 u64::from_le_bytes(b)
             };
-            slots.push(match rec[0] {
-                0 => None,
-                1 => {
+            let flags = rec[0];
+            if flags & !(FILLED | XATTRS_AS_BASELINE) != 0 || flags == XATTRS_AS_BASELINE {
+                return Err(corrupt("bad slot flag"));
+            }
+            slots.push((flags != 0).then(|| Slot {
+                key: StatKey {
+                    dev: word(0),
+                    ino: word(1),
+                    size: word(2),
+                    mtime_ns: word(3) as i64,
+                    ctime_ns: word(4) as i64,
+                },
+                hash: {
                     let mut hash = [0u8; 32];
                     hash.copy_from_slice(&rec[41..]);
-                    Some(Slot {
-                        key: StatKey {
-                            dev: word(0),
-                            ino: word(1),
-                            size: word(2),
-                            mtime_ns: word(3) as i64,
-                            ctime_ns: word(4) as i64,
-                        },
-                        hash,
-                    })
-                }
-                _ => return Err(corrupt("bad slot flag")),
-            });
+                    hash
+                },
+                xattrs_as_baseline: flags & XATTRS_AS_BASELINE != 0,
+            }));
         }
         let sum = *r.hasher.finalize().as_bytes();
         let mut trailer = [0u8; 32];
@@ -258,7 +286,10 @@ impl ScanCache {
             for s in &self.slots {
                 rec.fill(0);
                 if let Some(s) = s.filter(|s| s.key.ctime_ns < cutoff) {
-                    rec[0] = 1;
+                    rec[0] = FILLED;
+                    if s.xattrs_as_baseline {
+                        rec[0] |= XATTRS_AS_BASELINE;
+                    }
                     let k = s.key;
                     for (i, v) in [k.dev, k.ino, k.size, k.mtime_ns as u64, k.ctime_ns as u64]
                         .into_iter()
@@ -287,9 +318,15 @@ pub struct CacheLookup<'a> {
 }
 
 impl HashSource for CacheLookup<'_> {
-    fn lookup(&self, path: &[u8], key: &StatKey) -> Option<[u8; 32]> {
-        let s = self.cache.slot(self.baseline.find(path)?)?;
-        (s.key == *key).then_some(s.hash)
+    fn lookup(&self, path: &[u8], key: &StatKey) -> Option<Known> {
+        let i = self.baseline.find(path)?;
+        let s = self.cache.slot(i)?;
+        (s.key == *key).then(|| Known {
+            hash: s.hash,
+            xattrs: s
+                .xattrs_as_baseline
+                .then(|| self.baseline.entries[i].xattrs.clone()),
+        })
     }
 }
 
@@ -301,7 +338,7 @@ pub fn cache_path(state_dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use driftwatch_proto::v1::{Entry, Header};
+    use driftwatch_proto::v1::{Entry, Header, Xattr};
 
     fn baseline(n: usize) -> Baseline {
         Baseline {
@@ -309,6 +346,10 @@ mod tests {
             entries: (0..n)
                 .map(|i| Entry {
                     path: format!("/f{i}").into_bytes(),
+                    xattrs: vec![Xattr {
+                        name: b"user.i".to_vec(),
+                        value: vec![i as u8],
+                    }],
                     ..Default::default()
                 })
                 .collect(),
@@ -335,6 +376,8 @@ mod tests {
                 Some(Slot {
                     key: key(i as u64),
                     hash: [i as u8; 32],
+                    // Even slots saw the baseline's xattrs, odd ones did not.
+                    xattrs_as_baseline: i % 2 == 0,
                 }),
             );
         }
@@ -357,10 +400,28 @@ mod tests {
             baseline: &b,
             cache: &c,
         };
-        assert_eq!(l.lookup(b"/f2", &key(2)), Some([2; 32]));
+        assert_eq!(
+            l.lookup(b"/f2", &key(2)),
+            Some(Known {
+                hash: [2; 32],
+                xattrs: Some(b.entries[2].xattrs.clone())
+            })
+        );
+        assert_eq!(
+            l.lookup(b"/f1", &key(1)),
+            Some(Known {
+                hash: [1; 32],
+                xattrs: None
+            }),
+            "xattrs that differed from the baseline's are read again"
+        );
         let mut k = key(2);
         k.ctime_ns += 1;
-        assert_eq!(l.lookup(b"/f2", &k), None, "a changed ctime misses");
+        assert_eq!(
+            l.lookup(b"/f2", &k),
+            None,
+            "a changed ctime (content or xattrs changed) misses"
+        );
         assert_eq!(l.lookup(b"/nope", &key(2)), None);
     }
 
@@ -392,11 +453,13 @@ mod tests {
             let mut bad = good.clone();
             bad[i] ^= 0x40;
             std::fs::write(&p, &bad).unwrap();
+            let r = ScanCache::load(dir.path(), &root, &b);
             assert!(
-                matches!(
-                    ScanCache::load(dir.path(), &root, &b),
-                    Err(CacheError::Corrupt { .. })
-                ),
+                if i == 7 {
+                    matches!(r, Err(CacheError::Version { found: 0x43, .. }))
+                } else {
+                    matches!(r, Err(CacheError::Corrupt { .. }))
+                },
                 "flip at byte {i} not detected"
             );
         }
@@ -420,5 +483,36 @@ mod tests {
             0
         );
         assert_eq!(ScanCache::load(dir.path(), &root, &b).unwrap().filled(), 3);
+    }
+
+    #[test]
+    fn a_cache_of_the_previous_format_is_discarded_as_another_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = RootId::of(dir.path()).unwrap();
+        let b = baseline(3);
+        filled(3)
+            .save(dir.path(), &root, &b.merkle_root, 10_000_000_000)
+            .unwrap();
+        let p = cache_path(dir.path());
+        let mut old = std::fs::read(&p).unwrap();
+        old[..8].copy_from_slice(b"DWCACHE\x02");
+        std::fs::write(&p, &old).unwrap();
+        let e = ScanCache::load(dir.path(), &root, &b).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CacheError::Version {
+                    found: 2,
+                    supported: 3,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_slot_costs_no_more_memory_than_before_the_xattr_flag() {
+        assert_eq!(std::mem::size_of::<Option<Slot>>(), 80);
     }
 }

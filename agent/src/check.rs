@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use driftwatch_proto::path as bpath;
+use driftwatch_proto::v1::Entry;
 
 use std::collections::BTreeSet;
 
@@ -143,21 +144,9 @@ pub fn check(
             {
                 violations.push(v);
             }
-            if let Some(i) = index
-                && !o.cached
-            {
-                let slot = match (
-                    o.key,
-                    o.entry.content_hash.len() == 32 && o.problem.is_none(),
-                ) {
-                    (Some(key), true) => {
-                        let mut hash = [0u8; 32];
-                        hash.copy_from_slice(&o.entry.content_hash);
-                        Some(Slot { key, hash })
-                    }
-                    _ => None,
-                };
-                if slot.is_some() || cache.slot(i).is_some() {
+            if let (Some(i), Some(base)) = (index, base) {
+                let slot = slot_for(&o, base);
+                if cache.slot(i) != slot.as_ref() {
                     updates.push((i, slot));
                 }
             }
@@ -238,6 +227,24 @@ pub fn check(
     ))
 }
 
+/// What the scan cache may remember about a regular file observed without any problem: its
+/// content hash, and whether its xattrs were the baseline entry's. The latter only when they
+/// are known to belong to the hashed inode: read through the hashed descriptor, or taken from
+/// the cache under the same stat key.
+fn slot_for(o: &scan::Observed, base: &Entry) -> Option<Slot> {
+    let key = o.key?;
+    if o.problem.is_some() {
+        return None;
+    }
+    let hash = <[u8; 32]>::try_from(o.entry.content_hash.as_slice()).ok()?;
+    let xattrs_as_baseline = o.xattrs_cached || (o.hashed && o.entry.xattrs == base.xattrs);
+    Some(Slot {
+        key,
+        hash,
+        xattrs_as_baseline,
+    })
+}
+
 /// Reads the live package database, reports package drift against the baseline's inventory,
 /// and names the owners and class of every file violation.
 fn attribute_packages(
@@ -248,28 +255,32 @@ fn attribute_packages(
     warnings: &mut Vec<String>,
 ) -> Vec<PackageDrift> {
     let header = &baseline.header;
-    let live = match packages::read_manifest(&opts.root) {
+    let unreadable = |reason: String| {
+        let db: &[u8] = if header.package_manager == "rpm" {
+            b"/var/lib/rpm"
+        } else {
+            b"/var/lib/dpkg/status"
+        };
+        Violation {
+            path: JsonBytes(db.to_vec()),
+            kind: ViolationKind::Unverifiable,
+            severity: policy.packages.drift,
+            changes: Vec::new(),
+            reason: Some(reason),
+            baseline: None,
+            observed: None,
+            packages: Vec::new(),
+            class: None,
+            config: false,
+        }
+    };
+    // The file lists are read only if a file violation needs its owner (below).
+    let live = match packages::read_lazily(&opts.root) {
         Ok(m) => m,
         Err(e) => {
-            let db: &[u8] = if header.package_manager == "rpm" {
-                b"/var/lib/rpm"
-            } else {
-                b"/var/lib/dpkg/status"
-            };
-            violations.push(Violation {
-                path: JsonBytes(db.to_vec()),
-                kind: ViolationKind::Unverifiable,
-                severity: policy.packages.drift,
-                changes: Vec::new(),
-                reason: Some(format!(
-                    "the package database cannot be read, so package drift is unknown: {e}"
-                )),
-                baseline: None,
-                observed: None,
-                packages: Vec::new(),
-                class: None,
-                config: false,
-            });
+            violations.push(unreadable(format!(
+                "the package database cannot be read, so package drift is unknown: {e}"
+            )));
             return Vec::new();
         }
     };
@@ -282,8 +293,9 @@ fn attribute_packages(
         }
         return Vec::new();
     };
-    warnings.extend(live.notes.iter().map(|n| format!("packages: {n}")));
-    let live_inventory = packages::inventory(&live);
+    let note = |n: &String| format!("packages: {n}");
+    warnings.extend(live.packages().notes.iter().map(note));
+    let live_inventory = packages::inventory(live.packages());
     let drift = if header.package_manager.is_empty() {
         warnings.push("the baseline has no package inventory: package drift is not checked".into());
         Vec::new()
@@ -291,10 +303,22 @@ fn attribute_packages(
         attribution::diff_inventories(&header.packages, &live_inventory, policy.packages.drift)
     };
     if violations.is_empty() {
-        // Nothing to attribute: the owner table (every package path resolved in the root) is
-        // only built when a file violation needs it.
+        // Nothing to attribute: the file lists are only read, and the owner table (every
+        // package path resolved in the root) only built, when a file violation needs them.
         return drift;
     }
+    let notes_before = live.packages().notes.len();
+    let live = match live.with_files() {
+        Ok(m) => m,
+        Err(e) => {
+            violations.push(unreadable(format!(
+                "the package database's file lists cannot be read, so file violations are not \
+                 attributed to packages: {e}"
+            )));
+            return drift;
+        }
+    };
+    warnings.extend(live.notes.iter().skip(notes_before).map(note));
     let changed: BTreeSet<String> = drift.iter().map(PackageDrift::key).collect();
     let owners = packages::Owners::build(&opts.root, &live);
     let key = |p: &driftwatch_proto::v1::Package| format!("{}:{}", p.name, p.arch);

@@ -48,17 +48,30 @@ pub enum Purpose {
     Check,
 }
 
-/// Where a scan may take known hashes from instead of reading files.
+/// What an earlier scan established about a regular file that still has exactly the same
+/// stat key (dev, inode, size, mtime, ctime). The kernel sets ctime whenever content or xattrs
+/// change, so neither can have changed since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// The content hash under this key.
+    pub hash: [u8; 32],
+    /// The extended attributes under this key, if known.
+    pub xattrs: Option<Vec<Xattr>>,
+}
+
+/// Where a scan may take known hashes and xattrs from instead of reading files.
 pub trait HashSource: Sync {
-    /// The hash of `path` if it was computed under exactly this stat key.
-    fn lookup(&self, path: &[u8], key: &StatKey) -> Option<[u8; 32]>;
+    /// What is known about the regular file at `path` if it was hashed under exactly this
+    /// stat key.
+    fn lookup(&self, path: &[u8], key: &StatKey) -> Option<Known>;
 }
 
 /// One object seen on the host.
 #[derive(Debug, Clone)]
 pub struct Observed {
     pub entry: Entry,
-    /// Stat key of a regular file (for the scan cache).
+    /// Stat key of a regular file (for the scan cache); for a hashed file, the one it was
+    /// hashed under.
     pub key: Option<StatKey>,
     /// The policy in force for this path.
     pub policy: PathPolicy,
@@ -68,6 +81,8 @@ pub struct Observed {
     pub hashed: bool,
     /// The content hash came from the cache.
     pub cached: bool,
+    /// The xattrs came from the cache (they were not read in this scan).
+    pub xattrs_cached: bool,
 }
 
 /// Something the scan reports.
@@ -114,7 +129,18 @@ fn ser_ms<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 
 /// Path of `p` inside `root`, as a baseline path.
 fn inside_path(root: &Path, p: &Path) -> Vec<u8> {
-    let rel = p.strip_prefix(root).unwrap_or(p).as_os_str().as_bytes();
+    // The walk builds every path by joining names onto `root` as given, so a byte prefix test
+    // is enough (and much cheaper than comparing components); anything else takes the general
+    // route.
+    let (r, b) = (root.as_os_str().as_bytes(), p.as_os_str().as_bytes());
+    let rel = match b.strip_prefix(r) {
+        Some(rest) if r.ends_with(b"/") || rest.is_empty() || rest.starts_with(b"/") => {
+            let rest = rest.strip_prefix(b"/").unwrap_or(rest);
+            (!rest.starts_with(b"/") && !rest.ends_with(b"/")).then_some(rest)
+        }
+        _ => None,
+    };
+    let rel = rel.unwrap_or_else(|| p.strip_prefix(root).unwrap_or(p).as_os_str().as_bytes());
     let mut v = Vec::with_capacity(rel.len() + 1);
     v.push(b'/');
     v.extend_from_slice(rel);
@@ -303,7 +329,8 @@ fn walk(
         };
         let path = inside_path(&opts.root, dent.path());
         let is_dir = dent.file_type().is_dir();
-        if dent.depth() > 0 && policy.is_excluded(&path) {
+        let class = policy.classify(&path);
+        if dent.depth() > 0 && class.excluded {
             if is_dir {
                 it.skip_current_dir();
             }
@@ -345,10 +372,10 @@ fn walk(
             }
             continue;
         }
-        if !policy.is_included(&path) {
+        if !class.included {
             continue;
         }
-        let pp = policy.for_path(&path);
+        let pp = class.policy;
         let ft = file_type_of(meta.file_type());
         let mut problems: Vec<String> = Vec::new();
         let mut entry = Entry {
@@ -372,31 +399,40 @@ fn walk(
             }
             _ => {}
         }
-        // Regular files that will be hashed read their xattrs through the open descriptor in
-        // the hash job (off this thread, and from the very inode that is hashed).
-        let xattrs_in_job = ft == FileType::Regular
-            && meta.size() <= policy.max_hash_size
+        let key = (ft == FileType::Regular).then(|| StatKey::from_metadata(&meta));
+        let known = match (cache, &key) {
+            (Some(c), Some(k)) => c.lookup(&path, k),
+            _ => None,
+        };
+        let wants_content = ft == FileType::Regular
             && (opts.purpose == Purpose::Baseline || pp.attributes.contains(Attribute::Content));
-        if !xattrs_in_job {
-            match read_xattrs(dent.path()) {
+        let hash_job = wants_content && meta.size() <= policy.max_hash_size && known.is_none();
+        let (known_hash, known_xattrs) = match known {
+            Some(k) => (Some(k.hash), k.xattrs),
+            None => (None, None),
+        };
+        let xattrs_cached = known_xattrs.is_some();
+        match known_xattrs {
+            Some(x) => entry.xattrs = x,
+            // Files that will be hashed read their xattrs through the open descriptor in the
+            // hash job (off this thread, and from the very inode that is hashed).
+            None if hash_job => {}
+            None => match read_xattrs(dent.path()) {
                 Ok(x) => entry.xattrs = x,
                 Err(e) => problems.push(e),
-            }
+            },
         }
         entry.path = path;
         let mut obs = Observed {
             entry,
-            key: None,
+            key,
             policy: pp,
             problem: None,
             hashed: false,
             cached: false,
+            xattrs_cached,
         };
-        if ft == FileType::Regular {
-            let key = StatKey::from_metadata(&meta);
-            obs.key = Some(key);
-            let wants_content =
-                opts.purpose == Purpose::Baseline || pp.attributes.contains(Attribute::Content);
+        if let Some(key) = key {
             if meta.size() > policy.max_hash_size {
                 let reason = format!(
                     "content not hashed: size {} is above the policy's max_hash_size {}",
@@ -408,13 +444,9 @@ fn walk(
                     problems.push(reason);
                 }
             } else if wants_content {
-                if let Some(h) = cache.and_then(|c| c.lookup(&obs.entry.path, &key)) {
+                if let Some(h) = known_hash {
                     obs.entry.content_hash = h.to_vec();
                     obs.cached = true;
-                    match read_xattrs(dent.path()) {
-                        Ok(x) => obs.entry.xattrs = x,
-                        Err(e) => problems.push(e),
-                    }
                 } else {
                     if !problems.is_empty() {
                         obs.problem = Some(problems.join("; "));
@@ -432,6 +464,7 @@ fn walk(
                                 obs.entry.content_hash = h.hash.to_vec();
                                 obs.key = Some(h.key);
                                 obs.hashed = true;
+                                obs.xattrs_cached = false;
                                 match xattrs {
                                     Ok(x) => obs.entry.xattrs = x,
                                     Err(e) => {
@@ -466,4 +499,47 @@ fn walk(
         }
     }
     let _ = batch.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inside_path_agrees_with_component_wise_stripping() {
+        let slow = |root: &str, p: &str| {
+            let rel = Path::new(p)
+                .strip_prefix(root)
+                .unwrap_or(Path::new(p))
+                .as_os_str()
+                .as_bytes();
+            [b"/", rel].concat()
+        };
+        for (root, p) in [
+            ("/", "/"),
+            ("/", "/etc"),
+            ("/", "/etc/passwd"),
+            ("/srv/img", "/srv/img"),
+            ("/srv/img", "/srv/img/etc/passwd"),
+            ("/srv/img/", "/srv/img/etc"),
+            (".", "."),
+            (".", "./etc/passwd"),
+            ("img", "img/a"),
+            ("/srv/./img", "/srv/./img/a/b"),
+            ("/srv//img", "/srv//img/a"),
+        ] {
+            assert_eq!(
+                inside_path(Path::new(root), Path::new(p)),
+                slow(root, p),
+                "{root} {p}"
+            );
+        }
+        assert_eq!(
+            inside_path(
+                Path::new("/r"),
+                Path::new(std::ffi::OsStr::from_bytes(b"/r/\xff\n"))
+            ),
+            b"/\xff\n".to_vec()
+        );
+    }
 }

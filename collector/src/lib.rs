@@ -3,5 +3,20 @@
 //! violation sets over gRPC with mutual TLS; the collector commits each report before it
 //! acknowledges it and serves the state to people over an HTTP JSON API and the `driftwatch`
 //! CLI.
+//!
+//! Start one with [`server::Server::bind`] and [`server::Server::run`] (or [`server::serve`]).
 
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod enroll;
+pub mod failpoint;
+pub mod ingest;
+pub mod logging;
+pub mod revocation;
+pub mod rpc_error;
+pub mod security;
+pub mod server;
 pub mod storage;
+pub mod tls;
+pub mod token;

@@ -13,6 +13,10 @@
 //! The root is the node hash of `/`. Two parties compare one root; when roots differ, node
 //! hashes narrow the difference to subtrees.
 
+use std::sync::OnceLock;
+
+use blake3::hazmat::{self, HasherExt};
+
 use crate::Hash;
 use crate::path::{self, PathError};
 
@@ -30,9 +34,23 @@ pub enum MerkleError {
     Duplicate(String),
 }
 
+/// A derive-key hasher for `context` whose context key is computed once per process
+/// (`new_derive_key` hashes the context string on every call: a third of a leaf's cost).
+fn derive_key_hasher(
+    context: &'static str,
+    key: &'static OnceLock<hazmat::ContextKey>,
+) -> blake3::Hasher {
+    blake3::Hasher::new_from_context_key(
+        key.get_or_init(|| hazmat::hash_derive_key_context(context)),
+    )
+}
+
+static LEAF_KEY: OnceLock<hazmat::ContextKey> = OnceLock::new();
+static NODE_KEY: OnceLock<hazmat::ContextKey> = OnceLock::new();
+
 /// The leaf hash of one entry, from its canonical (record) encoding.
 pub fn leaf_hash(encoded_entry: &[u8]) -> Hash {
-    let mut h = blake3::Hasher::new_derive_key(LEAF_CONTEXT);
+    let mut h = derive_key_hasher(LEAF_CONTEXT, &LEAF_KEY);
     h.update(encoded_entry);
     *h.finalize().as_bytes()
 }
@@ -44,7 +62,7 @@ struct Frame {
 
 impl Frame {
     fn new(path: &[u8], leaf: Option<&Hash>) -> Self {
-        let mut hasher = blake3::Hasher::new_derive_key(NODE_CONTEXT);
+        let mut hasher = derive_key_hasher(NODE_CONTEXT, &NODE_KEY);
         match leaf {
             Some(l) => {
                 hasher.update(&[1]);
@@ -65,14 +83,18 @@ impl Frame {
 ///
 /// An empty set has the root of an empty, entry-less `/`.
 pub fn root<'a>(leaves: impl IntoIterator<Item = (&'a [u8], Hash)>) -> Result<Hash, MerkleError> {
-    let mut items: Vec<(&[u8], Hash)> = leaves.into_iter().collect();
-    for (p, _) in &items {
+    let given: Vec<(&[u8], Hash)> = leaves.into_iter().collect();
+    for (p, _) in &given {
         path::validate(p).map_err(|source| MerkleError::BadPath {
             path: String::from_utf8_lossy(p).into_owned(),
             source,
         })?;
     }
-    items.sort_unstable_by(|a, b| path::tree_order(a.0, b.0));
+    // Baselines give their entries in byte order, which is tree order except around names with
+    // bytes below '/': a stable sort merges such presorted runs cheaply (a quarter of the
+    // comparisons of an unstable one here), and sorting references keeps its scratch small.
+    let mut items: Vec<&(&[u8], Hash)> = given.iter().collect();
+    items.sort_by(|a, b| path::tree_order(a.0, b.0));
     if let Some(w) = items.windows(2).find(|w| w[0].0 == w[1].0) {
         return Err(MerkleError::Duplicate(
             String::from_utf8_lossy(w[0].0).into_owned(),
@@ -155,6 +177,15 @@ mod tests {
             h.update(hash);
         }
         *h.finalize().as_bytes()
+    }
+
+    #[test]
+    fn leaf_hash_is_blake3_derive_key_of_the_record() {
+        for record in [&b""[..], b"x", &[7u8; 3000]] {
+            let mut h = blake3::Hasher::new_derive_key(LEAF_CONTEXT);
+            h.update(record);
+            assert_eq!(leaf_hash(record), *h.finalize().as_bytes());
+        }
     }
 
     #[test]

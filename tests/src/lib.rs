@@ -1,6 +1,6 @@
 //! Test harness for driftwatch's end-to-end tests: locating the real binaries, running them
 //! with a time limit, building and caching real Debian root filesystems, and the rules for
-//! tests that need root.
+//! tests that need root, and a throwaway PostgreSQL server (`postgres`).
 //!
 //! Run the suite with `cargo test --workspace` (which builds the binaries first) or
 //! `tests/run.sh`.
@@ -345,4 +345,6 @@ pub fn finding(path: &[u8], kind: &str, attrs: &[&str]) -> Finding {
     (path.to_vec(), kind.to_string(), a)
 }
 
+pub mod daemon;
 pub mod debian;
+pub mod postgres;

@@ -8,7 +8,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use driftwatch_tests::{Keys, agent, baseline_create, check_json};
+use driftwatch_tests::{Keys, agent, baseline_create, check_json, finding, findings};
 
 #[test]
 fn keygen_writes_a_private_key_0600_and_never_overwrites() {
@@ -179,6 +179,61 @@ fn a_corrupted_scan_cache_is_discarded_with_a_warning_never_trusted() {
     let r = check_json(&root, &bl, &keys, Some(&state), &[]);
     assert!(r.json()["summary"]["scan"]["cache_hits"].as_u64().unwrap() >= 49);
     assert!(r.json()["warnings"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn an_xattr_changed_behind_a_warm_scan_cache_is_reported() {
+    // A cache hit stands for the xattrs too (setxattr moves ctime, so the stat key misses);
+    // this pins that a changed xattr is found, and that a file whose xattrs already differed
+    // from the baseline when it was hashed keeps being reported on later cache hits.
+    let t = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    let root = t.path().join("root");
+    fs::create_dir(&root).unwrap();
+    for i in 0..10 {
+        fs::write(root.join(format!("f{i}")), format!("content {i}")).unwrap();
+    }
+    xattr::set(root.join("f3"), "user.origin", b"image").unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    let bl = t.path().join("bl");
+    let state = t.path().join("state");
+    assert_eq!(baseline_create(&root, &bl, &keys, &[]).code, 0);
+    assert_eq!(check_json(&root, &bl, &keys, Some(&state), &[]).code, 0);
+    let warm = check_json(&root, &bl, &keys, Some(&state), &[]);
+    assert_eq!(warm.code, 0);
+    assert_eq!(warm.json()["summary"]["scan"]["cache_hits"], 10);
+
+    // Only xattrs change: content, size and mtime stay as they were.
+    let mtime = fs::metadata(root.join("f3")).unwrap().modified().unwrap();
+    xattr::set(root.join("f3"), "user.origin", b"tampered").unwrap();
+    xattr::set(root.join("f5"), "user.added", b"1").unwrap();
+    assert_eq!(
+        fs::metadata(root.join("f3")).unwrap().modified().unwrap(),
+        mtime
+    );
+    let expected = vec![
+        finding(b"/f3", "modified", &["xattr user.origin"]),
+        finding(b"/f5", "modified", &["xattr user.added"]),
+    ];
+    let r = check_json(&root, &bl, &keys, Some(&state), &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert_eq!(findings(&r.json()), expected);
+    assert_eq!(r.json()["summary"]["scan"]["cache_hits"], 8);
+
+    // Hashed again with the changed xattrs: their content is cached from now on, their xattrs
+    // are not (they are not the baseline's), so they are still reported.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(check_json(&root, &bl, &keys, Some(&state), &[]).code, 1);
+    let r = check_json(&root, &bl, &keys, Some(&state), &[]);
+    assert_eq!(r.code, 1);
+    assert_eq!(findings(&r.json()), expected);
+    assert_eq!(r.json()["summary"]["scan"]["cache_hits"], 10);
+
+    // Put back: clean again.
+    xattr::set(root.join("f3"), "user.origin", b"image").unwrap();
+    xattr::remove(root.join("f5"), "user.added").unwrap();
+    let r = check_json(&root, &bl, &keys, Some(&state), &[]);
+    assert_eq!(r.code, 0, "{}", r.stdout_str());
 }
 
 fn key_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {

@@ -200,6 +200,8 @@ fn package_drift_is_reported_and_every_file_attributed() {
             .unwrap_or_default();
         let sev = v["severity"].as_str().unwrap();
         match p.as_str() {
+            // Its owner is only in the live database: attributed from the file lists that the
+            // check reads once there is a file violation to attribute.
             "/usr/bin/dwtest-new" => assert_eq!(
                 (kind, class, owners.as_slice(), sev),
                 ("added", "package-change", &["dwtest-new:all"][..], "low"),
@@ -279,4 +281,54 @@ fn package_drift_is_reported_and_every_file_attributed() {
         ]
         .into()
     );
+}
+
+#[test]
+fn file_lists_are_read_only_when_a_file_violation_needs_an_owner() {
+    if !require_root("copies of the Debian root keep owners only as root") {
+        return;
+    }
+    let copy = debian::copy(&debian::minbase());
+    let root = copy.path();
+    let work = tempfile::tempdir().unwrap();
+    let keys = Keys::new();
+    let bl = work.path().join("image.dwb");
+    let r = baseline_create(root, &bl, &keys, &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+
+    // A file list dpkg itself would refuse (no final newline). /var/lib/** is mutable, so the
+    // file's own change is no violation.
+    let list = root.join("var/lib/dpkg/info/sed.list");
+    let mut data = fs::read(&list).unwrap();
+    assert_eq!(data.pop(), Some(b'\n'));
+    fs::write(&list, data).unwrap();
+
+    // Nothing to attribute: package drift comes from `status` alone, the lists are not read.
+    let r = check_json(root, &bl, &keys, None, &[]);
+    assert_eq!(r.code, 0, "{}", r.stdout_str());
+    assert!(r.json()["warnings"].as_array().unwrap().is_empty());
+
+    // A file violation needs its owner: now the lists are read, and the broken one is reported
+    // instead of an attribution (package drift, from `status`, is still known: none).
+    fs::write(root.join("usr/bin/tac"), "tampered\n").unwrap();
+    let r = check_json(root, &bl, &keys, None, &[]);
+    assert_eq!(r.code, 1);
+    let report = r.json();
+    assert!(report["package_drift"].as_array().unwrap().is_empty());
+    let violations = report["violations"].as_array().unwrap();
+    let db = violations
+        .iter()
+        .find(|v| json_path(&v["path"]) == b"/var/lib/dpkg/status")
+        .unwrap_or_else(|| panic!("no package database finding: {report}"));
+    assert_eq!(db["kind"], "unverifiable");
+    let reason = db["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("file lists cannot be read") && reason.contains("sed.list"),
+        "{reason}"
+    );
+    let tac = violations
+        .iter()
+        .find(|v| json_path(&v["path"]) == b"/usr/bin/tac")
+        .unwrap();
+    assert_eq!(tac["kind"], "modified");
 }

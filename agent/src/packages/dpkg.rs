@@ -5,7 +5,8 @@
 //! [`read`] reads the database of any root — a mounted image as well as `/` — and fills a
 //! [`Manifest`]: `status`, the pending journal in `updates/` (as `dpkg-query` does),
 //! `diversions`, `statoverride`, and each package's `info/<pkg>[:<arch>].list` and `.md5sums`,
-//! every file read once. The parsers ([`parse_status`], [`parse_list`], [`parse_md5sums`],
+//! every file read once. It reads in two steps ([`read_status`], then [`Status::with_files`])
+//! so that a caller that only needs the package inventory reads `status` and the journal only. The parsers ([`parse_status`], [`parse_list`], [`parse_md5sums`],
 //! [`parse_diversions`], [`parse_statoverride`]) are pure: bytes in, values or an error
 //! naming the file and line out. They never panic, and allocate only in proportion to their
 //! input.
@@ -206,6 +207,19 @@ pub struct Md5sum<'a> {
 /// `statoverride` and `updates/` are empty; a package without a file list is recorded with
 /// only the conffiles `status` names, and a note says so.
 pub fn read(root: &Path) -> Result<Manifest, PackageError> {
+    read_status(root)?.with_files()
+}
+
+/// The first step of [`read`]: `status` and the pending journal, which say which packages are
+/// installed in which version and state, but not their files.
+#[derive(Debug)]
+pub struct Status {
+    db: AdminDir,
+    records: Vec<StatusRecord>,
+}
+
+/// Reads `status` and the journal of `root`'s dpkg database (see [`read`]).
+pub fn read_status(root: &Path) -> Result<Status, PackageError> {
     let db = AdminDir::open(root)?;
     let status_path = db.path("status");
     let Some(data) = db.read("status")? else {
@@ -218,79 +232,109 @@ pub fn read(root: &Path) -> Result<Manifest, PackageError> {
     drop(data);
     apply_journal(&db, &mut records)?;
     records.retain(|r| r.state != State::NotInstalled);
+    Ok(Status { db, records })
+}
 
-    let diversions = match db.read("diversions")? {
-        Some(data) => parse_diversions(&data, &db.path("diversions"))?,
-        None => Vec::new(),
-    };
-    let stat_overrides = match db.read("statoverride")? {
-        Some(data) => parse_statoverride(&data, &db.path("statoverride"))?,
-        None => Vec::new(),
-    };
-    // Sorted by path for lookups (the parsers refused duplicates).
-    let mut diverted: Vec<(&[u8], &Diversion)> =
-        diversions.iter().map(|d| (d.from.as_slice(), d)).collect();
-    diverted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    let mut overridden: Vec<(&[u8], &StatOverride)> = stat_overrides
-        .iter()
-        .map(|o| (o.path.as_slice(), o))
-        .collect();
-    overridden.sort_unstable_by(|a, b| a.0.cmp(b.0));
-
-    let mut notes = Vec::new();
-    let mut packages = Vec::with_capacity(records.len());
-    for record in records {
-        let mut list = None;
-        let mut sums_data = None;
-        let mut sums_path = PathBuf::new();
-        // A package in config-files state has only its conffiles left on disk.
-        if record.state != State::ConfigFiles {
-            for base in info_names(&record) {
-                let rel = format!("info/{base}.list");
-                if let Some(data) = db.read(&rel)? {
-                    list = Some(parse_list(&data, &db.path(&rel))?);
-                    let rel = format!("info/{base}.md5sums");
-                    sums_path = db.path(&rel);
-                    sums_data = db.read(&rel)?;
-                    break;
-                }
-            }
-            if list.is_none() {
-                notes.push(format!(
-                    "dpkg: package {}:{} ({}) has no file list in {ADMIN_DIR}/info: only its \
-                     conffiles are known",
-                    record.name,
-                    record.arch,
-                    record.state.as_str()
-                ));
-            }
+impl Status {
+    /// The packages without their files (no file lists read): what [`read`] gives, with every
+    /// `files`, the diversions, the stat overrides and the notes empty.
+    pub fn packages_only(&self) -> Manifest {
+        Manifest {
+            manager: Manager::Dpkg,
+            packages: self
+                .records
+                .iter()
+                .map(|r| Package {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    arch: r.arch.clone(),
+                    state: r.state.as_str().to_string(),
+                    files: Vec::new(),
+                })
+                .collect(),
+            diversions: Vec::new(),
+            stat_overrides: Vec::new(),
+            notes: Vec::new(),
         }
-        let sums = match &sums_data {
-            Some(data) => parse_md5sums(data, &sums_path)?,
+    }
+
+    /// The second step of [`read`]: `diversions`, `statoverride` and every package's file
+    /// list and MD5 sums. The packages are those of [`Status::packages_only`], in its order.
+    pub fn with_files(self) -> Result<Manifest, PackageError> {
+        let Status { db, records } = self;
+        let diversions = match db.read("diversions")? {
+            Some(data) => parse_diversions(&data, &db.path("diversions"))?,
             None => Vec::new(),
         };
-        let files = package_files(
-            &record,
-            list.unwrap_or_default(),
-            &sums,
-            &diverted,
-            &overridden,
-        );
-        packages.push(Package {
-            name: record.name,
-            version: record.version,
-            arch: record.arch,
-            state: record.state.as_str().to_string(),
-            files,
-        });
+        let stat_overrides = match db.read("statoverride")? {
+            Some(data) => parse_statoverride(&data, &db.path("statoverride"))?,
+            None => Vec::new(),
+        };
+        // Sorted by path for lookups (the parsers refused duplicates).
+        let mut diverted: Vec<(&[u8], &Diversion)> =
+            diversions.iter().map(|d| (d.from.as_slice(), d)).collect();
+        diverted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let mut overridden: Vec<(&[u8], &StatOverride)> = stat_overrides
+            .iter()
+            .map(|o| (o.path.as_slice(), o))
+            .collect();
+        overridden.sort_unstable_by(|a, b| a.0.cmp(b.0));
+
+        let mut notes = Vec::new();
+        let mut packages = Vec::with_capacity(records.len());
+        for record in records {
+            let mut list = None;
+            let mut sums_data = None;
+            let mut sums_path = PathBuf::new();
+            // A package in config-files state has only its conffiles left on disk.
+            if record.state != State::ConfigFiles {
+                for base in info_names(&record) {
+                    let rel = format!("info/{base}.list");
+                    if let Some(data) = db.read(&rel)? {
+                        list = Some(parse_list(&data, &db.path(&rel))?);
+                        let rel = format!("info/{base}.md5sums");
+                        sums_path = db.path(&rel);
+                        sums_data = db.read(&rel)?;
+                        break;
+                    }
+                }
+                if list.is_none() {
+                    notes.push(format!(
+                        "dpkg: package {}:{} ({}) has no file list in {ADMIN_DIR}/info: only its \
+                         conffiles are known",
+                        record.name,
+                        record.arch,
+                        record.state.as_str()
+                    ));
+                }
+            }
+            let sums = match &sums_data {
+                Some(data) => parse_md5sums(data, &sums_path)?,
+                None => Vec::new(),
+            };
+            let files = package_files(
+                &record,
+                list.unwrap_or_default(),
+                &sums,
+                &diverted,
+                &overridden,
+            );
+            packages.push(Package {
+                name: record.name,
+                version: record.version,
+                arch: record.arch,
+                state: record.state.as_str().to_string(),
+                files,
+            });
+        }
+        Ok(Manifest {
+            manager: Manager::Dpkg,
+            packages,
+            diversions,
+            stat_overrides,
+            notes,
+        })
     }
-    Ok(Manifest {
-        manager: Manager::Dpkg,
-        packages,
-        diversions,
-        stat_overrides,
-        notes,
-    })
 }
 
 /// The names under which dpkg may keep a package's `info/` files, most likely first:
@@ -1227,6 +1271,7 @@ fn parse_error(file: &Path, line: usize, what: impl Into<String>) -> PackageErro
 // Reading the files of one root.
 
 /// `var/lib/dpkg` of one root: files opened inside the root, within a byte budget.
+#[derive(Debug)]
 struct AdminDir {
     root: PathBuf,
     root_fd: OwnedFd,
@@ -1917,6 +1962,49 @@ mod tests {
             }
             other => panic!("expected a missing-file error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_status_step_reads_no_file_list_and_the_files_step_gives_what_read_gives() {
+        let status = stanza("foo", "amd64", "install ok installed", "")
+            + &stanza("bar", "amd64", "install ok unpacked", "")
+            + &stanza("gone", "amd64", "deinstall ok config-files", "");
+        let root = Root::new(&status);
+        root.write("info/foo.list", b"/usr/bin/foo\n");
+        root.write(
+            "info/foo.md5sums",
+            format!("{MD5_A}  usr/bin/foo\n").as_bytes(),
+        );
+        root.write("diversions", b"/usr/bin/bar\n/usr/bin/bar.real\nfoo\n");
+        // Unreadable as a list: only the second step may notice.
+        root.write("info/bar.list", b"no final newline");
+        let step = read_status(root.0.path()).unwrap();
+        let only = step.packages_only();
+        let keys: Vec<(String, &str, &str)> = only
+            .packages
+            .iter()
+            .map(|p| (p.key(), p.version.as_str(), p.state.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("bar:amd64".to_string(), "1.0-1", "unpacked"),
+                ("foo:amd64".to_string(), "1.0-1", "installed"),
+                ("gone:amd64".to_string(), "1.0-1", "config-files"),
+            ]
+        );
+        assert!(only.packages.iter().all(|p| p.files.is_empty()));
+        assert!(only.diversions.is_empty() && only.notes.is_empty());
+        assert!(matches!(
+            step.with_files(),
+            Err(PackageError::Parse { path, .. }) if path.ends_with("info/bar.list")
+        ));
+
+        root.write("info/bar.list", b"/usr/bin/bar\n");
+        let full = read_status(root.0.path()).unwrap().with_files().unwrap();
+        assert_eq!(full, root.read());
+        let names = |m: &Manifest| -> Vec<String> { m.packages.iter().map(Package::key).collect() };
+        assert_eq!(names(&full), names(&only), "same packages, same order");
     }
 
     #[test]

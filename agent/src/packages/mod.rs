@@ -176,6 +176,54 @@ pub fn read_manifest(root: &Path) -> Result<Option<Manifest>, PackageError> {
     Ok(None)
 }
 
+/// A root's package database, its packages read and their files read only when asked (see
+/// [`read_lazily`]).
+#[derive(Debug)]
+pub struct LazyManifest {
+    /// Until the files are read: the packages without files. Then: everything.
+    manifest: Manifest,
+    /// What is left to read (dpkg's file lists); `None` once everything is read.
+    pending: Option<dpkg::Status>,
+}
+
+impl LazyManifest {
+    /// The packages, in the order and with the versions and states of the full manifest; their
+    /// files, diversions, stat overrides and notes about files are empty until
+    /// [`LazyManifest::with_files`].
+    pub fn packages(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The full manifest, as [`read_manifest`] reads it.
+    pub fn with_files(self) -> Result<Manifest, PackageError> {
+        match self.pending {
+            Some(status) => status.with_files(),
+            None => Ok(self.manifest),
+        }
+    }
+}
+
+/// Like [`read_manifest`], but for dpkg only `status` and the journal are read now: the file
+/// lists (hundreds of files) wait until [`LazyManifest::with_files`], which a check calls only
+/// when a file violation needs its owner. An rpm database is read at once (its packages and
+/// files come from the same header blobs).
+pub fn read_lazily(root: &Path) -> Result<Option<LazyManifest>, PackageError> {
+    if root.join("var/lib/dpkg/status").is_file() {
+        let status = dpkg::read_status(root)?;
+        return Ok(Some(LazyManifest {
+            manifest: status.packages_only(),
+            pending: Some(status),
+        }));
+    }
+    if rpm::database_present(root) {
+        return Ok(Some(LazyManifest {
+            manifest: rpm::read(root)?,
+            pending: None,
+        }));
+    }
+    Ok(None)
+}
+
 /// The inventory of a manifest as baselines store it, sorted by (name, arch, version).
 pub fn inventory(m: &Manifest) -> Vec<driftwatch_proto::v1::Package> {
     inventory_with_positions(m).0

@@ -350,6 +350,17 @@ struct Rule {
     growing: Option<bool>,
 }
 
+/// Where one path stands under the policy, from a single match against every glob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classification {
+    /// The path itself matches an exclude glob (ancestors are not considered).
+    pub excluded: bool,
+    /// The path matches an include glob.
+    pub included: bool,
+    /// The settings in force for the path (see [`Policy::for_path`]).
+    pub policy: PathPolicy,
+}
+
 /// A validated, compiled policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -358,15 +369,25 @@ pub struct Policy {
     pub cross_filesystems: Vec<Vec<u8>>,
     pub max_hash_size: u64,
     pub packages: PackagePolicy,
-    include: GlobSet,
-    exclude: GlobSet,
-    rule_globs: GlobSet,
+    /// Every glob in one set, so a path is matched once: the exclude globs, then the include
+    /// globs, then the rules' globs.
+    globs: GlobSet,
+    /// How many globs of `globs` are exclude globs, and how many include globs follow them.
+    exclude_count: usize,
+    include_count: usize,
+    /// The rule of each rule glob.
     glob_rule: Vec<usize>,
     rules: Vec<Rule>,
 }
 
-fn compile_globs(globs: &[String]) -> Result<GlobSet, PolicyError> {
-    let mut b = GlobSetBuilder::new();
+/// What matched one path: the exclude and include verdicts and the matching rules in order.
+struct Matches {
+    excluded: bool,
+    included: bool,
+    rules: Vec<usize>,
+}
+
+fn compile_globs(globs: &[String], into: &mut GlobSetBuilder) -> Result<(), PolicyError> {
     for g in globs {
         if !(g.starts_with('/') || g.starts_with("**")) {
             return Err(PolicyError::Glob {
@@ -383,12 +404,9 @@ fn compile_globs(globs: &[String]) -> Result<GlobSet, PolicyError> {
                 glob: g.clone(),
                 reason: e.kind().to_string(),
             })?;
-        b.add(glob);
+        into.add(glob);
     }
-    b.build().map_err(|e| PolicyError::Glob {
-        glob: globs.join(", "),
-        reason: e.to_string(),
-    })
+    Ok(())
 }
 
 fn candidate(path: &[u8]) -> Candidate<'_> {
@@ -494,13 +512,9 @@ impl Policy {
             }
             cross.push(p.as_bytes().to_vec());
         }
-        let include = compile_globs(
-            paths
-                .include
-                .as_deref()
-                .unwrap_or(&["/".to_string(), "/**".to_string()]),
-        )?;
-        let exclude = compile_globs(paths.exclude.as_deref().unwrap_or(&[]))?;
+        let default_include = ["/".to_string(), "/**".to_string()];
+        let include = paths.include.as_deref().unwrap_or(&default_include);
+        let exclude = paths.exclude.as_deref().unwrap_or(&[]);
         let mut all_globs = Vec::new();
         let mut glob_rule = Vec::new();
         let mut rules = Vec::new();
@@ -520,15 +534,22 @@ impl Policy {
                 growing: r.growing,
             });
         }
-        let rule_globs = compile_globs(&all_globs)?;
+        let mut builder = GlobSetBuilder::new();
+        compile_globs(exclude, &mut builder)?;
+        compile_globs(include, &mut builder)?;
+        compile_globs(&all_globs, &mut builder)?;
+        let globs = builder.build().map_err(|e| PolicyError::Glob {
+            glob: [exclude, include, &all_globs[..]].concat().join(", "),
+            reason: e.to_string(),
+        })?;
         Ok(Policy {
             one_file_system: scan.one_file_system.unwrap_or(true),
             cross_filesystems: cross,
             max_hash_size: scan.max_hash_size.map_or(4 << 30, |b| b.0),
             packages,
-            include,
-            exclude,
-            rule_globs,
+            globs,
+            exclude_count: exclude.len(),
+            include_count: include.len(),
             glob_rule,
             rules,
             effective,
@@ -547,9 +568,45 @@ impl Policy {
         *blake3::hash(self.to_toml().as_bytes()).as_bytes()
     }
 
+    /// Matches `path` against every glob at once.
+    fn matches(&self, path: &[u8]) -> Matches {
+        let mut hits = Vec::new();
+        self.globs
+            .matches_candidate_into(&candidate(path), &mut hits);
+        let mut m = Matches {
+            excluded: false,
+            included: false,
+            rules: Vec::new(),
+        };
+        let rules_from = self.exclude_count + self.include_count;
+        for g in hits {
+            if g < self.exclude_count {
+                m.excluded = true;
+            } else if g < rules_from {
+                m.included = true;
+            } else {
+                m.rules.push(self.glob_rule[g - rules_from]);
+            }
+        }
+        m.rules.sort_unstable();
+        m.rules.dedup();
+        m
+    }
+
+    /// Exclusion, inclusion and the settings in force for `path`, from one glob match (what
+    /// [`Policy::is_excluded`], [`Policy::is_included`] and [`Policy::for_path`] say).
+    pub fn classify(&self, path: &[u8]) -> Classification {
+        let m = self.matches(path);
+        Classification {
+            excluded: m.excluded,
+            included: m.included,
+            policy: self.apply_rules(&m.rules),
+        }
+    }
+
     /// True when `path` itself matches an exclude glob.
     pub fn is_excluded(&self, path: &[u8]) -> bool {
-        self.exclude.is_match_candidate(&candidate(path))
+        self.matches(path).excluded
     }
 
     /// True when `path` or one of its ancestors is excluded.
@@ -566,7 +623,7 @@ impl Policy {
 
     /// True when `path` matches an include glob.
     pub fn is_included(&self, path: &[u8]) -> bool {
-        self.include.is_match_candidate(&candidate(path))
+        self.matches(path).included
     }
 
     /// True when the object at `path` is in scope: included and not excluded (nor below an
@@ -577,21 +634,18 @@ impl Policy {
 
     /// The settings in force for `path`: every matching rule applied in order.
     pub fn for_path(&self, path: &[u8]) -> PathPolicy {
+        self.apply_rules(&self.matches(path).rules)
+    }
+
+    /// The settings that `rules` (indices, ascending) give.
+    fn apply_rules(&self, rules: &[usize]) -> PathPolicy {
         let mut pp = PathPolicy {
             severity: Severity::Medium,
             attributes: AttrSet::DEFAULT,
             mutable: false,
             growing: false,
         };
-        let mut matched: Vec<usize> = self
-            .rule_globs
-            .matches_candidate(&candidate(path))
-            .into_iter()
-            .map(|g| self.glob_rule[g])
-            .collect();
-        matched.sort_unstable();
-        matched.dedup();
-        for i in matched {
+        for &i in rules {
             let r = &self.rules[i];
             if let Some(s) = r.severity {
                 pp.severity = s;
@@ -619,15 +673,7 @@ impl Policy {
 
     /// Indices (1-based) of the rules that match `path`, for explanations.
     pub fn matching_rules(&self, path: &[u8]) -> Vec<usize> {
-        let mut v: Vec<usize> = self
-            .rule_globs
-            .matches_candidate(&candidate(path))
-            .into_iter()
-            .map(|g| self.glob_rule[g] + 1)
-            .collect();
-        v.sort_unstable();
-        v.dedup();
-        v
+        self.matches(path).rules.iter().map(|i| i + 1).collect()
     }
 }
 
@@ -778,5 +824,65 @@ mod tests {
         assert!(p.is_excluded(b"/a/b"));
         assert!(!p.is_excluded(b"/a/b/c"));
         assert!(p.is_excluded(b"/a/\xff\xfe"));
+    }
+
+    #[test]
+    fn one_match_against_every_glob_equals_matching_each_list_on_its_own() {
+        let p = Policy::from_toml(
+            r#"
+            [paths]
+            include = ["/etc/**", "/usr/**", "/var/**", "/home/**", "/"]
+            exclude = ["/var/log/**", "**/*.tmp"]
+            [[rule]]
+            paths = ["/etc/**", "**/*.tmp"]
+            severity = "low"
+            [[rule]]
+            paths = ["/etc/cron*", "/home/*/.ssh/**", "/etc/**"]
+            severity = "critical"
+            "#,
+        )
+        .unwrap();
+        let set = |globs: &[String]| {
+            let mut b = GlobSetBuilder::new();
+            compile_globs(globs, &mut b).unwrap();
+            b.build().unwrap()
+        };
+        let raw = p.effective.clone();
+        let paths = raw.paths.unwrap();
+        let (include, exclude) = (set(&paths.include.unwrap()), set(&paths.exclude.unwrap()));
+        let rule_sets: Vec<GlobSet> = raw.rule.iter().map(|r| set(&r.paths)).collect();
+        for path in [
+            &b"/"[..],
+            b"/etc",
+            b"/etc/cron.d",
+            b"/etc/cron.d/x.tmp",
+            b"/etc/passwd",
+            b"/var/log/syslog",
+            b"/var/log",
+            b"/var/lib/dpkg/status",
+            b"/home/alice/.ssh/authorized_keys",
+            b"/home/alice/a.tmp",
+            b"/usr/bin/ls",
+            b"/proc/1/status",
+            b"/tmp/x",
+            b"/srv/\xff\xfe.tmp",
+        ] {
+            let c = candidate(path);
+            let rules: Vec<usize> = (0..rule_sets.len())
+                .filter(|&i| rule_sets[i].is_match_candidate(&c))
+                .collect();
+            let want = Classification {
+                excluded: exclude.is_match_candidate(&c),
+                included: include.is_match_candidate(&c),
+                policy: p.apply_rules(&rules),
+            };
+            let shown = String::from_utf8_lossy(path);
+            assert_eq!(p.classify(path), want, "{shown}");
+            assert_eq!(p.is_excluded(path), want.excluded, "{shown}");
+            assert_eq!(p.is_included(path), want.included, "{shown}");
+            assert_eq!(p.for_path(path), want.policy, "{shown}");
+            let one_based: Vec<usize> = rules.iter().map(|i| i + 1).collect();
+            assert_eq!(p.matching_rules(path), one_based, "{shown}");
+        }
     }
 }

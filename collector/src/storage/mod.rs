@@ -18,6 +18,14 @@ use std::pin::Pin;
 
 use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 
+mod apply;
+mod glob;
+pub mod postgres;
+pub mod sqlite;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
 /// A boxed future, so `dyn Storage` works (`Arc<dyn Storage>` is shared by every task).
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StorageError>> + Send + 'a>>;
 
@@ -36,6 +44,9 @@ pub enum StorageError {
     Corrupt { table: &'static str, detail: String },
     #[error("no such host {0:?}")]
     UnknownHost(String),
+    /// A caller-supplied value the storage cannot use (a glob that does not compile).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
     #[error(transparent)]
     Token(#[from] TokenError),
 }
@@ -137,6 +148,8 @@ pub struct HostSummary {
     pub hello: HelloInfo,
     pub last_seen_ms: Option<i64>,
     pub last_scan_ms: Option<i64>,
+    /// Status of the last scan, from the newest heartbeat or report.
+    pub last_scan_status: ScanStatus,
     pub last_report_ms: Option<i64>,
     /// True while the host's last report said its state is incomplete (lost reports, a failed
     /// scan), until a complete report arrives.
@@ -186,8 +199,12 @@ pub struct ViolationQuery {
     pub until_ms: Option<i64>,
     /// false: only open occurrences.
     pub include_resolved: bool,
+    /// At most this many records; 0 = [`DEFAULT_SEARCH_LIMIT`]. Newest `last_seen_ms` first.
     pub limit: u32,
 }
+
+/// The number of records a search returns when its `limit` is 0.
+pub const DEFAULT_SEARCH_LIMIT: u32 = 1000;
 
 /// A security-relevant event the collector refused or noticed (impersonation attempts, bad
 /// tokens). Kept until the audit log (issue 5) takes over.
@@ -261,4 +278,28 @@ pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
     fn host(&self, host_id: &str) -> StoreFuture<'_, Option<HostSummary>>;
     fn search_violations(&self, query: ViolationQuery) -> StoreFuture<'_, Vec<ViolationRecord>>;
     fn security_events(&self, since_ms: i64, limit: u32) -> StoreFuture<'_, Vec<SecurityEvent>>;
+}
+
+/// The checks of `consume_enrollment_token`, in the order a person would want them reported.
+pub(crate) fn check_token(
+    token: &EnrollmentToken,
+    host_id: &str,
+    now_ms: i64,
+) -> Result<(), StorageError> {
+    if token.expires_ms <= now_ms {
+        return Err(TokenError::Expired.into());
+    }
+    if token.uses_left == 0 {
+        return Err(TokenError::Exhausted.into());
+    }
+    if let Some(pattern) = &token.host_pattern
+        && !glob::host_pattern_matches(pattern, host_id)?
+    {
+        return Err(TokenError::HostPatternMismatch {
+            host_id: host_id.to_owned(),
+            pattern: pattern.clone(),
+        }
+        .into());
+    }
+    Ok(())
 }

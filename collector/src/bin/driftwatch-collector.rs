@@ -1,0 +1,39 @@
+//! `driftwatch-collector`: parses arguments, sets up logging, runs the command on a tokio
+//! runtime and maps the outcome to an exit code (0 ok, 64 configuration error, 1 anything
+//! else). Everything else is library code (`driftwatch_collector::cli`).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use driftwatch_collector::cli::{Cli, Failure, run};
+use driftwatch_collector::logging;
+
+/// sysexits EX_USAGE / EX_CONFIG territory: systemd's `RestartPreventExitStatus=64` stops a
+/// restart loop on a bad configuration.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init("info");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("driftwatch-collector: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("driftwatch-collector: configuration: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("driftwatch-collector: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

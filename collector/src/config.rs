@@ -1,0 +1,480 @@
+//! The collector's configuration, in two stages: [`RawConfig`] is the TOML file as written (every
+//! key optional, unknown keys refused by name) and [`Settings`] is what the server runs with
+//! (addresses parsed, durations typed, limits non-zero, defaults filled in). Only
+//! [`Settings::from_raw`] turns one into the other, so a `Settings` value is always valid.
+//!
+//! This module reads one file and does nothing else: no directories are created, no database is
+//! opened.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Default configuration file of the packaged service.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/driftwatch/collector.toml";
+/// Default state directory (CA, SQLite database).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/driftwatch-collector";
+
+/// The configuration file as written. Every key is optional; unknown keys are an error that
+/// names the key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub state_dir: Option<PathBuf>,
+    pub database_url: Option<String>,
+    pub grpc_listen: Option<String>,
+    pub http_listen: Option<String>,
+    pub server_names: Option<Vec<String>>,
+    pub client_cert_lifetime: Option<String>,
+    pub heartbeat_interval: Option<String>,
+    pub max_connections: Option<u64>,
+    pub max_message_bytes: Option<u64>,
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+}
+
+/// Why a configuration was refused. The binary exits 64 on any of these.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax, a wrong type or an unknown key (toml names the key and its line).
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Where the collector's state lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// The embedded default: one SQLite file (WAL).
+    Sqlite(PathBuf),
+    /// A `postgres://` or `postgresql://` connection URL.
+    Postgres(String),
+}
+
+/// Where the CA comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// Created on first start in `<state_dir>/ca/`, loaded afterwards.
+    Managed { dir: PathBuf },
+    /// An operator-provided CA (PEM certificate and PKCS#8 PEM key), e.g. shared by replicas.
+    Given { cert: PathBuf, key: PathBuf },
+}
+
+/// Timing and batching knobs that are not configuration-file keys: their defaults are the
+/// contract with the agents, and tests (and load generators) shorten them in-process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tuning {
+    /// Time for the first message (`Hello`) of a report stream.
+    pub hello_timeout: Duration,
+    /// Time for a TLS handshake.
+    pub handshake_timeout: Duration,
+    /// How often the revoked-serial cache is refreshed (at most 30 s).
+    pub revocation_refresh: Duration,
+    /// How often batched heartbeats are written.
+    pub heartbeat_flush: Duration,
+    /// Most reports committed in one transaction.
+    pub commit_batch_max: NonZeroUsize,
+    /// How long the writer waits for more reports after the first of a batch.
+    pub commit_linger: Duration,
+    /// How long shutdown waits for streams to drain.
+    pub shutdown_grace: Duration,
+    /// Reports of one stream waiting for their commit; the stream stops reading beyond it.
+    pub max_reports_in_flight: NonZeroUsize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            hello_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            revocation_refresh: Duration::from_secs(30),
+            heartbeat_flush: Duration::from_secs(5),
+            commit_batch_max: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
+            commit_linger: Duration::from_millis(2),
+            shutdown_grace: Duration::from_secs(10),
+            max_reports_in_flight: NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN),
+        }
+    }
+}
+
+/// The validated configuration the collector runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub database: Database,
+    pub grpc_listen: SocketAddr,
+    /// The HTTP JSON API's address (served from issue 5 on; carried here already).
+    pub http_listen: SocketAddr,
+    /// DNS names and IP addresses in the server certificate.
+    pub server_names: Vec<String>,
+    pub client_cert_lifetime: Duration,
+    /// Told to agents in `Welcome`; 3 silent intervals end a stream.
+    pub heartbeat_interval: NonZeroU32Seconds,
+    pub max_connections: NonZeroUsize,
+    /// gRPC message limit, both directions.
+    pub max_message_bytes: NonZeroUsize,
+    pub ca: CaSource,
+    pub tuning: Tuning,
+}
+
+/// A whole number of seconds, at least one (the unit of `Welcome.heartbeat_interval_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NonZeroU32Seconds(pub NonZeroU32);
+
+impl NonZeroU32Seconds {
+    pub fn as_duration(self) -> Duration {
+        Duration::from_secs(u64::from(self.0.get()))
+    }
+    pub fn seconds(self) -> u32 {
+        self.0.get()
+    }
+}
+
+const DEFAULT_GRPC_LISTEN: &str = "0.0.0.0:7443";
+const DEFAULT_HTTP_LISTEN: &str = "127.0.0.1:7480";
+const DEFAULT_CLIENT_CERT_LIFETIME: Duration = Duration::from_secs(30 * 24 * 3600);
+const DEFAULT_HEARTBEAT_SECONDS: u32 = 30;
+const DEFAULT_MAX_CONNECTIONS: u64 = 16_384;
+const DEFAULT_MAX_MESSAGE_BYTES: u64 = 4 * 1024 * 1024;
+/// A client certificate shorter-lived than this would have agents renewing constantly.
+const MIN_CLIENT_CERT_LIFETIME: Duration = Duration::from_secs(60);
+/// The CA itself lives 10 years; a client certificate must not outlive it by design.
+const MAX_CLIENT_CERT_LIFETIME: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+const MIN_MESSAGE_BYTES: u64 = 64 * 1024;
+const MAX_MESSAGE_BYTES: u64 = 256 * 1024 * 1024;
+
+impl RawConfig {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<RawConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Reads and parses a configuration file.
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        RawConfig::parse(&text, path)
+    }
+}
+
+impl Settings {
+    /// Validates a raw configuration and fills in the defaults.
+    pub fn from_raw(raw: RawConfig) -> Result<Settings, ConfigError> {
+        let state_dir = raw
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        if !state_dir.is_absolute() {
+            return Err(invalid("state_dir", "must be an absolute path"));
+        }
+        let database = match raw.database_url {
+            None => Database::Sqlite(state_dir.join("collector.db")),
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Database::Postgres(url)
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "database_url",
+                    "must be a postgres:// or postgresql:// URL (leave it out for SQLite in state_dir)",
+                ));
+            }
+        };
+        let grpc_listen = parse_addr("grpc_listen", raw.grpc_listen, DEFAULT_GRPC_LISTEN)?;
+        let http_listen = parse_addr("http_listen", raw.http_listen, DEFAULT_HTTP_LISTEN)?;
+        let server_names = match raw.server_names {
+            Some(names) => {
+                if names.is_empty() {
+                    return Err(invalid(
+                        "server_names",
+                        "must name at least one DNS name or IP",
+                    ));
+                }
+                for n in &names {
+                    check_server_name(n)?;
+                }
+                names
+            }
+            None => default_server_names(),
+        };
+        let client_cert_lifetime = match raw.client_cert_lifetime {
+            Some(s) => parse_duration("client_cert_lifetime", &s)?,
+            None => DEFAULT_CLIENT_CERT_LIFETIME,
+        };
+        if !(MIN_CLIENT_CERT_LIFETIME..=MAX_CLIENT_CERT_LIFETIME).contains(&client_cert_lifetime) {
+            return Err(invalid(
+                "client_cert_lifetime",
+                "must be between 1 minute and 5 years",
+            ));
+        }
+        let heartbeat_interval = match raw.heartbeat_interval {
+            Some(s) => {
+                let d = parse_duration("heartbeat_interval", &s)?;
+                if d.subsec_nanos() != 0 {
+                    return Err(invalid("heartbeat_interval", "must be whole seconds"));
+                }
+                u32::try_from(d.as_secs())
+                    .ok()
+                    .filter(|s| *s <= 24 * 3600)
+                    .and_then(NonZeroU32::new)
+                    .ok_or_else(|| invalid("heartbeat_interval", "must be 1 s to 24 h"))?
+            }
+            None => NonZeroU32::new(DEFAULT_HEARTBEAT_SECONDS).unwrap_or(NonZeroU32::MIN),
+        };
+        let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        let max_connections = usize::try_from(max_connections)
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| invalid("max_connections", "must be at least 1"))?;
+        let max_message_bytes = raw.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        if !(MIN_MESSAGE_BYTES..=MAX_MESSAGE_BYTES).contains(&max_message_bytes) {
+            return Err(invalid(
+                "max_message_bytes",
+                format!("must be between {MIN_MESSAGE_BYTES} and {MAX_MESSAGE_BYTES}"),
+            ));
+        }
+        let max_message_bytes = usize::try_from(max_message_bytes)
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| invalid("max_message_bytes", "out of range"))?;
+        let ca = match (raw.ca_cert, raw.ca_key) {
+            (None, None) => CaSource::Managed {
+                dir: state_dir.join("ca"),
+            },
+            (Some(cert), Some(key)) => CaSource::Given { cert, key },
+            (Some(_), None) => return Err(invalid("ca_key", "is required with ca_cert")),
+            (None, Some(_)) => return Err(invalid("ca_cert", "is required with ca_key")),
+        };
+        Ok(Settings {
+            state_dir,
+            database,
+            grpc_listen,
+            http_listen,
+            server_names,
+            client_cert_lifetime,
+            heartbeat_interval: NonZeroU32Seconds(heartbeat_interval),
+            max_connections,
+            max_message_bytes,
+            ca,
+            tuning: Tuning::default(),
+        })
+    }
+
+    /// Reads, parses and validates a configuration file; `None` = every default.
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
+        let raw = match path {
+            Some(p) => RawConfig::load(p)?,
+            None => RawConfig::default(),
+        };
+        Settings::from_raw(raw)
+    }
+
+    /// Settings for an in-process collector (tests, load generators): state in `state_dir`,
+    /// gRPC on an ephemeral loopback port, server names for loopback.
+    pub fn for_local(state_dir: &Path) -> Settings {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Settings {
+            state_dir: state_dir.to_path_buf(),
+            database: Database::Sqlite(state_dir.join("collector.db")),
+            grpc_listen: loopback,
+            http_listen: loopback,
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            client_cert_lifetime: DEFAULT_CLIENT_CERT_LIFETIME,
+            heartbeat_interval: NonZeroU32Seconds(
+                NonZeroU32::new(DEFAULT_HEARTBEAT_SECONDS).unwrap_or(NonZeroU32::MIN),
+            ),
+            max_connections: NonZeroUsize::new(1024).unwrap_or(NonZeroUsize::MIN),
+            max_message_bytes: NonZeroUsize::new(4 << 20).unwrap_or(NonZeroUsize::MIN),
+            ca: CaSource::Managed {
+                dir: state_dir.join("ca"),
+            },
+            tuning: Tuning::default(),
+        }
+    }
+}
+
+fn parse_addr(
+    key: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let s = value.as_deref().unwrap_or(default);
+    s.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("{s:?} is not an address:port (e.g. {default})"),
+        )
+    })
+}
+
+fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| invalid(key, format!("{s:?}: {e} (e.g. \"30d\")")))
+}
+
+fn check_server_name(name: &str) -> Result<(), ConfigError> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let dns_ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if dns_ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            "server_names",
+            format!("{name:?} is neither a DNS name nor an IP address"),
+        ))
+    }
+}
+
+/// `localhost`, the loopback addresses and this machine's hostname.
+fn default_server_names() -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let h = h.trim();
+        if check_server_name(h).is_ok() && !names.iter().any(|n| n == h) {
+            names.push(h.to_string());
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(toml: &str) -> Result<Settings, ConfigError> {
+        Settings::from_raw(RawConfig::parse(toml, Path::new("test.toml"))?)
+    }
+
+    #[test]
+    fn defaults() {
+        let s = settings("").unwrap();
+        assert_eq!(s.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(
+            s.database,
+            Database::Sqlite(Path::new(DEFAULT_STATE_DIR).join("collector.db"))
+        );
+        assert_eq!(s.grpc_listen.to_string(), "0.0.0.0:7443");
+        assert_eq!(s.http_listen.to_string(), "127.0.0.1:7480");
+        assert!(s.server_names.starts_with(&[
+            "localhost".into(),
+            "127.0.0.1".into(),
+            "::1".into()
+        ]));
+        assert_eq!(s.client_cert_lifetime, Duration::from_secs(30 * 86400));
+        assert_eq!(s.heartbeat_interval.seconds(), 30);
+        assert_eq!(s.max_message_bytes.get(), 4 << 20);
+        assert_eq!(
+            s.ca,
+            CaSource::Managed {
+                dir: Path::new(DEFAULT_STATE_DIR).join("ca")
+            }
+        );
+    }
+
+    #[test]
+    fn every_key() {
+        let s = settings(
+            r#"
+            state_dir = "/srv/dw"
+            database_url = "postgres://dw@db/dw"
+            grpc_listen = "[::]:9443"
+            http_listen = "127.0.0.1:9480"
+            server_names = ["collector.example.com", "10.0.0.5"]
+            client_cert_lifetime = "7d"
+            heartbeat_interval = "1m"
+            max_connections = 20000
+            max_message_bytes = 1048576
+            ca_cert = "/etc/dw/ca.pem"
+            ca_key = "/etc/dw/ca-key.pem"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(s.database, Database::Postgres("postgres://dw@db/dw".into()));
+        assert_eq!(s.grpc_listen.to_string(), "[::]:9443");
+        assert_eq!(s.server_names.len(), 2);
+        assert_eq!(s.client_cert_lifetime, Duration::from_secs(7 * 86400));
+        assert_eq!(s.heartbeat_interval.seconds(), 60);
+        assert_eq!(s.max_connections.get(), 20000);
+        assert_eq!(
+            s.ca,
+            CaSource::Given {
+                cert: "/etc/dw/ca.pem".into(),
+                key: "/etc/dw/ca-key.pem".into()
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = settings("grpc_listn = \"0.0.0.0:1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("grpc_listn"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (toml, key) in [
+            ("grpc_listen = \"nowhere\"", "grpc_listen"),
+            ("database_url = \"mysql://x\"", "database_url"),
+            ("client_cert_lifetime = \"forever\"", "client_cert_lifetime"),
+            ("client_cert_lifetime = \"1s\"", "client_cert_lifetime"),
+            ("heartbeat_interval = \"1500ms\"", "heartbeat_interval"),
+            ("heartbeat_interval = \"0s\"", "heartbeat_interval"),
+            ("max_connections = 0", "max_connections"),
+            ("max_message_bytes = 10", "max_message_bytes"),
+            ("server_names = []", "server_names"),
+            ("server_names = [\"bad name\"]", "server_names"),
+            ("ca_cert = \"/x.pem\"", "ca_key"),
+            ("state_dir = \"relative\"", "state_dir"),
+        ] {
+            let e = settings(toml).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{toml}: {e}");
+        }
+        let e = settings("max_connections = \"many\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_connections"), "{e}");
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../packaging/examples/collector.toml");
+        let s = settings(text).unwrap();
+        assert_eq!(s.server_names, ["collector.example.com", "10.0.0.5"]);
+        assert_eq!(s.heartbeat_interval.seconds(), 30);
+    }
+
+    #[test]
+    fn local_settings_are_valid() {
+        let s = Settings::for_local(Path::new("/tmp/x"));
+        assert_eq!(s.grpc_listen.port(), 0);
+        assert_eq!(s.database, Database::Sqlite("/tmp/x/collector.db".into()));
+    }
+}

@@ -1,0 +1,647 @@
+//! The `Ingest.Report` stream: one long-lived stream per agent carrying its host's violation set
+//! changes, committed in group transactions and acknowledged only after their commit.
+//!
+//! ```text
+//! agent ─Hello→ stream task ─Welcome→ agent
+//! agent ─Report→ stream task ─ApplyJob(report, oneshot)→ [bounded mpsc] → writer task
+//!                                                          apply_reports(batch)  (one transaction)
+//! agent ←Ack{seq} (←Resync) ─ stream task ←─────────── oneshot(outcome) ──────┘
+//! agent ─Heartbeat→ stream task → heartbeat batch (memory) → record_heartbeats every few s
+//! ```
+//!
+//! What it owns: the stream protocol (Hello first and within a deadline, identity only from the
+//! certificate, per-message checks, idle timeout, revocation), the group-commit writer and the
+//! heartbeat batch. What it must never do: send an `Ack` for a report whose transaction has not
+//! committed, or take a host id from anything but the certificate.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use driftwatch_proto::set::key_matches;
+use driftwatch_proto::v1::ingest_server::Ingest;
+use driftwatch_proto::v1::{
+    Ack, AgentMessage, CollectorMessage, Heartbeat, Hello, Report, Resync, ScanStatus, Welcome,
+    agent_message, collector_message,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::ca::{ClientIdentity, unix_ms};
+use crate::config::Settings;
+use crate::failpoint;
+use crate::revocation::Revocations;
+use crate::rpc_error::RpcError;
+use crate::security;
+use crate::storage::{
+    ApplyOutcome, HeartbeatRecord, HelloInfo, ReportToApply, Storage, StorageError,
+};
+use crate::tls::PeerInfo;
+
+/// Longest item key accepted ("f\0" + a path up to PATH_MAX, with room to spare).
+const MAX_KEY_BYTES: usize = 8192;
+/// Longest free-text field of a Hello.
+const MAX_HELLO_FIELD: usize = 512;
+
+type ApplyResult = Result<ApplyOutcome, Arc<StorageError>>;
+
+/// One report on its way to the writer, with the channel its outcome comes back on.
+#[derive(Debug)]
+struct ApplyJob {
+    report: ReportToApply,
+    done: oneshot::Sender<ApplyResult>,
+}
+
+/// Tunables of the ingest, taken from [`Settings`].
+#[derive(Debug, Clone)]
+struct Limits {
+    hello_timeout: Duration,
+    heartbeat_interval: Duration,
+    heartbeat_seconds: u32,
+    max_in_flight: usize,
+}
+
+/// State shared by every stream.
+#[derive(Debug)]
+struct Shared {
+    store: Arc<dyn Storage>,
+    /// Bounded: when the writer falls behind, streams wait here (and stop reading their
+    /// sockets) instead of queueing without limit.
+    writer: mpsc::Sender<ApplyJob>,
+    heartbeats: Arc<HeartbeatBatch>,
+    revocations: Revocations,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The `driftwatch.v1.Ingest` service.
+#[derive(Debug, Clone)]
+pub struct IngestService {
+    shared: Arc<Shared>,
+}
+
+/// The ingest's background tasks; [`IngestTasks::finish`] waits for them after shutdown.
+#[derive(Debug)]
+pub struct IngestTasks {
+    writer: tokio::task::JoinHandle<()>,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl IngestTasks {
+    /// Waits (at most `grace`) for the writer to commit what it was given and the last
+    /// heartbeats to be written. The writer ends once every stream has ended.
+    pub async fn finish(self, grace: Duration) {
+        let all = async {
+            let _ = self.writer.await;
+            let _ = self.flusher.await;
+        };
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("ingest writer did not finish within the grace period");
+        }
+    }
+}
+
+impl IngestService {
+    /// Starts the writer and heartbeat tasks. Both stop when `shutdown` turns true and their
+    /// work is done.
+    pub fn start(
+        settings: &Settings,
+        store: Arc<dyn Storage>,
+        revocations: Revocations,
+        shutdown: watch::Receiver<bool>,
+    ) -> (IngestService, IngestTasks) {
+        let tuning = &settings.tuning;
+        let (writer_tx, writer_rx) = mpsc::channel(tuning.commit_batch_max.get() * 4);
+        let writer = tokio::spawn(run_writer(
+            store.clone(),
+            writer_rx,
+            tuning.commit_batch_max.get(),
+            tuning.commit_linger,
+        ));
+        let heartbeats = Arc::new(HeartbeatBatch::default());
+        let flusher = tokio::spawn(run_heartbeat_flusher(
+            store.clone(),
+            heartbeats.clone(),
+            tuning.heartbeat_flush,
+            shutdown.clone(),
+        ));
+        let shared = Arc::new(Shared {
+            store,
+            writer: writer_tx,
+            heartbeats,
+            revocations,
+            limits: Limits {
+                hello_timeout: tuning.hello_timeout,
+                heartbeat_interval: settings.heartbeat_interval.as_duration(),
+                heartbeat_seconds: settings.heartbeat_interval.seconds(),
+                max_in_flight: tuning.max_reports_in_flight.get(),
+            },
+            shutdown,
+        });
+        (IngestService { shared }, IngestTasks { writer, flusher })
+    }
+}
+
+#[tonic::async_trait]
+impl Ingest for IngestService {
+    type ReportStream = ReceiverStream<Result<CollectorMessage, Status>>;
+
+    async fn report(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        let peer = security::peer(request.extensions()).cloned();
+        let identity = match security::authenticated_client(peer.as_ref(), &self.shared.revocations)
+        {
+            Ok(id) => id,
+            Err(e) => {
+                let kind = match e {
+                    RpcError::Revoked => "revoked-certificate",
+                    _ => "unauthenticated-report",
+                };
+                security::record(&self.shared.store, kind, peer.as_ref(), None, e.to_string())
+                    .await;
+                return Err(e.into());
+            }
+        };
+        let inbound = request.into_inner();
+        // Small: the stream task waits for the agent to read its acks rather than buffering.
+        let (tx, rx) = mpsc::channel(8);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let host = identity.host_id.clone();
+            let result = run_stream(&shared, &identity, peer.as_ref(), inbound, &tx).await;
+            match result {
+                Ok(()) => tracing::debug!(host, "report stream ended"),
+                Err(e) => {
+                    match &e {
+                        RpcError::Impersonation { .. } => {
+                            security::record(
+                                &shared.store,
+                                "impersonation",
+                                peer.as_ref(),
+                                Some(&host),
+                                e.to_string(),
+                            )
+                            .await
+                        }
+                        RpcError::Revoked => {
+                            security::record(
+                                &shared.store,
+                                "revoked-certificate",
+                                peer.as_ref(),
+                                Some(&host),
+                                "report stream closed: the host's certificate was revoked".into(),
+                            )
+                            .await
+                        }
+                        _ => tracing::info!(host, error = %e, "report stream closed"),
+                    }
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+type Outbound = mpsc::Sender<Result<CollectorMessage, Status>>;
+
+async fn send(tx: &Outbound, msg: collector_message::Msg) -> Result<(), RpcError> {
+    tx.send(Ok(CollectorMessage { msg: Some(msg) }))
+        .await
+        // The agent went away; nothing more to say to it.
+        .map_err(|_| RpcError::AgentGone)
+}
+
+/// A report sent to the writer whose outcome is awaited, in stream order.
+struct Pending {
+    seq: u64,
+    full: bool,
+    done: oneshot::Receiver<ApplyResult>,
+}
+
+async fn run_stream(
+    shared: &Shared,
+    identity: &ClientIdentity,
+    peer: Option<&PeerInfo>,
+    mut inbound: Streaming<AgentMessage>,
+    tx: &Outbound,
+) -> Result<(), RpcError> {
+    let limits = &shared.limits;
+    let first = match tokio::time::timeout(limits.hello_timeout, inbound.message()).await {
+        Err(_) => return Err(RpcError::HelloTimeout(limits.hello_timeout)),
+        Ok(Err(status)) => return Err(RpcError::InvalidMessage(status.message().to_string())),
+        Ok(Ok(None)) => return Ok(()),
+        Ok(Ok(Some(m))) => m,
+    };
+    let hello = match first.msg {
+        Some(agent_message::Msg::Hello(h)) => h,
+        _ => return Err(RpcError::HelloMissing),
+    };
+    if hello.host_id != identity.host_id {
+        return Err(RpcError::Impersonation {
+            certified: identity.host_id.clone(),
+            claimed: hello.host_id,
+        });
+    }
+    let info = hello_info(hello)?;
+    let epoch = info.epoch;
+    let position = shared
+        .store
+        .hello(&identity.host_id, info, unix_ms(SystemTime::now()))
+        .await?;
+    tracing::debug!(host = identity.host_id, peer = ?peer.map(|p| p.remote_addr), epoch, last_seq = position.last_seq, "stream open");
+    send(
+        tx,
+        collector_message::Msg::Welcome(Welcome {
+            host_id: identity.host_id.clone(),
+            epoch: position.epoch,
+            last_committed_seq: position.last_seq,
+            set_digest: position.set_digest.to_vec(),
+            heartbeat_interval_seconds: limits.heartbeat_seconds,
+        }),
+    )
+    .await?;
+
+    let silence = limits.heartbeat_interval * 3;
+    let idle = tokio::time::sleep(silence);
+    tokio::pin!(idle);
+    let mut revoked = shared.revocations.subscribe();
+    let mut shutdown = shared.shutdown.clone();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut last_seq: Option<u64> = None;
+    let mut resync_outstanding = false;
+    let mut reading = true;
+    let mut watching_revocations = true;
+
+    loop {
+        let can_read = reading && pending.len() < limits.max_in_flight;
+        tokio::select! {
+            // Outcomes first: acks go out as soon as their commit is known.
+            biased;
+            outcome = async {
+                match pending.front_mut() {
+                    Some(p) => (&mut p.done).await.ok(),
+                    None => std::future::pending().await,
+                }
+            }, if !pending.is_empty() => {
+                let Some(p) = pending.pop_front() else { continue };
+                // No answer at all: the writer is gone (shutdown past its grace period).
+                let outcome = outcome.ok_or(RpcError::ShuttingDown)?.map_err(RpcError::CommitFailed)?;
+                if p.full {
+                    resync_outstanding = false;
+                }
+                send(tx, collector_message::Msg::Ack(Ack { seq: p.seq })).await?;
+                if let ApplyOutcome::Applied { digest_matches: false } = outcome
+                    && !resync_outstanding
+                {
+                    resync_outstanding = true;
+                    send(tx, collector_message::Msg::Resync(Resync {
+                        reason: format!(
+                            "the collector's set after report {} differs from the agent's digest",
+                            p.seq
+                        ),
+                    }))
+                    .await?;
+                }
+            }
+            _ = crate::server::stop_requested(&mut shutdown), if reading => {
+                // Stop reading; what was received is still committed and acked above.
+                reading = false;
+            }
+            changed = revoked.changed(), if watching_revocations => {
+                if changed.is_err() {
+                    // The refresher stopped (shutdown): nothing more will change.
+                    watching_revocations = false;
+                } else if revoked.borrow_and_update().contains(&identity.serial) {
+                    return Err(RpcError::Revoked);
+                }
+            }
+            _ = &mut idle, if reading => {
+                return Err(RpcError::Silent(silence));
+            }
+            msg = inbound.message(), if can_read => {
+                let msg = match msg {
+                    Ok(Some(m)) => m,
+                    // The agent closed its side: finish the acks, then end.
+                    Ok(None) => { reading = false; continue; }
+                    Err(status) => return Err(RpcError::InvalidMessage(status.message().to_string())),
+                };
+                idle.as_mut().reset(tokio::time::Instant::now() + silence);
+                match msg.msg {
+                    Some(agent_message::Msg::Report(report)) => {
+                        check_report(&report, epoch, last_seq)?;
+                        last_seq = Some(report.seq);
+                        let (done_tx, done_rx) = oneshot::channel();
+                        pending.push_back(Pending { seq: report.seq, full: report.full, done: done_rx });
+                        let job = ApplyJob {
+                            report: ReportToApply {
+                                host_id: identity.host_id.clone(),
+                                report,
+                                received_ms: unix_ms(SystemTime::now()),
+                            },
+                            done: done_tx,
+                        };
+                        shared.writer.send(job).await.map_err(|_| RpcError::ShuttingDown)?;
+                    }
+                    Some(agent_message::Msg::Heartbeat(hb)) => {
+                        shared.heartbeats.add(&identity.host_id, &hb);
+                    }
+                    Some(agent_message::Msg::Hello(_)) => {
+                        return Err(RpcError::InvalidMessage("a second Hello on one stream".into()));
+                    }
+                    None => return Err(RpcError::InvalidMessage("empty AgentMessage".into())),
+                }
+            }
+        }
+        if !reading && pending.is_empty() {
+            return if *shutdown.borrow() {
+                Err(RpcError::ShuttingDown)
+            } else {
+                Ok(())
+            };
+        }
+    }
+}
+
+/// The storage view of a Hello, after checking its fields.
+fn hello_info(h: Hello) -> Result<HelloInfo, RpcError> {
+    for (name, value) in [
+        ("agent_version", &h.agent_version),
+        ("image_id", &h.image_id),
+        ("image_version", &h.image_version),
+        ("boot_id", &h.boot_id),
+    ] {
+        if value.len() > MAX_HELLO_FIELD {
+            return Err(RpcError::InvalidMessage(format!(
+                "Hello.{name} is longer than {MAX_HELLO_FIELD} bytes"
+            )));
+        }
+    }
+    if !(h.baseline_root.is_empty() || h.baseline_root.len() == driftwatch_proto::HASH_LEN) {
+        return Err(RpcError::InvalidMessage(
+            "Hello.baseline_root must be 32 bytes (or empty)".into(),
+        ));
+    }
+    Ok(HelloInfo {
+        agent_version: h.agent_version,
+        image_id: h.image_id,
+        image_version: h.image_version,
+        baseline_root: h.baseline_root,
+        boot_id: h.boot_id,
+        epoch: h.epoch,
+    })
+}
+
+/// Checks one report before it goes near storage. Pure.
+fn check_report(r: &Report, stream_epoch: u64, last_seq: Option<u64>) -> Result<(), RpcError> {
+    let bad = |m: String| Err(RpcError::InvalidMessage(m));
+    if r.epoch != stream_epoch {
+        return Err(RpcError::EpochMismatch {
+            stream: stream_epoch,
+            got: r.epoch,
+        });
+    }
+    if r.seq == 0 {
+        return bad("Report.seq must be at least 1".into());
+    }
+    if let Some(prev) = last_seq
+        && r.seq <= prev
+    {
+        return bad(format!(
+            "Report.seq {} does not follow {prev} (seqs increase within a stream)",
+            r.seq
+        ));
+    }
+    if r.set_digest.len() != driftwatch_proto::HASH_LEN {
+        return bad(format!(
+            "Report.set_digest is {} bytes, not 32",
+            r.set_digest.len()
+        ));
+    }
+    if ScanStatus::try_from(r.status).is_err() {
+        return bad(format!("Report.status {} is not a ScanStatus", r.status));
+    }
+    let mut keys = HashSet::with_capacity(r.upserts.len());
+    for item in &r.upserts {
+        if item.key.len() > MAX_KEY_BYTES {
+            return bad(format!("an item key is longer than {MAX_KEY_BYTES} bytes"));
+        }
+        if !key_matches(item) {
+            return bad(format!(
+                "item key {:?} does not match its content",
+                String::from_utf8_lossy(&item.key)
+            ));
+        }
+        if !keys.insert(item.key.as_slice()) {
+            return bad(format!(
+                "item key {:?} appears twice in one report",
+                String::from_utf8_lossy(&item.key)
+            ));
+        }
+    }
+    for key in &r.removed_keys {
+        if key.len() > MAX_KEY_BYTES || !(key.starts_with(b"f\0") || key.starts_with(b"p\0")) {
+            return bad("a removed key is not an item key".into());
+        }
+        if keys.contains(key.as_slice()) {
+            return bad(format!(
+                "key {:?} is both upserted and removed",
+                String::from_utf8_lossy(key)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The group-commit writer: takes the first waiting job, gathers more for up to `linger` (at
+/// most `batch_max`), applies them in one transaction, then answers every job. Ends when every
+/// sender is gone and the queue is empty.
+async fn run_writer(
+    store: Arc<dyn Storage>,
+    mut rx: mpsc::Receiver<ApplyJob>,
+    batch_max: usize,
+    linger: Duration,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut jobs = vec![first];
+        let deadline = tokio::time::Instant::now() + linger;
+        while jobs.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(job)) => jobs.push(job),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
+        let (reports, dones): (Vec<_>, Vec<_>) =
+            jobs.into_iter().map(|j| (j.report, j.done)).unzip();
+        let count = reports.len();
+        let result = match store.apply_reports(reports).await {
+            Ok(outcomes) if outcomes.len() == count => Ok(outcomes),
+            Ok(outcomes) => Err(Arc::new(StorageError::Backend(format!(
+                "apply_reports returned {} outcomes for {count} reports",
+                outcomes.len()
+            )))),
+            Err(e) => Err(Arc::new(e)),
+        };
+        match result {
+            Ok(outcomes) => {
+                failpoint::hit("collector-after-commit-before-ack");
+                for (done, outcome) in dones.into_iter().zip(outcomes) {
+                    // A stream that went away meanwhile: its agent resends, and gets a
+                    // duplicate ack.
+                    let _ = done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, reports = count, "group commit failed");
+                for done in dones {
+                    let _ = done.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Heartbeats of the last few seconds, newest per host, waiting to be written together.
+#[derive(Debug, Default)]
+struct HeartbeatBatch {
+    // A std mutex: held only to insert or swap the map, never across an await.
+    pending: Mutex<HashMap<String, HeartbeatRecord>>,
+}
+
+impl HeartbeatBatch {
+    fn add(&self, host_id: &str, hb: &Heartbeat) {
+        let record = HeartbeatRecord {
+            host_id: host_id.to_string(),
+            received_ms: unix_ms(SystemTime::now()),
+            last_scan_ms: hb.last_scan_unix_ms,
+            last_scan_status: ScanStatus::try_from(hb.last_scan_status)
+                .unwrap_or(ScanStatus::Unspecified),
+        };
+        if let Ok(mut p) = self.pending.lock() {
+            p.insert(host_id.to_string(), record);
+        }
+    }
+
+    fn take(&self) -> Vec<HeartbeatRecord> {
+        match self.pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p).into_values().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+}
+
+async fn run_heartbeat_flusher(
+    store: Arc<dyn Storage>,
+    batch: Arc<HeartbeatBatch>,
+    period: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stop = tokio::select! {
+            _ = tick.tick() => false,
+            _ = crate::server::stop_requested(&mut shutdown) => true,
+        };
+        let records = batch.take();
+        if !records.is_empty()
+            && let Err(e) = store.record_heartbeats(records).await
+        {
+            tracing::warn!(error = %e, "writing heartbeats failed");
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use driftwatch_proto::set::file_key;
+    use driftwatch_proto::v1::{DriftItem, Violation, drift_item::Item};
+
+    fn item(path: &[u8]) -> DriftItem {
+        DriftItem {
+            key: file_key(path),
+            item: Some(Item::File(Violation {
+                path: path.to_vec(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn report(seq: u64) -> Report {
+        Report {
+            epoch: 7,
+            seq,
+            set_digest: vec![0; 32],
+            status: ScanStatus::Complete as i32,
+            upserts: vec![item(b"/etc/a"), item(b"/etc/b")],
+            ..Default::default()
+        }
+    }
+
+    fn refused(r: &Report, last: Option<u64>) -> String {
+        check_report(r, 7, last).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn good_report_passes() {
+        check_report(&report(1), 7, None).unwrap();
+        check_report(&report(5), 7, Some(4)).unwrap();
+    }
+
+    #[test]
+    fn bad_reports_are_refused_with_the_reason() {
+        let mut r = report(1);
+        r.epoch = 8;
+        assert!(matches!(
+            check_report(&r, 7, None),
+            Err(RpcError::EpochMismatch { stream: 7, got: 8 })
+        ));
+        assert!(refused(&report(0), None).contains("seq"));
+        assert!(refused(&report(3), Some(3)).contains("does not follow"));
+        let mut r = report(1);
+        r.set_digest.pop();
+        assert!(refused(&r, None).contains("set_digest"));
+        let mut r = report(1);
+        r.status = 99;
+        assert!(refused(&r, None).contains("status"));
+        let mut r = report(1);
+        r.upserts[1].key = file_key(b"/etc/other");
+        assert!(refused(&r, None).contains("does not match"));
+        let mut r = report(1);
+        r.upserts.push(item(b"/etc/a"));
+        assert!(refused(&r, None).contains("twice"));
+        let mut r = report(1);
+        r.removed_keys.push(file_key(b"/etc/a"));
+        assert!(refused(&r, None).contains("both"));
+        let mut r = report(1);
+        r.removed_keys.push(b"x".to_vec());
+        assert!(refused(&r, None).contains("removed key"));
+    }
+
+    #[test]
+    fn hello_fields_are_bounded() {
+        let h = Hello {
+            image_id: "x".repeat(MAX_HELLO_FIELD + 1),
+            ..Default::default()
+        };
+        assert!(hello_info(h).unwrap_err().to_string().contains("image_id"));
+        let h = Hello {
+            baseline_root: vec![1; 31],
+            ..Default::default()
+        };
+        assert!(hello_info(h).is_err());
+    }
+}

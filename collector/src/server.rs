@@ -1,0 +1,283 @@
+//! The gRPC server: one TLS port serving `Enrollment`, `Ingest`, `grpc.health.v1.Health` and
+//! reflection, and its lifecycle (bind, ready, graceful shutdown).
+//!
+//! The whole public surface for starting a collector in-process (tests, load generators) or from
+//! the binary:
+//!
+//! ```no_run
+//! # async fn f(settings: driftwatch_collector::config::Settings,
+//! #            store: std::sync::Arc<dyn driftwatch_collector::storage::Storage>) {
+//! let server = driftwatch_collector::server::Server::bind(settings, store).await.unwrap();
+//! let addr = server.local_addr();          // port 0 in the settings → the real port
+//! let ca_pem = server.ca().cert_pem().to_string();
+//! server.run(async { /* resolves when the server should stop */ }).await.unwrap();
+//! # }
+//! ```
+//!
+//! Shutdown order: stop accepting, tell every stream to stop reading, let the writer commit and
+//! the streams ack what they already received, end the streams with UNAVAILABLE, wait for the
+//! connections (at most the grace period), then the last heartbeats are written.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use driftwatch_proto::v1::enrollment_server::EnrollmentServer;
+use driftwatch_proto::v1::ingest_server::IngestServer;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::ca::{CaError, CertificateAuthority};
+use crate::config::Settings;
+use crate::enroll::EnrollmentService;
+use crate::ingest::IngestService;
+use crate::revocation::Revocations;
+use crate::storage::{Storage, StorageError};
+use crate::tls::{self, AcceptOptions, TlsError, TlsStats};
+
+/// Largest Enroll/Renew request (a CSR, a token and a few labels).
+const MAX_ENROLLMENT_MESSAGE: usize = 64 * 1024;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("certificate authority: {0}")]
+    Ca(#[from] CaError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// A collector bound to its port, not yet serving.
+#[derive(Debug)]
+pub struct Server {
+    settings: Settings,
+    store: Arc<dyn Storage>,
+    ca: Arc<CertificateAuthority>,
+    listener: tokio::net::TcpListener,
+    local_addr: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    stats: Arc<TlsStats>,
+}
+
+impl Server {
+    /// Opens (or creates) the CA, issues the server certificate and binds the gRPC port.
+    /// `store` must already be open.
+    pub async fn bind(settings: Settings, store: Arc<dyn Storage>) -> Result<Server, ServeError> {
+        let ca_source = settings.ca.clone();
+        let names = settings.server_names.clone();
+        // Key generation and a few small file writes: off the async workers.
+        let (ca, identity) = tokio::task::spawn_blocking(move || {
+            let ca = CertificateAuthority::open(&ca_source)?;
+            let identity = ca.issue_server(&names)?;
+            Ok::<_, CaError>((ca, identity))
+        })
+        .await
+        .map_err(|e| CaError::Invalid {
+            path: settings.state_dir.clone(),
+            detail: format!("CA task failed: {e}"),
+        })??;
+        let tls = tls::server_config(&ca, identity)?;
+        let addr = settings.grpc_listen;
+        let listener = tls::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| ServeError::Bind { addr, source })?;
+        tracing::info!(
+            %local_addr,
+            backend = store.backend(),
+            ca_fingerprint = ca.fingerprint(),
+            "collector bound"
+        );
+        Ok(Server {
+            settings,
+            store,
+            ca: Arc::new(ca),
+            listener,
+            local_addr,
+            tls,
+            stats: Arc::new(TlsStats::default()),
+        })
+    }
+
+    /// The address the gRPC port is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The collector CA (its certificate is the agents' trust anchor).
+    pub fn ca(&self) -> &Arc<CertificateAuthority> {
+        &self.ca
+    }
+
+    /// Counters of the TLS accept loop.
+    pub fn tls_stats(&self) -> Arc<TlsStats> {
+        self.stats.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully (see the module doc).
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServeError> {
+        let Server {
+            settings,
+            store,
+            ca,
+            listener,
+            local_addr,
+            tls,
+            stats,
+        } = self;
+        let tuning = &settings.tuning;
+        // One flag every task watches: accept loop, streams, refreshers.
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let revocations =
+            Revocations::start(store.clone(), tuning.revocation_refresh, stop_rx.clone()).await?;
+        let (ingest, ingest_tasks) = IngestService::start(
+            &settings,
+            store.clone(),
+            revocations.clone(),
+            stop_rx.clone(),
+        );
+        let enrollment = EnrollmentService::new(
+            ca,
+            store.clone(),
+            revocations,
+            settings.client_cert_lifetime,
+        );
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<EnrollmentServer<EnrollmentService>>()
+            .await;
+        health.set_serving::<IngestServer<IngestService>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(driftwatch_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let max_message = settings.max_message_bytes.get();
+
+        // Accepted, handshaken connections travel to tonic through this channel; small, as the
+        // accept loop's semaphore is what bounds connections.
+        let (conn_tx, conn_rx) = mpsc::channel(64);
+        let accept = tokio::spawn(tls::accept_loop(
+            listener,
+            tls,
+            AcceptOptions {
+                max_connections: settings.max_connections.get(),
+                handshake_timeout: tuning.handshake_timeout,
+            },
+            conn_tx,
+            stats,
+            stop_rx.clone(),
+        ));
+        let incoming = ReceiverStream::new(conn_rx).map(Ok::<_, std::io::Error>);
+
+        let mut stop_for_tonic = stop_rx.clone();
+        // Boxed, not pinned on the stack: it is dropped explicitly during shutdown.
+        let mut serve = Box::pin(
+            tonic::transport::Server::builder()
+                // Many mostly idle agents: small windows (memory is committed only as data arrives,
+                // but they cap what one connection can buffer), few streams per connection, and
+                // pings to notice dead peers behind NATs and load balancers.
+                .initial_stream_window_size(256 * 1024)
+                .initial_connection_window_size(512 * 1024)
+                .max_concurrent_streams(8)
+                .concurrency_limit_per_connection(8)
+                .http2_keepalive_interval(Some(Duration::from_secs(60)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+                .http2_max_header_list_size(16 * 1024)
+                .accept_http1(false)
+                .add_service(health_service)
+                .add_service(reflection)
+                .add_service(
+                    EnrollmentServer::new(enrollment)
+                        .max_decoding_message_size(MAX_ENROLLMENT_MESSAGE)
+                        .max_encoding_message_size(MAX_ENROLLMENT_MESSAGE),
+                )
+                .add_service(
+                    IngestServer::new(ingest)
+                        .max_decoding_message_size(max_message)
+                        .max_encoding_message_size(max_message),
+                )
+                .serve_with_incoming_shutdown(incoming, async move {
+                    stop_requested(&mut stop_for_tonic).await;
+                }),
+        );
+
+        notify_systemd(&[sd_notify::NotifyState::Ready]);
+        tracing::info!(%local_addr, "collector serving");
+        let early = tokio::select! {
+            r = &mut serve => Some(r),
+            () = shutdown => None,
+        };
+        if let Some(result) = early {
+            let _ = stop_tx.send(true);
+            ingest_tasks.finish(tuning.shutdown_grace).await;
+            return result.map_err(ServeError::from);
+        }
+
+        tracing::info!("shutting down: no new connections, draining streams");
+        notify_systemd(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("draining report streams"),
+        ]);
+        health
+            .set_not_serving::<IngestServer<IngestService>>()
+            .await;
+        health
+            .set_not_serving::<EnrollmentServer<EnrollmentService>>()
+            .await;
+        let _ = stop_tx.send(true);
+        let result = match tokio::time::timeout(tuning.shutdown_grace, &mut serve).await {
+            Ok(r) => r.map_err(ServeError::from),
+            Err(_) => {
+                tracing::warn!(
+                    grace = ?tuning.shutdown_grace,
+                    "connections still open after the grace period; closing them"
+                );
+                Ok(())
+            }
+        };
+        // Dropping the server drops the services and with them the writer's last senders
+        // (once the stream tasks have ended), so the writer finishes its queue and stops.
+        drop(serve);
+        let _ = accept.await;
+        ingest_tasks.finish(tuning.shutdown_grace).await;
+        tracing::info!("collector stopped");
+        result
+    }
+}
+
+/// Binds and serves until `shutdown` resolves: [`Server::bind`] then [`Server::run`].
+pub async fn serve(
+    settings: Settings,
+    store: Arc<dyn Storage>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    Server::bind(settings, store).await?.run(shutdown).await
+}
+
+/// Tells systemd (when running under it with `Type=notify`) how the service is doing; a no-op
+/// otherwise.
+fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Resolves once the stop flag is set (or its sender is gone). Returns nothing, so no borrow
+/// of the watch value is held across an await.
+pub(crate) async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,1192 @@
+//! The PostgreSQL backend, for larger fleets and several collector replicas over one database.
+//!
+//! Connections: one **writer** and one **reader** per collector, each a single
+//! `tokio-postgres` connection behind an async mutex, reconnected on the next call when lost.
+//! Group commit makes one write transaction carry the reports of many streams, so parallel
+//! write transactions from one replica would buy little and contend on the same host rows;
+//! within a transaction, statements are pipelined (several requests in flight on the one
+//! connection) and every per-row write is a single array statement (`UNNEST`), so a batch costs
+//! a handful of round trips whatever its size. Reads use their own connection so the fleet view
+//! never waits behind an apply batch.
+//!
+//! Several replicas: every write transaction locks the host rows it changes (`FOR UPDATE`, in
+//! primary-key order, so two replicas never deadlock on each other's batches), the token
+//! consumption locks the token row, and migrations run under a transaction-scoped advisory lock.
+//!
+//! TLS to PostgreSQL is not supported yet (`NoTls`): run the database on the same host or a
+//! trusted network; TLS is a later issue.
+
+use std::collections::{BTreeMap, HashMap};
+
+use driftwatch_proto::set::SetDigest;
+use driftwatch_proto::v1::{DriftItem, ScanStatus};
+use prost::Message;
+use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
+
+use super::apply::{self, HostState, OpenEntry, RowRef, to_i64, to_u64};
+use super::glob::{self, PathGlob};
+use super::{
+    ApplyOutcome, DEFAULT_SEARCH_LIMIT, EnrollmentToken, HeartbeatRecord, HelloInfo, HostSummary,
+    IssuedCertificate, ReportToApply, SecurityEvent, Storage, StorageError, StoreFuture,
+    StreamPosition, TokenError, ViolationQuery, ViolationRecord,
+};
+
+/// Migrations in order; migration `i` (0-based) brings the schema to version `i + 1`.
+const MIGRATIONS: &[&str] = &[include_str!("migrations/postgres/0001_initial.sql")];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Key of the advisory lock migrations hold ("dwatch" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0000_6477_6174_6368;
+
+/// The writer's open-set cache holds at most this many items over all hosts.
+const OPEN_SET_CACHE_ITEMS: usize = 2_000_000;
+
+/// A collector store in a PostgreSQL database.
+#[derive(Debug)]
+pub struct PgStore {
+    url: String,
+    writer: Mutex<Option<Writer>>,
+    reader: Mutex<Option<Client>>,
+}
+
+/// The write connection with its prepared statements and the open-set cache (valid for a
+/// host only while its stored `apply_version` is the cached one).
+struct Writer {
+    client: Client,
+    st: WriterStatements,
+    open_sets: HashMap<i64, (i64, BTreeMap<Vec<u8>, OpenEntry>)>,
+    cached_items: usize,
+}
+
+impl std::fmt::Debug for Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer")
+            .field("cached_hosts", &self.open_sets.len())
+            .field("cached_items", &self.cached_items)
+            .finish_non_exhaustive()
+    }
+}
+
+struct WriterStatements {
+    lock_hosts: Statement,
+    open_sets: Statement,
+    new_ids: Statement,
+    update_content: Statement,
+    update_touch: Statement,
+    insert: Statement,
+    update_hosts: Statement,
+}
+
+impl WriterStatements {
+    async fn prepare(c: &Client) -> Result<Self, StorageError> {
+        Ok(WriterStatements {
+            lock_hosts: c
+                .prepare(
+                    "SELECT pk, host_id, apply_version, epoch, last_seq, incomplete, \
+                     incomplete_reason, lost_reports, last_scan_ms, last_scan_status \
+                     FROM hosts WHERE host_id = ANY($1::text[]) ORDER BY pk FOR UPDATE",
+                )
+                .await
+                .db()?,
+            open_sets: c
+                .prepare(
+                    "SELECT host_pk, id, key, item_hash, severity, is_package FROM violations \
+                     WHERE host_pk = ANY($1::int8[]) AND resolved_ms IS NULL",
+                )
+                .await
+                .db()?,
+            new_ids: c
+                .prepare("SELECT nextval('violations_id_seq') FROM generate_series(1, $1::int8)")
+                .await
+                .db()?,
+            update_content: c
+                .prepare(
+                    "UPDATE violations v SET item = u.item, item_hash = u.item_hash, \
+                     path = u.path, kind = u.kind, severity = u.severity, \
+                     is_package = u.is_package, packages = u.packages, \
+                     last_seen_ms = coalesce(u.last_seen_ms, v.last_seen_ms), \
+                     resolved_ms = u.resolved_ms \
+                     FROM unnest($1::int8[], $2::bytea[], $3::bytea[], $4::bytea[], $5::int4[], \
+                                 $6::int4[], $7::bool[], $8::text[], $9::int8[], $10::int8[]) \
+                       AS u(id, item, item_hash, path, kind, severity, is_package, packages, \
+                            last_seen_ms, resolved_ms) \
+                     WHERE v.id = u.id",
+                )
+                .await
+                .db()?,
+            update_touch: c
+                .prepare(
+                    "UPDATE violations v SET \
+                     last_seen_ms = coalesce(u.last_seen_ms, v.last_seen_ms), \
+                     resolved_ms = coalesce(u.resolved_ms, v.resolved_ms) \
+                     FROM unnest($1::int8[], $2::int8[], $3::int8[]) \
+                       AS u(id, last_seen_ms, resolved_ms) \
+                     WHERE v.id = u.id",
+                )
+                .await
+                .db()?,
+            insert: c
+                .prepare(
+                    "INSERT INTO violations (id, host_pk, key, item, item_hash, path, kind, \
+                     severity, is_package, packages, first_seen_ms, last_seen_ms, resolved_ms) \
+                     SELECT * FROM unnest($1::int8[], $2::int8[], $3::bytea[], $4::bytea[], \
+                                          $5::bytea[], $6::bytea[], $7::int4[], $8::int4[], \
+                                          $9::bool[], $10::text[], $11::int8[], $12::int8[], \
+                                          $13::int8[])",
+                )
+                .await
+                .db()?,
+            update_hosts: c
+                .prepare(
+                    "UPDATE hosts h SET apply_version = u.apply_version, epoch = u.epoch, \
+                     last_seq = u.last_seq, set_digest = u.set_digest, \
+                     incomplete = u.incomplete, incomplete_reason = u.incomplete_reason, \
+                     lost_reports = u.lost_reports, last_report_ms = u.last_report_ms, \
+                     last_scan_ms = u.last_scan_ms, last_scan_status = u.last_scan_status, \
+                     open_sev0 = u.s0, open_sev1 = u.s1, open_sev2 = u.s2, open_sev3 = u.s3, \
+                     open_sev4 = u.s4, open_sev5 = u.s5, open_packages = u.open_packages \
+                     FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[], \
+                                 $6::bool[], $7::text[], $8::int8[], $9::int8[], $10::int8[], \
+                                 $11::int4[], $12::int8[], $13::int8[], $14::int8[], \
+                                 $15::int8[], $16::int8[], $17::int8[], $18::int8[]) \
+                       AS u(pk, apply_version, epoch, last_seq, set_digest, incomplete, \
+                            incomplete_reason, lost_reports, last_report_ms, last_scan_ms, \
+                            last_scan_status, s0, s1, s2, s3, s4, s5, open_packages) \
+                     WHERE h.pk = u.pk",
+                )
+                .await
+                .db()?,
+        })
+    }
+}
+
+trait Db<T> {
+    fn db(self) -> Result<T, StorageError>;
+}
+
+impl<T> Db<T> for Result<T, tokio_postgres::Error> {
+    fn db(self) -> Result<T, StorageError> {
+        self.map_err(|e| {
+            StorageError::Backend(match e.as_db_error() {
+                Some(db) => format!("postgres: {}: {}", db.code().code(), db.message()),
+                None => format!("postgres: {e}"),
+            })
+        })
+    }
+}
+
+type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
+
+async fn connect_client(url: &str) -> Result<Client, StorageError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.db()?;
+    // The connection future does the socket I/O for the client; it ends when the client is
+    // dropped or the server goes away (the next call then reconnects).
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Brings the schema to [`SCHEMA_VERSION`] in one transaction under an advisory lock, so
+/// replicas starting together migrate once.
+async fn migrate(client: &mut Client) -> Result<(), StorageError> {
+    let tx = client.transaction().await.db()?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .db()?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version bigint NOT NULL)")
+        .await
+        .db()?;
+    let found: i64 = match tx
+        .query_opt("SELECT version FROM schema_version", &[])
+        .await
+        .db()?
+    {
+        Some(row) => row.try_get(0).db()?,
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", &[])
+                .await
+                .db()?;
+            0
+        }
+    };
+    if found > SCHEMA_VERSION {
+        return Err(StorageError::SchemaTooNew {
+            found,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        tx.batch_execute(sql).await.db()?;
+        tracing::info!(version = i + 1, "postgres schema migrated");
+    }
+    tx.execute("UPDATE schema_version SET version = $1", &[&SCHEMA_VERSION])
+        .await
+        .db()?;
+    tx.commit().await.db()
+}
+
+impl PgStore {
+    /// Connects to `url` (a libpq-style connection string or `postgresql://` URL), migrates the
+    /// schema and opens the writer and reader connections.
+    pub async fn connect(url: &str) -> Result<Self, StorageError> {
+        let mut client = connect_client(url).await?;
+        migrate(&mut client).await?;
+        let st = WriterStatements::prepare(&client).await?;
+        let reader = connect_client(url).await?;
+        Ok(PgStore {
+            url: url.to_owned(),
+            writer: Mutex::new(Some(Writer {
+                client,
+                st,
+                open_sets: HashMap::new(),
+                cached_items: 0,
+            })),
+            reader: Mutex::new(Some(reader)),
+        })
+    }
+
+    /// The writer connection, reconnected first if it was lost.
+    async fn writer(&self) -> Result<MappedMutexGuard<'_, Writer>, StorageError> {
+        let mut guard = self.writer.lock().await;
+        if guard.as_ref().is_none_or(|w| w.client.is_closed()) {
+            *guard = None;
+            let client = connect_client(&self.url).await?;
+            let st = WriterStatements::prepare(&client).await?;
+            *guard = Some(Writer {
+                client,
+                st,
+                open_sets: HashMap::new(),
+                cached_items: 0,
+            });
+        }
+        MutexGuard::try_map(guard, Option::as_mut)
+            .map_err(|_| StorageError::Backend("postgres: no writer connection".into()))
+    }
+
+    /// The reader connection, reconnected first if it was lost.
+    async fn reader(&self) -> Result<MappedMutexGuard<'_, Client>, StorageError> {
+        let mut guard = self.reader.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            *guard = None;
+            *guard = Some(connect_client(&self.url).await?);
+        }
+        MutexGuard::try_map(guard, Option::as_mut)
+            .map_err(|_| StorageError::Backend("postgres: no reader connection".into()))
+    }
+
+    /// A read-only transaction on one snapshot.
+    async fn read_tx(client: &mut Client) -> Result<Transaction<'_>, StorageError> {
+        client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .db()
+    }
+}
+
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    idx: usize,
+) -> Result<T, StorageError> {
+    row.try_get(idx).db()
+}
+
+fn blob32(table: &'static str, v: Vec<u8>) -> Result<[u8; 32], StorageError> {
+    <[u8; 32]>::try_from(v).map_err(|v| StorageError::Corrupt {
+        table,
+        detail: format!("expected 32 bytes, found {}", v.len()),
+    })
+}
+
+fn count(table: &'static str, v: i64) -> Result<u32, StorageError> {
+    u32::try_from(v).map_err(|_| StorageError::Corrupt {
+        table,
+        detail: format!("count {v} out of range"),
+    })
+}
+
+const TOKEN_COLUMNS: &str = "id, secret_sha256, created_ms, expires_ms, uses_left, host_pattern";
+
+fn token_from_row(r: &Row) -> Result<EnrollmentToken, StorageError> {
+    Ok(EnrollmentToken {
+        id: get(r, 0)?,
+        secret_sha256: blob32("enrollment_tokens", get(r, 1)?)?,
+        created_ms: get(r, 2)?,
+        expires_ms: get(r, 3)?,
+        uses_left: count("enrollment_tokens", get(r, 4)?)?,
+        host_pattern: get(r, 5)?,
+    })
+}
+
+async fn host_pk(tx: &Transaction<'_>, host_id: &str) -> Result<i64, StorageError> {
+    match tx
+        .query_opt("SELECT pk FROM hosts WHERE host_id = $1", &[&host_id])
+        .await
+        .db()?
+    {
+        Some(r) => get(&r, 0),
+        None => Err(StorageError::UnknownHost(host_id.to_owned())),
+    }
+}
+
+const HOST_COLUMNS: &str = "h.pk, h.host_id, h.enrolled_ms, h.agent_version, h.image_id, \
+     h.image_version, h.baseline_root, h.boot_id, h.hello_epoch, h.last_seen_ms, h.last_scan_ms, \
+     h.last_scan_status, h.last_report_ms, h.incomplete, h.incomplete_reason, h.lost_reports, \
+     h.epoch, h.last_seq, h.set_digest, h.open_sev0, h.open_sev1, h.open_sev2, h.open_sev3, \
+     h.open_sev4, h.open_sev5, h.open_packages, \
+     (EXISTS (SELECT 1 FROM certificates c WHERE c.host_pk = h.pk) AND NOT EXISTS \
+      (SELECT 1 FROM certificates c WHERE c.host_pk = h.pk AND c.revoked_ms IS NULL))";
+
+fn host_from_row(r: &Row) -> Result<(i64, HostSummary), StorageError> {
+    let mut open_by_severity = [0u64; 6];
+    for (i, slot) in open_by_severity.iter_mut().enumerate() {
+        *slot = to_u64(get(r, 19 + i)?);
+    }
+    let summary = HostSummary {
+        host_id: get(r, 1)?,
+        labels: Vec::new(),
+        enrolled_ms: get(r, 2)?,
+        hello: HelloInfo {
+            agent_version: get(r, 3)?,
+            image_id: get(r, 4)?,
+            image_version: get(r, 5)?,
+            baseline_root: get(r, 6)?,
+            boot_id: get(r, 7)?,
+            epoch: to_u64(get(r, 8)?),
+        },
+        last_seen_ms: get(r, 9)?,
+        last_scan_ms: get(r, 10)?,
+        last_scan_status: ScanStatus::try_from(get::<i32>(r, 11)?)
+            .unwrap_or(ScanStatus::Unspecified),
+        last_report_ms: get(r, 12)?,
+        incomplete: get(r, 13)?,
+        incomplete_reason: get(r, 14)?,
+        lost_reports: to_u64(get(r, 15)?),
+        position: StreamPosition {
+            epoch: to_u64(get(r, 16)?),
+            last_seq: to_u64(get(r, 17)?),
+            set_digest: blob32("hosts", get(r, 18)?)?,
+        },
+        open_by_severity,
+        open_packages: to_u64(get(r, 25)?),
+        revoked: get(r, 26)?,
+    };
+    Ok((get(r, 0)?, summary))
+}
+
+async fn load_hosts(
+    tx: &Transaction<'_>,
+    host_id: Option<&str>,
+) -> Result<Vec<HostSummary>, StorageError> {
+    let (hosts_sql, labels_sql) = match host_id {
+        Some(_) => (
+            format!("SELECT {HOST_COLUMNS} FROM hosts h WHERE h.host_id = $1"),
+            "SELECT l.host_pk, l.key, l.value FROM host_labels l \
+             JOIN hosts h ON h.pk = l.host_pk WHERE h.host_id = $1 ORDER BY l.key",
+        ),
+        None => (
+            format!("SELECT {HOST_COLUMNS} FROM hosts h ORDER BY h.host_id"),
+            "SELECT host_pk, key, value FROM host_labels ORDER BY host_pk, key",
+        ),
+    };
+    let params: Params<'_> = match &host_id {
+        Some(h) => vec![h],
+        None => vec![],
+    };
+    // Pipelined: both queries in flight at once.
+    let (rows, labels) = futures_util::future::try_join(
+        tx.query(hosts_sql.as_str(), &params),
+        tx.query(labels_sql, &params),
+    )
+    .await
+    .db()?;
+    let mut by_host: HashMap<i64, Vec<(String, String)>> = HashMap::new();
+    for r in &labels {
+        by_host
+            .entry(get(r, 0)?)
+            .or_default()
+            .push((get(r, 1)?, get(r, 2)?));
+    }
+    rows.iter()
+        .map(|r| {
+            let (pk, mut h) = host_from_row(r)?;
+            h.labels = by_host.remove(&pk).unwrap_or_default();
+            Ok(h)
+        })
+        .collect()
+}
+
+async fn apply_batch(
+    w: &mut Writer,
+    batch: Vec<ReportToApply>,
+) -> Result<Vec<ApplyOutcome>, StorageError> {
+    let Writer {
+        client,
+        st,
+        open_sets,
+        cached_items,
+    } = w;
+    let tx = client.transaction().await.db()?;
+    let mut host_ids: Vec<&str> = batch.iter().map(|r| r.host_id.as_str()).collect();
+    host_ids.sort_unstable();
+    host_ids.dedup();
+    let rows = tx.query(&st.lock_hosts, &[&host_ids]).await.db()?;
+    let mut hosts: HashMap<String, HostState> = HashMap::with_capacity(rows.len());
+    let mut to_load: Vec<i64> = Vec::new();
+    let mut pk_to_host: HashMap<i64, String> = HashMap::new();
+    for r in &rows {
+        let mut host = HostState {
+            pk: get(r, 0)?,
+            apply_version: get(r, 2)?,
+            epoch: to_u64(get(r, 3)?),
+            last_seq: to_u64(get(r, 4)?),
+            incomplete: get(r, 5)?,
+            incomplete_reason: get(r, 6)?,
+            lost_reports: to_u64(get(r, 7)?),
+            last_scan_ms: get(r, 8)?,
+            last_scan_status: get(r, 9)?,
+            open: BTreeMap::new(),
+        };
+        // Cache entries are taken out while the transaction runs: on failure they are gone
+        // and the next batch reloads them.
+        match open_sets.remove(&host.pk) {
+            Some((version, open)) if version == host.apply_version => {
+                *cached_items -= open.len();
+                host.open = open;
+            }
+            stale => {
+                if let Some((_, open)) = stale {
+                    *cached_items -= open.len();
+                }
+                to_load.push(host.pk);
+            }
+        }
+        let id: String = get(r, 1)?;
+        pk_to_host.insert(host.pk, id.clone());
+        hosts.insert(id, host);
+    }
+    if !to_load.is_empty() {
+        for r in tx.query(&st.open_sets, &[&to_load]).await.db()? {
+            let pk: i64 = get(&r, 0)?;
+            let Some(host) = pk_to_host.get(&pk).and_then(|id| hosts.get_mut(id)) else {
+                continue;
+            };
+            host.open.insert(
+                get(&r, 2)?,
+                OpenEntry {
+                    row: RowRef::Stored(get(&r, 1)?),
+                    hash: blob32("violations", get(&r, 3)?)?,
+                    severity: get(&r, 4)?,
+                    is_package: get(&r, 5)?,
+                },
+            );
+        }
+    }
+    let plan = apply::plan(&mut hosts, batch)?;
+
+    let new_ids: Vec<i64> = if plan.inserts.is_empty() {
+        Vec::new()
+    } else {
+        let n = plan.inserts.len() as i64;
+        tx.query(&st.new_ids, &[&n])
+            .await
+            .db()?
+            .iter()
+            .map(|r| get(r, 0))
+            .collect::<Result<_, _>>()?
+    };
+
+    // Column arrays for the UNNEST statements.
+    let mut content = ContentColumns::default();
+    let mut touch_ids = Vec::new();
+    let mut touch_seen = Vec::new();
+    let mut touch_resolved = Vec::new();
+    for (id, u) in &plan.updates {
+        match &u.columns {
+            Some(c) => {
+                content.push(*id, c);
+                content.last_seen.push(u.last_seen_ms);
+                content.resolved.push(u.resolved_ms);
+            }
+            None => {
+                touch_ids.push(*id);
+                touch_seen.push(u.last_seen_ms);
+                touch_resolved.push(u.resolved_ms);
+            }
+        }
+    }
+    let mut ins = ContentColumns::default();
+    let mut ins_host = Vec::with_capacity(plan.inserts.len());
+    let mut ins_key = Vec::with_capacity(plan.inserts.len());
+    let mut ins_first = Vec::with_capacity(plan.inserts.len());
+    let mut ins_last = Vec::with_capacity(plan.inserts.len());
+    for (n, id) in plan.inserts.iter().zip(&new_ids) {
+        ins.push(*id, &n.columns);
+        ins.resolved.push(n.resolved_ms);
+        ins_host.push(n.host_pk);
+        ins_key.push(n.key.as_slice());
+        ins_first.push(n.first_seen_ms);
+        ins_last.push(n.last_seen_ms);
+    }
+    let hc = HostColumns::new(&plan.hosts);
+
+    // Pipelined: sent in this order on the one connection, executed in this order (the
+    // updates may resolve an occurrence whose key an insert opens again).
+    let content_params: Params<'_> = vec![
+        &content.id,
+        &content.item,
+        &content.hash,
+        &content.path,
+        &content.kind,
+        &content.severity,
+        &content.is_package,
+        &content.packages,
+        &content.last_seen,
+        &content.resolved,
+    ];
+    let touch_params: Params<'_> = vec![&touch_ids, &touch_seen, &touch_resolved];
+    let insert_params: Params<'_> = vec![
+        &ins.id,
+        &ins_host,
+        &ins_key,
+        &ins.item,
+        &ins.hash,
+        &ins.path,
+        &ins.kind,
+        &ins.severity,
+        &ins.is_package,
+        &ins.packages,
+        &ins_first,
+        &ins_last,
+        &ins.resolved,
+    ];
+    let host_params = hc.params();
+    futures_util::future::try_join4(
+        async {
+            if content.id.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute(&st.update_content, &content_params).await
+            }
+        },
+        async {
+            if touch_ids.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute(&st.update_touch, &touch_params).await
+            }
+        },
+        async {
+            if ins.id.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute(&st.insert, &insert_params).await
+            }
+        },
+        async {
+            if hc.pk.is_empty() {
+                Ok(0)
+            } else {
+                tx.execute(&st.update_hosts, &host_params).await
+            }
+        },
+    )
+    .await
+    .db()?;
+    tx.commit().await.db()?;
+
+    for (_, mut host) in hosts {
+        apply::settle_new_rows(&mut host.open, &new_ids);
+        *cached_items += host.open.len();
+        open_sets.insert(host.pk, (host.apply_version, host.open));
+    }
+    if *cached_items > OPEN_SET_CACHE_ITEMS {
+        open_sets.clear();
+        *cached_items = 0;
+    }
+    Ok(plan.outcomes)
+}
+
+/// Item columns as arrays.
+#[derive(Default)]
+struct ContentColumns<'a> {
+    id: Vec<i64>,
+    item: Vec<&'a [u8]>,
+    hash: Vec<&'a [u8]>,
+    path: Vec<Option<&'a [u8]>>,
+    kind: Vec<i32>,
+    severity: Vec<i32>,
+    is_package: Vec<bool>,
+    packages: Vec<&'a str>,
+    last_seen: Vec<Option<i64>>,
+    resolved: Vec<Option<i64>>,
+}
+
+impl<'a> ContentColumns<'a> {
+    fn push(&mut self, id: i64, c: &'a apply::ItemColumns) {
+        self.id.push(id);
+        self.item.push(&c.encoded);
+        self.hash.push(&c.hash);
+        self.path.push(c.path.as_deref());
+        self.kind.push(c.kind);
+        self.severity.push(c.severity);
+        self.is_package.push(c.is_package);
+        self.packages.push(&c.packages);
+    }
+}
+
+struct HostColumns<'a> {
+    pk: Vec<i64>,
+    apply_version: Vec<i64>,
+    epoch: Vec<i64>,
+    last_seq: Vec<i64>,
+    digest: Vec<&'a [u8]>,
+    incomplete: Vec<bool>,
+    reason: Vec<&'a str>,
+    lost: Vec<i64>,
+    last_report: Vec<i64>,
+    last_scan: Vec<Option<i64>>,
+    scan_status: Vec<i32>,
+    sev: [Vec<i64>; 6],
+    packages: Vec<i64>,
+}
+
+impl<'a> HostColumns<'a> {
+    fn new(hosts: &'a [apply::HostUpdate]) -> Self {
+        let mut c = HostColumns {
+            pk: Vec::new(),
+            apply_version: Vec::new(),
+            epoch: Vec::new(),
+            last_seq: Vec::new(),
+            digest: Vec::new(),
+            incomplete: Vec::new(),
+            reason: Vec::new(),
+            lost: Vec::new(),
+            last_report: Vec::new(),
+            last_scan: Vec::new(),
+            scan_status: Vec::new(),
+            sev: Default::default(),
+            packages: Vec::new(),
+        };
+        for h in hosts {
+            c.pk.push(h.pk);
+            c.apply_version.push(h.apply_version);
+            c.epoch.push(to_i64(h.epoch));
+            c.last_seq.push(to_i64(h.last_seq));
+            c.digest.push(&h.set_digest);
+            c.incomplete.push(h.incomplete);
+            c.reason.push(&h.incomplete_reason);
+            c.lost.push(to_i64(h.lost_reports));
+            c.last_report.push(h.last_report_ms);
+            c.last_scan.push(h.last_scan_ms);
+            c.scan_status.push(h.last_scan_status);
+            for (i, s) in c.sev.iter_mut().enumerate() {
+                s.push(h.open_by_severity[i]);
+            }
+            c.packages.push(h.open_packages);
+        }
+        c
+    }
+
+    fn params(&self) -> Params<'_> {
+        vec![
+            &self.pk,
+            &self.apply_version,
+            &self.epoch,
+            &self.last_seq,
+            &self.digest,
+            &self.incomplete,
+            &self.reason,
+            &self.lost,
+            &self.last_report,
+            &self.last_scan,
+            &self.scan_status,
+            &self.sev[0],
+            &self.sev[1],
+            &self.sev[2],
+            &self.sev[3],
+            &self.sev[4],
+            &self.sev[5],
+            &self.packages,
+        ]
+    }
+}
+
+async fn search(
+    tx: &Transaction<'_>,
+    q: ViolationQuery,
+) -> Result<Vec<ViolationRecord>, StorageError> {
+    let glob = q.path_glob.as_deref().map(PathGlob::new).transpose()?;
+    let limit = if q.limit == 0 {
+        DEFAULT_SEARCH_LIMIT
+    } else {
+        q.limit
+    } as usize;
+    let mut sql = String::from(
+        "SELECT h.host_id, v.key, v.item, v.first_seen_ms, v.last_seen_ms, v.resolved_ms, v.path \
+         FROM violations v JOIN hosts h ON h.pk = v.host_pk WHERE true",
+    );
+    let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
+    let mut arg = |sql: &mut String, clause: &str, v: Box<dyn ToSql + Sync + Send>| {
+        args.push(v);
+        sql.push_str(&clause.replace('?', &format!("${}", args.len())));
+    };
+    if let Some(h) = q.host_id {
+        arg(&mut sql, " AND h.host_id = ?", Box::new(h));
+    }
+    if let Some(g) = &glob {
+        arg(&mut sql, " AND v.path >= ?", Box::new(g.prefix.clone()));
+        if let Some(end) = g.prefix_end() {
+            arg(&mut sql, " AND v.path < ?", Box::new(end));
+        }
+        sql.push_str(" AND v.path IS NOT NULL");
+    }
+    if let Some(k) = q.kind {
+        arg(&mut sql, " AND v.kind = ?", Box::new(k));
+    }
+    if let Some(p) = q.package {
+        let sep = apply::PACKAGE_SEPARATOR;
+        arg(
+            &mut sql,
+            " AND (strpos(v.packages, ?) > 0",
+            Box::new(format!("{sep}{p}:")),
+        );
+        arg(
+            &mut sql,
+            " OR strpos(v.packages, ?) > 0)",
+            Box::new(format!("{sep}{p}{sep}")),
+        );
+    }
+    if let Some(i) = q.image_id {
+        arg(&mut sql, " AND h.image_id = ?", Box::new(i));
+    }
+    if let Some(s) = q.since_ms {
+        arg(&mut sql, " AND v.last_seen_ms >= ?", Box::new(s));
+    }
+    if let Some(u) = q.until_ms {
+        arg(&mut sql, " AND v.first_seen_ms <= ?", Box::new(u));
+    }
+    if !q.include_resolved {
+        sql.push_str(" AND v.resolved_ms IS NULL");
+    }
+    sql.push_str(" ORDER BY v.last_seen_ms DESC, v.id DESC");
+    if glob.is_none() {
+        arg(&mut sql, " LIMIT ?", Box::new(limit as i64));
+    }
+    let params: Vec<&(dyn ToSql + Sync)> = args
+        .iter()
+        .map(|a| a.as_ref() as &(dyn ToSql + Sync))
+        .collect();
+    // Streamed, so a glob search stops reading at `limit` matches.
+    let stream = tx.query_raw(sql.as_str(), params).await.db()?;
+    futures_util::pin_mut!(stream);
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(r) = futures_util::TryStreamExt::try_next(&mut stream)
+            .await
+            .db()?
+        else {
+            break;
+        };
+        if let Some(g) = &glob {
+            let path: Vec<u8> = get(&r, 6)?;
+            if !g.is_match(&path) {
+                continue;
+            }
+        }
+        let encoded: Vec<u8> = get(&r, 2)?;
+        let item = DriftItem::decode(encoded.as_slice()).map_err(|e| StorageError::Corrupt {
+            table: "violations",
+            detail: format!("item: {e}"),
+        })?;
+        out.push(ViolationRecord {
+            host_id: get(&r, 0)?,
+            key: get(&r, 1)?,
+            item,
+            first_seen_ms: get(&r, 3)?,
+            last_seen_ms: get(&r, 4)?,
+            resolved_ms: get(&r, 5)?,
+        });
+    }
+    Ok(out)
+}
+
+async fn insert_certificate(
+    tx: &Transaction<'_>,
+    pk: i64,
+    c: &IssuedCertificate,
+) -> Result<(), StorageError> {
+    tx.execute(
+        "INSERT INTO certificates (serial, host_pk, not_before_ms, not_after_ms, issued_ms) \
+         VALUES ($1, $2, $3, $4, $5)",
+        &[
+            &c.serial,
+            &pk,
+            &c.not_before_ms,
+            &c.not_after_ms,
+            &c.issued_ms,
+        ],
+    )
+    .await
+    .db()?;
+    Ok(())
+}
+
+impl Storage for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn create_enrollment_token(&self, token: EnrollmentToken) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            if let Some(p) = &token.host_pattern {
+                glob::check_host_pattern(p)?;
+            }
+            let mut w = self.writer().await?;
+            let tx = w.client.transaction().await.db()?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO enrollment_tokens ({TOKEN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"
+                ),
+                &[
+                    &token.id,
+                    &token.secret_sha256.as_slice(),
+                    &token.created_ms,
+                    &token.expires_ms,
+                    &i64::from(token.uses_left),
+                    &token.host_pattern,
+                ],
+            )
+            .await
+            .db()?;
+            tx.commit().await.db()
+        })
+    }
+
+    fn list_enrollment_tokens(&self) -> StoreFuture<'_, Vec<EnrollmentToken>> {
+        Box::pin(async move {
+            let c = self.reader().await?;
+            let rows = c
+                .query(
+                    &format!(
+                        "SELECT {TOKEN_COLUMNS} FROM enrollment_tokens ORDER BY created_ms, id"
+                    ),
+                    &[],
+                )
+                .await
+                .db()?;
+            rows.iter().map(token_from_row).collect()
+        })
+    }
+
+    fn consume_enrollment_token(
+        &self,
+        secret_sha256: [u8; 32],
+        host_id: &str,
+        now_ms: i64,
+    ) -> StoreFuture<'_, EnrollmentToken> {
+        let host_id = host_id.to_owned();
+        Box::pin(async move {
+            let mut w = self.writer().await?;
+            let tx = w.client.transaction().await.db()?;
+            // FOR UPDATE: a concurrent consumer (another replica) waits here, then sees the
+            // decremented count.
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "SELECT {TOKEN_COLUMNS} FROM enrollment_tokens \
+                         WHERE secret_sha256 = $1 FOR UPDATE"
+                    ),
+                    &[&secret_sha256.as_slice()],
+                )
+                .await
+                .db()?;
+            let mut token = token_from_row(&row.ok_or(TokenError::Unknown)?)?;
+            super::check_token(&token, &host_id, now_ms)?;
+            tx.execute(
+                "UPDATE enrollment_tokens SET uses_left = uses_left - 1 WHERE id = $1",
+                &[&token.id],
+            )
+            .await
+            .db()?;
+            tx.commit().await.db()?;
+            token.uses_left -= 1;
+            Ok(token)
+        })
+    }
+
+    fn enroll_host(
+        &self,
+        labels: Vec<(String, String)>,
+        certificate: IssuedCertificate,
+    ) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut w = self.writer().await?;
+            let tx = w.client.transaction().await.db()?;
+            let empty = SetDigest::new().finish();
+            tx.execute(
+                "INSERT INTO hosts (host_id, enrolled_ms, set_digest) VALUES ($1, $2, $3) \
+                 ON CONFLICT (host_id) DO NOTHING",
+                &[
+                    &certificate.host_id,
+                    &certificate.issued_ms,
+                    &empty.as_slice(),
+                ],
+            )
+            .await
+            .db()?;
+            let pk = host_pk(&tx, &certificate.host_id).await?;
+            let keys: Vec<&str> = labels.iter().map(|(k, _)| k.as_str()).collect();
+            let values: Vec<&str> = labels.iter().map(|(_, v)| v.as_str()).collect();
+            tx.execute("DELETE FROM host_labels WHERE host_pk = $1", &[&pk])
+                .await
+                .db()?;
+            tx.execute(
+                "INSERT INTO host_labels (host_pk, key, value) \
+                 SELECT $1, k, v FROM unnest($2::text[], $3::text[]) AS l(k, v)",
+                &[&pk, &keys, &values],
+            )
+            .await
+            .db()?;
+            insert_certificate(&tx, pk, &certificate).await?;
+            tx.commit().await.db()
+        })
+    }
+
+    fn record_certificate(&self, certificate: IssuedCertificate) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let mut w = self.writer().await?;
+            let tx = w.client.transaction().await.db()?;
+            let pk = host_pk(&tx, &certificate.host_id).await?;
+            insert_certificate(&tx, pk, &certificate).await?;
+            tx.commit().await.db()
+        })
+    }
+
+    fn revoke_host(&self, host_id: &str, now_ms: i64) -> StoreFuture<'_, u64> {
+        let host_id = host_id.to_owned();
+        Box::pin(async move {
+            let mut w = self.writer().await?;
+            let tx = w.client.transaction().await.db()?;
+            let pk = host_pk(&tx, &host_id).await?;
+            let n = tx
+                .execute(
+                    "UPDATE certificates SET revoked_ms = $2 \
+                     WHERE host_pk = $1 AND revoked_ms IS NULL",
+                    &[&pk, &now_ms],
+                )
+                .await
+                .db()?;
+            tx.commit().await.db()?;
+            Ok(n)
+        })
+    }
+
+    fn revoked_serials(&self, now_ms: i64) -> StoreFuture<'_, Vec<Vec<u8>>> {
+        Box::pin(async move {
+            let c = self.reader().await?;
+            c.query(
+                "SELECT serial FROM certificates WHERE revoked_ms IS NOT NULL \
+                 AND not_after_ms > $1 ORDER BY serial",
+                &[&now_ms],
+            )
+            .await
+            .db()?
+            .iter()
+            .map(|r| get(r, 0))
+            .collect()
+        })
+    }
+
+    fn hello(
+        &self,
+        host_id: &str,
+        hello: HelloInfo,
+        now_ms: i64,
+    ) -> StoreFuture<'_, StreamPosition> {
+        let host_id = host_id.to_owned();
+        Box::pin(async move {
+            let mut w = self.writer().await?;
+            let tx = w.client.transaction().await.db()?;
+            let row = tx
+                .query_opt(
+                    "UPDATE hosts SET agent_version = $2, image_id = $3, image_version = $4, \
+                     baseline_root = $5, boot_id = $6, hello_epoch = $7, \
+                     last_seen_ms = greatest(last_seen_ms, $8) \
+                     WHERE host_id = $1 RETURNING epoch, last_seq, set_digest",
+                    &[
+                        &host_id,
+                        &hello.agent_version,
+                        &hello.image_id,
+                        &hello.image_version,
+                        &hello.baseline_root,
+                        &hello.boot_id,
+                        &to_i64(hello.epoch),
+                        &now_ms,
+                    ],
+                )
+                .await
+                .db()?
+                .ok_or_else(|| StorageError::UnknownHost(host_id.clone()))?;
+            let epoch = to_u64(get(&row, 0)?);
+            let last_seq = to_u64(get(&row, 1)?);
+            let set_digest = blob32("hosts", get(&row, 2)?)?;
+            tx.commit().await.db()?;
+            Ok(StreamPosition {
+                epoch: hello.epoch,
+                last_seq: if epoch == hello.epoch { last_seq } else { 0 },
+                set_digest,
+            })
+        })
+    }
+
+    fn apply_reports(&self, batch: Vec<ReportToApply>) -> StoreFuture<'_, Vec<ApplyOutcome>> {
+        Box::pin(async move {
+            if batch.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut w = self.writer().await?;
+            apply_batch(&mut w, batch).await
+        })
+    }
+
+    fn record_heartbeats(&self, batch: Vec<HeartbeatRecord>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            // One row per host (an UPDATE … FROM applies only one source row per target row):
+            // newest seen and scan times, the last non-unspecified status in batch order.
+            let mut merged: BTreeMap<&str, (i64, i64, i32)> = BTreeMap::new();
+            for h in &batch {
+                let e = merged.entry(&h.host_id).or_insert((i64::MIN, 0, 0));
+                e.0 = e.0.max(h.received_ms);
+                e.1 = e.1.max(h.last_scan_ms);
+                if h.last_scan_status != ScanStatus::Unspecified {
+                    e.2 = h.last_scan_status as i32;
+                }
+            }
+            let ids: Vec<&str> = merged.keys().copied().collect();
+            let seen: Vec<i64> = merged.values().map(|v| v.0).collect();
+            let scan: Vec<i64> = merged.values().map(|v| v.1).collect();
+            let status: Vec<i32> = merged.values().map(|v| v.2).collect();
+            let mut w = self.writer().await?;
+            let tx = w.client.transaction().await.db()?;
+            // Lock in pk order first, as apply does, so replicas never deadlock.
+            tx.execute(
+                "SELECT 1 FROM hosts WHERE host_id = ANY($1::text[]) ORDER BY pk FOR UPDATE",
+                &[&ids],
+            )
+            .await
+            .db()?;
+            // Unknown hosts are skipped: a heartbeat is no reason to fail the others.
+            tx.execute(
+                "UPDATE hosts h SET last_seen_ms = greatest(h.last_seen_ms, u.seen), \
+                 last_scan_ms = CASE WHEN u.scan > 0 THEN greatest(h.last_scan_ms, u.scan) \
+                                ELSE h.last_scan_ms END, \
+                 last_scan_status = CASE WHEN u.status <> 0 THEN u.status \
+                                    ELSE h.last_scan_status END \
+                 FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int4[]) \
+                   AS u(host_id, seen, scan, status) \
+                 WHERE h.host_id = u.host_id",
+                &[&ids, &seen, &scan, &status],
+            )
+            .await
+            .db()?;
+            tx.commit().await.db()
+        })
+    }
+
+    fn record_security_event(&self, event: SecurityEvent) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let w = self.writer().await?;
+            // A single statement is its own transaction.
+            w.client
+                .execute(
+                    "INSERT INTO security_events (at_ms, kind, peer_host_id, detail) \
+                     VALUES ($1, $2, $3, $4)",
+                    &[
+                        &event.at_ms,
+                        &event.kind,
+                        &event.peer_host_id,
+                        &event.detail,
+                    ],
+                )
+                .await
+                .db()?;
+            Ok(())
+        })
+    }
+
+    fn list_hosts(&self) -> StoreFuture<'_, Vec<HostSummary>> {
+        Box::pin(async move {
+            let mut c = self.reader().await?;
+            let tx = Self::read_tx(&mut c).await?;
+            let hosts = load_hosts(&tx, None).await?;
+            tx.commit().await.db()?;
+            Ok(hosts)
+        })
+    }
+
+    fn host(&self, host_id: &str) -> StoreFuture<'_, Option<HostSummary>> {
+        let host_id = host_id.to_owned();
+        Box::pin(async move {
+            let mut c = self.reader().await?;
+            let tx = Self::read_tx(&mut c).await?;
+            let mut hosts = load_hosts(&tx, Some(&host_id)).await?;
+            tx.commit().await.db()?;
+            Ok(hosts.pop())
+        })
+    }
+
+    fn search_violations(&self, query: ViolationQuery) -> StoreFuture<'_, Vec<ViolationRecord>> {
+        Box::pin(async move {
+            let mut c = self.reader().await?;
+            let tx = Self::read_tx(&mut c).await?;
+            let out = search(&tx, query).await?;
+            tx.commit().await.db()?;
+            Ok(out)
+        })
+    }
+
+    fn security_events(&self, since_ms: i64, limit: u32) -> StoreFuture<'_, Vec<SecurityEvent>> {
+        Box::pin(async move {
+            let limit = i64::from(if limit == 0 {
+                DEFAULT_SEARCH_LIMIT
+            } else {
+                limit
+            });
+            let c = self.reader().await?;
+            c.query(
+                "SELECT at_ms, kind, peer_host_id, detail FROM security_events \
+                 WHERE at_ms >= $1 ORDER BY at_ms, id LIMIT $2",
+                &[&since_ms, &limit],
+            )
+            .await
+            .db()?
+            .iter()
+            .map(|r| {
+                Ok(SecurityEvent {
+                    at_ms: get(r, 0)?,
+                    kind: get(r, 1)?,
+                    peer_host_id: get(r, 2)?,
+                    detail: get(r, 3)?,
+                })
+            })
+            .collect()
+        })
+    }
+}

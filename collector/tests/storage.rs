@@ -1,0 +1,1515 @@
+//! The storage conformance suite: every test is written once against `&dyn Storage` and runs
+//! for every backend (SQLite in a temp file; PostgreSQL on a real server this test binary
+//! starts itself, a fresh database per test — see `driftwatch_tests::postgres`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use driftwatch_collector::storage::{
+    ApplyOutcome, EnrollmentToken, HeartbeatRecord, HelloInfo, IssuedCertificate, ReportToApply,
+    SecurityEvent, Storage, StorageError, TokenError, ViolationQuery,
+};
+use driftwatch_proto::set::{file_key, item_hash, package_key, set_digest};
+use driftwatch_proto::v1::{
+    DriftItem, PackageDrift, PackageDriftKind, Report, ScanStatus, Violation, ViolationKind,
+    drift_item::Item,
+};
+
+// --- fixture -------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Sqlite,
+    Postgres,
+}
+
+/// One backend's empty database for one test.
+struct Fixture {
+    kind: Kind,
+    _dir: tempfile::TempDir,
+    sqlite_path: PathBuf,
+    pg_url: String,
+}
+
+impl Fixture {
+    /// `None` when the backend is unavailable here (PostgreSQL not installed, outside CI).
+    fn new(kind: Kind, name: &str) -> Option<Fixture> {
+        let dir = tempfile::tempdir().unwrap();
+        let sqlite_path = dir.path().join("collector.db");
+        let pg_url = match kind {
+            Kind::Sqlite => String::new(),
+            Kind::Postgres => driftwatch_tests::postgres::server()?.create_database(name),
+        };
+        Some(Fixture {
+            kind,
+            _dir: dir,
+            sqlite_path,
+            pg_url,
+        })
+    }
+
+    async fn try_open(&self) -> Result<Arc<dyn Storage>, StorageError> {
+        Ok(match self.kind {
+            Kind::Sqlite => {
+                let path = self.sqlite_path.clone();
+                let s = tokio::task::spawn_blocking(move || {
+                    driftwatch_collector::storage::SqliteStore::open(path)
+                })
+                .await
+                .unwrap()?;
+                Arc::new(s)
+            }
+            Kind::Postgres => {
+                Arc::new(driftwatch_collector::storage::PgStore::connect(&self.pg_url).await?)
+            }
+        })
+    }
+
+    async fn open(&self) -> Arc<dyn Storage> {
+        self.try_open().await.unwrap()
+    }
+
+    /// Writes a schema version directly, as a newer collector would have.
+    async fn set_schema_version(&self, v: i64) {
+        match self.kind {
+            Kind::Sqlite => {
+                let c = rusqlite::Connection::open(&self.sqlite_path).unwrap();
+                c.execute("UPDATE schema_version SET version = ?1", [v])
+                    .unwrap();
+            }
+            Kind::Postgres => {
+                let (client, conn) = tokio_postgres::connect(&self.pg_url, tokio_postgres::NoTls)
+                    .await
+                    .unwrap();
+                let task = tokio::spawn(conn);
+                client
+                    .execute("UPDATE schema_version SET version = $1", &[&v])
+                    .await
+                    .unwrap();
+                drop(client);
+                let _ = task.await;
+            }
+        }
+    }
+}
+
+async fn run<F, Fut>(kind: Kind, name: &str, test: F)
+where
+    F: FnOnce(Fixture) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    if let Some(f) = Fixture::new(kind, name) {
+        test(f).await;
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::run(super::Kind::Sqlite, stringify!($name), super::$name).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::run(super::Kind::Postgres, stringify!($name), super::$name).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    tokens_are_created_listed_and_consumed,
+    token_refusals,
+    single_use_token_consumed_once_under_concurrency,
+    enroll_creates_host_and_updates_labels,
+    certificates_revocation_and_revoked_serials,
+    hello_returns_the_stream_position,
+    delta_reports_add_update_remove,
+    full_report_replaces_the_set,
+    duplicates_are_detected_by_seq,
+    new_epoch_starts_a_new_sequence_space,
+    gap_still_applies_and_digest_checks,
+    digest_mismatch_is_reported,
+    recurrence_is_a_new_occurrence,
+    group_commit_across_hosts_and_reports,
+    unknown_host_fails_the_batch_and_changes_nothing,
+    incomplete_flag_reason_and_lost_reports,
+    heartbeats_update_last_seen_and_scan,
+    host_summaries_count_open_items_by_severity,
+    search_by_path_glob,
+    search_filters,
+    security_events_are_kept,
+    schema_too_new_is_refused,
+    concurrent_first_opens_migrate_once,
+    reopen_keeps_everything,
+);
+
+// --- helpers -------------------------------------------------------------------------------
+
+const MINUTE: i64 = 60_000;
+const T0: i64 = 1_800_000_000_000;
+
+fn token(
+    id: &str,
+    secret: u8,
+    uses: u32,
+    expires_ms: i64,
+    pattern: Option<&str>,
+) -> EnrollmentToken {
+    EnrollmentToken {
+        id: id.into(),
+        secret_sha256: [secret; 32],
+        created_ms: T0,
+        expires_ms,
+        uses_left: uses,
+        host_pattern: pattern.map(str::to_owned),
+    }
+}
+
+fn cert(host: &str, serial: u8, not_after_ms: i64) -> IssuedCertificate {
+    IssuedCertificate {
+        host_id: host.into(),
+        serial: vec![0x01, serial],
+        not_before_ms: T0,
+        not_after_ms,
+        issued_ms: T0,
+    }
+}
+
+async fn enroll(s: &dyn Storage, host: &str) {
+    let mut c = cert(host, 0, T0 + 1000 * MINUTE);
+    c.serial = host.as_bytes().to_vec();
+    s.enroll_host(vec![], c).await.unwrap();
+}
+
+fn file(path: &[u8], kind: ViolationKind, severity: i32, packages: &[&str]) -> DriftItem {
+    DriftItem {
+        key: file_key(path),
+        item: Some(Item::File(Violation {
+            path: path.to_vec(),
+            kind: kind as i32,
+            severity,
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn package(name: &str, kind: PackageDriftKind, severity: i32) -> DriftItem {
+    DriftItem {
+        key: package_key(name, "amd64"),
+        item: Some(Item::Package(PackageDrift {
+            name: name.into(),
+            arch: "amd64".into(),
+            kind: kind as i32,
+            severity,
+            ..Default::default()
+        })),
+    }
+}
+
+/// The agent's side: its current set, from which each report's digest is computed
+/// independently of the storage.
+#[derive(Default, Clone)]
+struct Agent {
+    epoch: u64,
+    seq: u64,
+    set: BTreeMap<Vec<u8>, DriftItem>,
+}
+
+impl Agent {
+    fn new(epoch: u64) -> Agent {
+        Agent {
+            epoch,
+            ..Default::default()
+        }
+    }
+
+    fn digest(&self) -> Vec<u8> {
+        let hashes = self
+            .set
+            .iter()
+            .map(|(k, i)| (k.clone(), item_hash(i)))
+            .collect();
+        set_digest(&hashes).to_vec()
+    }
+
+    fn delta(&mut self, upserts: Vec<DriftItem>, removed: Vec<Vec<u8>>) -> Report {
+        for i in &upserts {
+            self.set.insert(i.key.clone(), i.clone());
+        }
+        for k in &removed {
+            self.set.remove(k);
+        }
+        self.seq += 1;
+        Report {
+            epoch: self.epoch,
+            seq: self.seq,
+            full: false,
+            upserts,
+            removed_keys: removed,
+            set_digest: self.digest(),
+            status: ScanStatus::Complete as i32,
+            ..Default::default()
+        }
+    }
+
+    fn full(&mut self, items: Vec<DriftItem>) -> Report {
+        self.set = items.iter().map(|i| (i.key.clone(), i.clone())).collect();
+        self.seq += 1;
+        Report {
+            epoch: self.epoch,
+            seq: self.seq,
+            full: true,
+            upserts: items,
+            set_digest: self.digest(),
+            status: ScanStatus::Complete as i32,
+            ..Default::default()
+        }
+    }
+}
+
+fn to_apply(host: &str, report: Report, at: i64) -> ReportToApply {
+    ReportToApply {
+        host_id: host.into(),
+        report,
+        received_ms: at,
+    }
+}
+
+async fn apply1(s: &dyn Storage, host: &str, report: Report, at: i64) -> ApplyOutcome {
+    let mut out = s
+        .apply_reports(vec![to_apply(host, report, at)])
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 1);
+    out.remove(0)
+}
+
+const APPLIED: ApplyOutcome = ApplyOutcome::Applied {
+    digest_matches: true,
+};
+
+fn query() -> ViolationQuery {
+    ViolationQuery {
+        limit: 100,
+        ..Default::default()
+    }
+}
+
+fn all_of(host: &str) -> ViolationQuery {
+    ViolationQuery {
+        host_id: Some(host.into()),
+        include_resolved: true,
+        ..query()
+    }
+}
+
+/// Search results as sorted (key, first, last, resolved) tuples.
+async fn occurrences(s: &dyn Storage, q: ViolationQuery) -> Vec<(Vec<u8>, i64, i64, Option<i64>)> {
+    let mut v: Vec<_> = s
+        .search_violations(q)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.key, r.first_seen_ms, r.last_seen_ms, r.resolved_ms))
+        .collect();
+    v.sort();
+    v
+}
+
+async fn open_keys(s: &dyn Storage, host: &str) -> Vec<Vec<u8>> {
+    let mut v: Vec<_> = s
+        .search_violations(ViolationQuery {
+            host_id: Some(host.into()),
+            ..query()
+        })
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    v.sort();
+    v
+}
+
+fn hello(epoch: u64) -> HelloInfo {
+    HelloInfo {
+        agent_version: "0.1.0".into(),
+        image_id: "web".into(),
+        image_version: "42".into(),
+        baseline_root: vec![7; 32],
+        boot_id: "boot-1".into(),
+        epoch,
+    }
+}
+
+// --- enrollment ----------------------------------------------------------------------------
+
+async fn tokens_are_created_listed_and_consumed(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    s.create_enrollment_token(token("aaaa0001", 1, 2, T0 + MINUTE, None))
+        .await
+        .unwrap();
+    s.create_enrollment_token(token("aaaa0002", 2, 1, T0 + MINUTE, Some("web-*")))
+        .await
+        .unwrap();
+    let list = s.list_enrollment_tokens().await.unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0], token("aaaa0001", 1, 2, T0 + MINUTE, None));
+    assert_eq!(list[1].host_pattern.as_deref(), Some("web-*"));
+
+    let t = s
+        .consume_enrollment_token([1; 32], "db-1", T0)
+        .await
+        .unwrap();
+    assert_eq!(t.id, "aaaa0001");
+    assert_eq!(t.uses_left, 1);
+    let t = s
+        .consume_enrollment_token([2; 32], "web-7", T0)
+        .await
+        .unwrap();
+    assert_eq!(t.uses_left, 0);
+    let list = s.list_enrollment_tokens().await.unwrap();
+    assert_eq!(list[0].uses_left, 1);
+    assert_eq!(list[1].uses_left, 0);
+    // An invalid host pattern is refused when the token is created.
+    let err = s
+        .create_enrollment_token(token("aaaa0003", 3, 1, T0 + MINUTE, Some("web-[")))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StorageError::InvalidArgument(_)), "{err}");
+}
+
+fn token_err(e: StorageError) -> TokenError {
+    match e {
+        StorageError::Token(t) => t,
+        other => panic!("expected a token error, got {other}"),
+    }
+}
+
+async fn token_refusals(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    s.create_enrollment_token(token("bbbb0001", 1, 1, T0 + MINUTE, Some("web-*")))
+        .await
+        .unwrap();
+    let e = s
+        .consume_enrollment_token([9; 32], "web-1", T0)
+        .await
+        .unwrap_err();
+    assert_eq!(token_err(e), TokenError::Unknown);
+    let e = s
+        .consume_enrollment_token([1; 32], "db-1", T0)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        token_err(e),
+        TokenError::HostPatternMismatch {
+            host_id: "db-1".into(),
+            pattern: "web-*".into()
+        }
+    );
+    // A refusal takes no use.
+    assert_eq!(s.list_enrollment_tokens().await.unwrap()[0].uses_left, 1);
+    let e = s
+        .consume_enrollment_token([1; 32], "web-1", T0 + MINUTE)
+        .await
+        .unwrap_err();
+    assert_eq!(token_err(e), TokenError::Expired);
+    s.consume_enrollment_token([1; 32], "web-1", T0 + MINUTE - 1)
+        .await
+        .unwrap();
+    let e = s
+        .consume_enrollment_token([1; 32], "web-2", T0)
+        .await
+        .unwrap_err();
+    assert_eq!(token_err(e), TokenError::Exhausted);
+}
+
+async fn single_use_token_consumed_once_under_concurrency(f: Fixture) {
+    let s = f.open().await;
+    for round in 0..10u8 {
+        let secret = [round; 32];
+        s.create_enrollment_token(token(
+            &format!("cccc{round:04}"),
+            round,
+            1,
+            T0 + MINUTE,
+            None,
+        ))
+        .await
+        .unwrap();
+        let (a, b) = (s.clone(), s.clone());
+        let ta = tokio::spawn(async move { a.consume_enrollment_token(secret, "h-a", T0).await });
+        let tb = tokio::spawn(async move { b.consume_enrollment_token(secret, "h-b", T0).await });
+        let (ra, rb) = (ta.await.unwrap(), tb.await.unwrap());
+        let ok = [&ra, &rb].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(ok, 1, "round {round}: {ra:?} / {rb:?}");
+        let err = if ra.is_err() { ra } else { rb }.unwrap_err();
+        assert_eq!(token_err(err), TokenError::Exhausted);
+    }
+}
+
+async fn enroll_creates_host_and_updates_labels(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    assert!(s.host("web-1").await.unwrap().is_none());
+    s.enroll_host(
+        vec![("role".into(), "web".into()), ("zone".into(), "a".into())],
+        cert("web-1", 1, T0 + MINUTE),
+    )
+    .await
+    .unwrap();
+    let h = s.host("web-1").await.unwrap().unwrap();
+    assert_eq!(h.host_id, "web-1");
+    assert_eq!(h.enrolled_ms, T0);
+    assert_eq!(
+        h.labels,
+        vec![("role".into(), "web".into()), ("zone".into(), "a".into())]
+    );
+    assert_eq!(h.position.epoch, 0);
+    assert_eq!(h.position.last_seq, 0);
+    assert_eq!(h.position.set_digest, set_digest(&BTreeMap::new()));
+    assert!(!h.revoked);
+    assert!(!h.incomplete);
+    assert_eq!(h.open_by_severity, [0; 6]);
+
+    // Re-enrolling replaces the labels and adds a certificate; the host stays the same.
+    let mut c = cert("web-1", 2, T0 + MINUTE);
+    c.issued_ms = T0 + 5;
+    s.enroll_host(vec![("role".into(), "api".into())], c)
+        .await
+        .unwrap();
+    let h = s.host("web-1").await.unwrap().unwrap();
+    assert_eq!(h.labels, vec![("role".into(), "api".into())]);
+    assert_eq!(h.enrolled_ms, T0);
+    assert_eq!(s.list_hosts().await.unwrap().len(), 1);
+
+    // A renewed certificate needs an existing host.
+    s.record_certificate(cert("web-1", 3, T0 + MINUTE))
+        .await
+        .unwrap();
+    let e = s
+        .record_certificate(cert("nobody", 4, T0 + MINUTE))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::UnknownHost(_)), "{e}");
+}
+
+async fn certificates_revocation_and_revoked_serials(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    s.enroll_host(vec![], cert("a", 1, T0 + 10 * MINUTE))
+        .await
+        .unwrap();
+    s.record_certificate(cert("a", 2, T0 + 20 * MINUTE))
+        .await
+        .unwrap();
+    s.enroll_host(vec![], cert("b", 3, T0 + 20 * MINUTE))
+        .await
+        .unwrap();
+    assert!(s.revoked_serials(T0).await.unwrap().is_empty());
+
+    assert_eq!(s.revoke_host("a", T0 + 1).await.unwrap(), 2);
+    assert_eq!(
+        s.revoke_host("a", T0 + 2).await.unwrap(),
+        0,
+        "already revoked"
+    );
+    assert!(matches!(
+        s.revoke_host("zz", T0).await.unwrap_err(),
+        StorageError::UnknownHost(_)
+    ));
+    assert_eq!(
+        s.revoked_serials(T0).await.unwrap(),
+        vec![vec![1, 1], vec![1, 2]]
+    );
+    // Expired revoked certificates drop out of the list: the TLS layer refuses them anyway.
+    assert_eq!(
+        s.revoked_serials(T0 + 10 * MINUTE).await.unwrap(),
+        vec![vec![1, 2]]
+    );
+    assert!(
+        s.revoked_serials(T0 + 20 * MINUTE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    assert!(s.host("a").await.unwrap().unwrap().revoked);
+    assert!(!s.host("b").await.unwrap().unwrap().revoked);
+    // A new certificate after revocation (re-enrollment): no longer every certificate revoked.
+    s.enroll_host(vec![], cert("a", 9, T0 + 30 * MINUTE))
+        .await
+        .unwrap();
+    assert!(!s.host("a").await.unwrap().unwrap().revoked);
+}
+
+// --- ingest --------------------------------------------------------------------------------
+
+async fn hello_returns_the_stream_position(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    let e = s.hello("ghost", hello(1), T0).await.unwrap_err();
+    assert!(matches!(e, StorageError::UnknownHost(_)), "{e}");
+    enroll(s, "h").await;
+
+    let p = s.hello("h", hello(5), T0).await.unwrap();
+    assert_eq!((p.epoch, p.last_seq), (5, 0));
+    assert_eq!(p.set_digest, set_digest(&BTreeMap::new()));
+
+    let mut agent = Agent::new(5);
+    let item = file(b"/etc/passwd", ViolationKind::Modified, 3, &[]);
+    for _ in 0..3 {
+        assert_eq!(
+            apply1(s, "h", agent.delta(vec![item.clone()], vec![]), T0).await,
+            APPLIED
+        );
+    }
+    // Same epoch: the position is kept.
+    let p = s.hello("h", hello(5), T0 + 1).await.unwrap();
+    assert_eq!((p.epoch, p.last_seq), (5, 3));
+    assert_eq!(p.set_digest.to_vec(), agent.digest());
+    // A new epoch: a new sequence space, but the stored set (and its digest) stays.
+    let p = s.hello("h", hello(6), T0 + 2).await.unwrap();
+    assert_eq!((p.epoch, p.last_seq), (6, 0));
+    assert_eq!(p.set_digest.to_vec(), agent.digest());
+
+    let h = s.host("h").await.unwrap().unwrap();
+    assert_eq!(h.hello, hello(6));
+    assert_eq!(h.last_seen_ms, Some(T0 + 2));
+}
+
+async fn delta_reports_add_update_remove(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    let a = file(b"/etc/a", ViolationKind::Added, 2, &[]);
+    let b = file(b"/etc/b", ViolationKind::Modified, 3, &["coreutils:amd64"]);
+    let p = package("openssl", PackageDriftKind::Changed, 4);
+    let r = agent.delta(vec![a.clone(), b.clone(), p.clone()], vec![]);
+    assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+    assert_eq!(
+        occurrences(s, all_of("h")).await,
+        vec![
+            (a.key.clone(), T0, T0, None),
+            (b.key.clone(), T0, T0, None),
+            (p.key.clone(), T0, T0, None),
+        ]
+    );
+
+    // Update b's content; a, p untouched keep their last_seen.
+    let mut b2 = b.clone();
+    if let Some(Item::File(v)) = &mut b2.item {
+        v.severity = 5;
+    }
+    let r = agent.delta(vec![b2.clone()], vec![]);
+    assert_eq!(apply1(s, "h", r, T0 + MINUTE).await, APPLIED);
+    let recs = s.search_violations(all_of("h")).await.unwrap();
+    let rb = recs.iter().find(|r| r.key == b.key).unwrap();
+    assert_eq!(rb.item, b2);
+    assert_eq!((rb.first_seen_ms, rb.last_seen_ms), (T0, T0 + MINUTE));
+    let ra = recs.iter().find(|r| r.key == a.key).unwrap();
+    assert_eq!(ra.last_seen_ms, T0);
+    assert_eq!(ra.item, a);
+
+    // Remove a: resolved, not deleted.
+    let r = agent.delta(vec![], vec![a.key.clone()]);
+    assert_eq!(apply1(s, "h", r, T0 + 2 * MINUTE).await, APPLIED);
+    assert_eq!(open_keys(s, "h").await, vec![b.key.clone(), p.key.clone()]);
+    assert_eq!(
+        occurrences(s, all_of("h")).await[0],
+        (a.key.clone(), T0, T0, Some(T0 + 2 * MINUTE))
+    );
+    // Removing an unknown key changes nothing.
+    let r = agent.delta(vec![], vec![file_key(b"/nope")]);
+    assert_eq!(apply1(s, "h", r, T0 + 3 * MINUTE).await, APPLIED);
+    let h = s.host("h").await.unwrap().unwrap();
+    assert_eq!(h.position.set_digest.to_vec(), agent.digest());
+    assert_eq!(h.position.last_seq, 4);
+    assert_eq!(h.last_report_ms, Some(T0 + 3 * MINUTE));
+}
+
+async fn full_report_replaces_the_set(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    let items: Vec<_> = (0..5)
+        .map(|i| {
+            file(
+                format!("/etc/f{i}").as_bytes(),
+                ViolationKind::Modified,
+                3,
+                &[],
+            )
+        })
+        .collect();
+    assert_eq!(
+        apply1(s, "h", agent.delta(items.clone(), vec![]), T0).await,
+        APPLIED
+    );
+    // Full: keeps f1, f3 (f3 changed), adds g; f0, f2, f4 are resolved.
+    let mut f3 = items[3].clone();
+    if let Some(Item::File(v)) = &mut f3.item {
+        v.kind = ViolationKind::Removed as i32;
+    }
+    let g = file(b"/etc/g", ViolationKind::Added, 1, &[]);
+    let r = agent.full(vec![items[1].clone(), f3.clone(), g.clone()]);
+    assert_eq!(apply1(s, "h", r, T0 + MINUTE).await, APPLIED);
+    let mut expect = vec![items[1].key.clone(), f3.key.clone(), g.key.clone()];
+    expect.sort();
+    assert_eq!(open_keys(s, "h").await, expect);
+    let occ = occurrences(s, all_of("h")).await;
+    let by_key: BTreeMap<_, _> = occ.iter().map(|o| (o.0.clone(), o)).collect();
+    assert_eq!(by_key[&items[0].key].3, Some(T0 + MINUTE));
+    assert_eq!(
+        *by_key[&items[1].key],
+        (items[1].key.clone(), T0, T0 + MINUTE, None)
+    );
+    assert_eq!(by_key[&g.key].1, T0 + MINUTE);
+    let h = s.host("h").await.unwrap().unwrap();
+    assert_eq!(h.position.set_digest.to_vec(), agent.digest());
+
+    // An empty full report: clean.
+    assert_eq!(
+        apply1(s, "h", agent.full(vec![]), T0 + 2 * MINUTE).await,
+        APPLIED
+    );
+    assert!(open_keys(s, "h").await.is_empty());
+    assert_eq!(
+        s.host("h").await.unwrap().unwrap().position.set_digest,
+        set_digest(&BTreeMap::new())
+    );
+}
+
+async fn duplicates_are_detected_by_seq(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(3);
+    let r1 = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
+    let r2 = agent.delta(vec![file(b"/b", ViolationKind::Added, 1, &[])], vec![]);
+    assert_eq!(apply1(s, "h", r1.clone(), T0).await, APPLIED);
+    assert_eq!(apply1(s, "h", r2.clone(), T0 + 1).await, APPLIED);
+    // Resent after a lost ack, alone and inside a batch with a new one.
+    assert_eq!(
+        apply1(s, "h", r1.clone(), T0 + 2).await,
+        ApplyOutcome::Duplicate
+    );
+    let r3 = agent.delta(vec![], vec![file_key(b"/a")]);
+    let out = s
+        .apply_reports(vec![
+            to_apply("h", r2.clone(), T0 + 3),
+            to_apply("h", r3.clone(), T0 + 3),
+            to_apply("h", r3, T0 + 3),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        out,
+        vec![ApplyOutcome::Duplicate, APPLIED, ApplyOutcome::Duplicate]
+    );
+    assert_eq!(open_keys(s, "h").await, vec![file_key(b"/b")]);
+    // The duplicate did not touch last_seen.
+    let occ = occurrences(s, all_of("h")).await;
+    assert_eq!(occ[1], (file_key(b"/b"), T0 + 1, T0 + 1, None));
+    let h = s.host("h").await.unwrap().unwrap();
+    assert_eq!(h.position.last_seq, 3);
+}
+
+async fn new_epoch_starts_a_new_sequence_space(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    for i in 0..5 {
+        let r = agent.delta(
+            vec![file(
+                format!("/x{i}").as_bytes(),
+                ViolationKind::Added,
+                1,
+                &[],
+            )],
+            vec![],
+        );
+        assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+    }
+    // The agent lost its spool: new epoch, seq from 1, a full report.
+    let mut agent2 = Agent::new(2);
+    let r = agent2.full(vec![file(b"/y", ViolationKind::Added, 1, &[])]);
+    assert_eq!(r.seq, 1);
+    assert_eq!(apply1(s, "h", r.clone(), T0 + 1).await, APPLIED);
+    assert_eq!(apply1(s, "h", r, T0 + 2).await, ApplyOutcome::Duplicate);
+    let h = s.host("h").await.unwrap().unwrap();
+    assert_eq!((h.position.epoch, h.position.last_seq), (2, 1));
+    assert_eq!(open_keys(s, "h").await, vec![file_key(b"/y")]);
+}
+
+async fn gap_still_applies_and_digest_checks(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    let r1 = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
+    let _lost = agent.delta(vec![file(b"/b", ViolationKind::Added, 1, &[])], vec![]);
+    let r3 = agent.delta(vec![file(b"/c", ViolationKind::Added, 1, &[])], vec![]);
+    assert_eq!(apply1(s, "h", r1, T0).await, APPLIED);
+    // Seq 3 after 1: applied, but the set lacks /b, so the digest disagrees.
+    assert_eq!(
+        apply1(s, "h", r3, T0 + 1).await,
+        ApplyOutcome::Applied {
+            digest_matches: false
+        }
+    );
+    assert_eq!(s.host("h").await.unwrap().unwrap().position.last_seq, 3);
+    // The resync (full report) repairs it.
+    let items: Vec<_> = agent.set.values().cloned().collect();
+    let r4 = agent.full(items);
+    assert_eq!(apply1(s, "h", r4, T0 + 2).await, APPLIED);
+    assert_eq!(
+        s.host("h")
+            .await
+            .unwrap()
+            .unwrap()
+            .position
+            .set_digest
+            .to_vec(),
+        agent.digest()
+    );
+}
+
+async fn digest_mismatch_is_reported(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    let mut r = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
+    let good = r.set_digest.clone();
+    r.set_digest = vec![0; 32];
+    assert_eq!(
+        apply1(s, "h", r, T0).await,
+        ApplyOutcome::Applied {
+            digest_matches: false
+        }
+    );
+    // Stored digest is the one of the stored set, whatever the agent claimed.
+    assert_eq!(
+        s.host("h")
+            .await
+            .unwrap()
+            .unwrap()
+            .position
+            .set_digest
+            .to_vec(),
+        good
+    );
+    // An item whose content differs from the agent's copy: mismatch too.
+    let mut other = agent.clone();
+    other.set.clear();
+    let item = file(b"/b", ViolationKind::Added, 1, &[]);
+    let mut r = agent.delta(vec![item.clone()], vec![]);
+    let mut changed = item;
+    if let Some(Item::File(v)) = &mut changed.item {
+        v.severity = 4;
+    }
+    r.upserts = vec![changed];
+    assert_eq!(
+        apply1(s, "h", r, T0 + 1).await,
+        ApplyOutcome::Applied {
+            digest_matches: false
+        }
+    );
+    let _ = other;
+}
+
+async fn recurrence_is_a_new_occurrence(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    let a = file(b"/etc/shadow", ViolationKind::Modified, 5, &[]);
+    assert_eq!(
+        apply1(s, "h", agent.delta(vec![a.clone()], vec![]), T0).await,
+        APPLIED
+    );
+    assert_eq!(
+        apply1(s, "h", agent.delta(vec![a.clone()], vec![]), T0 + 1).await,
+        APPLIED
+    );
+    assert_eq!(
+        apply1(s, "h", agent.delta(vec![], vec![a.key.clone()]), T0 + 2).await,
+        APPLIED
+    );
+    assert_eq!(
+        apply1(s, "h", agent.delta(vec![a.clone()], vec![]), T0 + 3).await,
+        APPLIED
+    );
+    assert_eq!(
+        occurrences(s, all_of("h")).await,
+        vec![
+            (a.key.clone(), T0, T0 + 1, Some(T0 + 2)),
+            (a.key.clone(), T0 + 3, T0 + 3, None),
+        ]
+    );
+    // Within one batch: resolved by a full report, back again in the next report.
+    let r1 = agent.full(vec![]);
+    let r2 = agent.delta(vec![a.clone()], vec![]);
+    let r3 = agent.delta(vec![], vec![a.key.clone()]);
+    let out = s
+        .apply_reports(vec![
+            to_apply("h", r1, T0 + 4),
+            to_apply("h", r2, T0 + 5),
+            to_apply("h", r3, T0 + 6),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(out, vec![APPLIED; 3]);
+    assert_eq!(
+        occurrences(s, all_of("h")).await,
+        vec![
+            (a.key.clone(), T0, T0 + 1, Some(T0 + 2)),
+            (a.key.clone(), T0 + 3, T0 + 3, Some(T0 + 4)),
+            (a.key.clone(), T0 + 5, T0 + 5, Some(T0 + 6)),
+        ]
+    );
+    assert!(open_keys(s, "h").await.is_empty());
+    // And again in a later batch (the open set the backend may have cached is right).
+    assert_eq!(
+        apply1(s, "h", agent.delta(vec![a.clone()], vec![]), T0 + 7).await,
+        APPLIED
+    );
+    assert_eq!(open_keys(s, "h").await, vec![a.key.clone()]);
+}
+
+async fn group_commit_across_hosts_and_reports(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    let hosts = ["h1", "h2", "h3"];
+    for h in hosts {
+        enroll(s, h).await;
+    }
+    let mut agents: Vec<Agent> = (0..3).map(|i| Agent::new(10 + i)).collect();
+    let mut batch = Vec::new();
+    for round in 0..4 {
+        for (i, h) in hosts.iter().enumerate() {
+            let item = file(
+                format!("/srv/{h}/{round}").as_bytes(),
+                ViolationKind::Added,
+                (round % 6) as i32,
+                &[],
+            );
+            let removed = if round == 2 {
+                vec![file_key(format!("/srv/{h}/0").as_bytes())]
+            } else {
+                vec![]
+            };
+            batch.push(to_apply(
+                h,
+                agents[i].delta(vec![item], removed),
+                T0 + round,
+            ));
+        }
+    }
+    let out = s.apply_reports(batch).await.unwrap();
+    assert_eq!(out, vec![APPLIED; 12]);
+    for (i, h) in hosts.iter().enumerate() {
+        let summary = s.host(h).await.unwrap().unwrap();
+        assert_eq!(summary.position.set_digest.to_vec(), agents[i].digest());
+        assert_eq!(
+            (summary.position.epoch, summary.position.last_seq),
+            (10 + i as u64, 4)
+        );
+        assert_eq!(open_keys(s, h).await.len(), 3);
+    }
+    assert!(s.apply_reports(vec![]).await.unwrap().is_empty());
+}
+
+async fn unknown_host_fails_the_batch_and_changes_nothing(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    let mut ghost = Agent::new(1);
+    let e = s
+        .apply_reports(vec![
+            to_apply(
+                "h",
+                agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]),
+                T0,
+            ),
+            to_apply("ghost", ghost.delta(vec![], vec![]), T0),
+        ])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StorageError::UnknownHost(ref h) if h == "ghost"),
+        "{e}"
+    );
+    // Nothing of the failed batch is stored, and the same report applies afterwards.
+    assert!(open_keys(s, "h").await.is_empty());
+    assert_eq!(s.host("h").await.unwrap().unwrap().position.last_seq, 0);
+    agent.seq = 0;
+    let r = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
+    assert_eq!(apply1(s, "h", r, T0 + 1).await, APPLIED);
+    assert_eq!(open_keys(s, "h").await, vec![file_key(b"/a")]);
+}
+
+async fn incomplete_flag_reason_and_lost_reports(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    let mut r = agent.delta(vec![], vec![]);
+    r.status = ScanStatus::Incomplete as i32;
+    r.status_reason = "scan failed: /var unreadable".into();
+    r.scan_finished_unix_ms = T0 - 5;
+    assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+    let h = s.host("h").await.unwrap().unwrap();
+    assert!(h.incomplete);
+    assert_eq!(h.incomplete_reason, "scan failed: /var unreadable");
+    assert_eq!(h.lost_reports, 0);
+    assert_eq!(h.last_scan_ms, Some(T0 - 5));
+    assert_eq!(h.last_scan_status, ScanStatus::Incomplete);
+
+    // Lost reports count up, and mark the state incomplete even without a reason.
+    let mut r = agent.delta(vec![], vec![]);
+    r.status = ScanStatus::Complete as i32;
+    r.lost_reports = 3;
+    assert_eq!(apply1(s, "h", r, T0 + 1).await, APPLIED);
+    let mut r = agent.delta(vec![], vec![]);
+    r.status = ScanStatus::Incomplete as i32;
+    r.lost_reports = 2;
+    r.status_reason = "spool overflow".into();
+    assert_eq!(apply1(s, "h", r, T0 + 2).await, APPLIED);
+    let h = s.host("h").await.unwrap().unwrap();
+    assert!(h.incomplete);
+    assert_eq!(h.incomplete_reason, "spool overflow");
+    assert_eq!(h.lost_reports, 5);
+
+    // A complete report clears the flag; the lost count stays (it is history).
+    let items: Vec<_> = agent.set.values().cloned().collect();
+    assert_eq!(apply1(s, "h", agent.full(items), T0 + 3).await, APPLIED);
+    let h = s.host("h").await.unwrap().unwrap();
+    assert!(!h.incomplete);
+    assert_eq!(h.incomplete_reason, "");
+    assert_eq!(h.lost_reports, 5);
+    assert_eq!(h.last_scan_status, ScanStatus::Complete);
+}
+
+async fn heartbeats_update_last_seen_and_scan(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "a").await;
+    enroll(s, "b").await;
+    let hb = |host: &str, at: i64, scan: i64, status: ScanStatus| HeartbeatRecord {
+        host_id: host.into(),
+        received_ms: at,
+        last_scan_ms: scan,
+        last_scan_status: status,
+    };
+    s.record_heartbeats(vec![
+        hb("a", T0 + 10, T0 + 5, ScanStatus::Complete),
+        hb("b", T0 + 20, T0 + 1, ScanStatus::Incomplete),
+        hb("ghost", T0, T0, ScanStatus::Complete),
+        // Heartbeats of one batch may come in any order: last seen never goes back.
+        hb("a", T0 + 8, T0 + 5, ScanStatus::Complete),
+    ])
+    .await
+    .unwrap();
+    let a = s.host("a").await.unwrap().unwrap();
+    assert_eq!(a.last_seen_ms, Some(T0 + 10));
+    assert_eq!(a.last_scan_ms, Some(T0 + 5));
+    assert_eq!(a.last_scan_status, ScanStatus::Complete);
+    let b = s.host("b").await.unwrap().unwrap();
+    assert_eq!(b.last_seen_ms, Some(T0 + 20));
+    assert_eq!(b.last_scan_status, ScanStatus::Incomplete);
+    assert!(s.host("ghost").await.unwrap().is_none());
+    s.record_heartbeats(vec![]).await.unwrap();
+}
+
+async fn host_summaries_count_open_items_by_severity(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "b").await;
+    enroll(s, "a").await;
+    let mut agent = Agent::new(1);
+    let items = vec![
+        file(b"/1", ViolationKind::Added, 1, &[]),
+        file(b"/2", ViolationKind::Added, 5, &[]),
+        file(b"/3", ViolationKind::Added, 5, &[]),
+        file(b"/4", ViolationKind::Added, 0, &[]),
+        package("curl", PackageDriftKind::Installed, 3),
+        package("vim", PackageDriftKind::Removed, 5),
+    ];
+    assert_eq!(
+        apply1(s, "a", agent.delta(items, vec![]), T0).await,
+        APPLIED
+    );
+    let r = agent.delta(
+        vec![file(b"/4", ViolationKind::Added, 2, &[])],
+        vec![file_key(b"/2"), package_key("vim", "amd64")],
+    );
+    assert_eq!(apply1(s, "a", r, T0 + 1).await, APPLIED);
+    let hosts = s.list_hosts().await.unwrap();
+    assert_eq!(
+        hosts.iter().map(|h| h.host_id.as_str()).collect::<Vec<_>>(),
+        vec!["a", "b"]
+    );
+    // Counted independently from the agent's set.
+    let mut expect = [0u64; 6];
+    let mut packages = 0;
+    for item in agent.set.values() {
+        match &item.item {
+            Some(Item::File(v)) => expect[v.severity as usize] += 1,
+            Some(Item::Package(p)) => {
+                expect[p.severity as usize] += 1;
+                packages += 1;
+            }
+            None => {}
+        }
+    }
+    assert_eq!(expect, [0, 1, 1, 1, 0, 1]);
+    assert_eq!(hosts[0].open_by_severity, expect);
+    assert_eq!(hosts[0].open_packages, packages);
+    assert_eq!(hosts[1].open_by_severity, [0; 6]);
+    assert_eq!(s.host("a").await.unwrap().unwrap(), hosts[0]);
+}
+
+// --- search --------------------------------------------------------------------------------
+
+async fn search_paths(s: &dyn Storage, glob: &str) -> Vec<Vec<u8>> {
+    let mut v: Vec<Vec<u8>> = s
+        .search_violations(ViolationQuery {
+            path_glob: Some(glob.into()),
+            ..query()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{glob}: {e}"))
+        .into_iter()
+        .map(|r| match r.item.item {
+            Some(Item::File(v)) => v.path,
+            _ => panic!("a path glob returns file items only"),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn search_by_path_glob(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let paths: Vec<&[u8]> = vec![
+        b"/etc/ssh/sshd_config",
+        b"/etc/ssh/ssh_config.d/x.conf",
+        b"/etc/passwd",
+        b"/etc0",
+        b"/usr/bin/\xff\xfe",
+        b"/usr/bin/ls",
+        b"/weird/a*b",
+        b"/weird/a[1]",
+        b"/weird/axb",
+        b"/\xff/x",
+    ];
+    let mut items: Vec<_> = paths
+        .iter()
+        .map(|p| file(p, ViolationKind::Modified, 3, &[]))
+        .collect();
+    items.push(package("ssh", PackageDriftKind::Changed, 3));
+    let mut agent = Agent::new(1);
+    assert_eq!(
+        apply1(s, "h", agent.delta(items, vec![]), T0).await,
+        APPLIED
+    );
+
+    let v = |x: &[&[u8]]| x.iter().map(|p| p.to_vec()).collect::<Vec<_>>();
+    assert_eq!(
+        search_paths(s, "/etc/ssh/sshd_config").await,
+        v(&[b"/etc/ssh/sshd_config"])
+    );
+    assert_eq!(
+        search_paths(s, "/etc/ssh/*").await,
+        v(&[b"/etc/ssh/sshd_config"])
+    );
+    assert_eq!(
+        search_paths(s, "/etc/**").await,
+        v(&[
+            b"/etc/passwd",
+            b"/etc/ssh/ssh_config.d/x.conf",
+            b"/etc/ssh/sshd_config"
+        ])
+    );
+    // `*` never crosses a `/`.
+    assert_eq!(
+        search_paths(s, "**/*config*").await,
+        v(&[b"/etc/ssh/sshd_config"])
+    );
+    assert_eq!(
+        search_paths(s, "**/*config*/*").await,
+        v(&[b"/etc/ssh/ssh_config.d/x.conf"])
+    );
+    // The prefix range must not leak neighbours ("/etc0" sorts right after "/etc/").
+    assert_eq!(search_paths(s, "/etc/*").await, v(&[b"/etc/passwd"]));
+    assert_eq!(search_paths(s, "/etc*").await, v(&[b"/etc0"]));
+    // Non-UTF-8 bytes.
+    assert_eq!(
+        search_paths(s, "/usr/bin/*").await,
+        v(&[b"/usr/bin/ls", b"/usr/bin/\xff\xfe"])
+    );
+    assert_eq!(search_paths(s, "/?/x").await, v(&[b"/\xff/x"]));
+    // Escaped metacharacters and classes.
+    assert_eq!(search_paths(s, "/weird/a\\*b").await, v(&[b"/weird/a*b"]));
+    assert_eq!(search_paths(s, "/weird/a[*]b").await, v(&[b"/weird/a*b"]));
+    assert_eq!(
+        search_paths(s, "/weird/a\\[1\\]").await,
+        v(&[b"/weird/a[1]"])
+    );
+    assert_eq!(
+        search_paths(s, "/weird/a?b").await,
+        v(&[b"/weird/a*b", b"/weird/axb"])
+    );
+    assert_eq!(
+        search_paths(s, "/weird/{a\\*b,a\\[1\\]}").await,
+        v(&[b"/weird/a*b", b"/weird/a[1]"])
+    );
+    assert_eq!(search_paths(s, "/nothing/**").await, Vec::<Vec<u8>>::new());
+    assert_eq!(search_paths(s, "**").await.len(), paths.len());
+    // A bad glob is the caller's error.
+    let e = s
+        .search_violations(ViolationQuery {
+            path_glob: Some("/a/[".into()),
+            ..query()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::InvalidArgument(_)), "{e}");
+    // The limit counts matches, not scanned rows.
+    let r = s
+        .search_violations(ViolationQuery {
+            path_glob: Some("/weird/*".into()),
+            limit: 2,
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.len(), 2);
+}
+
+async fn search_filters(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    for h in ["web-1", "db-1"] {
+        enroll(s, h).await;
+    }
+    let mut web_hello = hello(1);
+    web_hello.image_id = "web-image".into();
+    s.hello("web-1", web_hello, T0).await.unwrap();
+    let mut db_hello = hello(1);
+    db_hello.image_id = "db-image".into();
+    s.hello("db-1", db_hello, T0).await.unwrap();
+
+    let mut web = Agent::new(1);
+    let mut db = Agent::new(1);
+    let w1 = file(
+        b"/etc/nginx.conf",
+        ViolationKind::Modified,
+        3,
+        &["nginx:amd64"],
+    );
+    let w2 = file(
+        b"/usr/bin/curl",
+        ViolationKind::Added,
+        4,
+        &["curl:amd64", "libcurl4:amd64"],
+    );
+    let w3 = package("nginx", PackageDriftKind::Changed, 3);
+    let d1 = file(
+        b"/etc/postgresql.conf",
+        ViolationKind::Modified,
+        3,
+        &["postgresql:amd64"],
+    );
+    let d2 = package("nginx", PackageDriftKind::Installed, 2);
+    assert_eq!(
+        apply1(
+            s,
+            "web-1",
+            web.delta(vec![w1.clone(), w2.clone(), w3.clone()], vec![]),
+            T0
+        )
+        .await,
+        APPLIED
+    );
+    assert_eq!(
+        apply1(
+            s,
+            "db-1",
+            db.delta(vec![d1.clone(), d2.clone()], vec![]),
+            T0 + 10 * MINUTE
+        )
+        .await,
+        APPLIED
+    );
+    // Resolve w2 at +20 minutes.
+    assert_eq!(
+        apply1(
+            s,
+            "web-1",
+            web.delta(vec![], vec![w2.key.clone()]),
+            T0 + 20 * MINUTE
+        )
+        .await,
+        APPLIED
+    );
+    let keys = |q: ViolationQuery| async move {
+        let mut v: Vec<(String, Vec<u8>)> = s
+            .search_violations(q)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.host_id, r.key))
+            .collect();
+        v.sort();
+        v
+    };
+    let hk = |h: &str, i: &DriftItem| (h.to_owned(), i.key.clone());
+
+    assert_eq!(keys(query()).await.len(), 4, "open only by default");
+    assert_eq!(
+        keys(ViolationQuery {
+            include_resolved: true,
+            ..query()
+        })
+        .await
+        .len(),
+        5
+    );
+    assert_eq!(
+        keys(ViolationQuery {
+            host_id: Some("db-1".into()),
+            ..query()
+        })
+        .await,
+        vec![hk("db-1", &d1), hk("db-1", &d2)]
+    );
+    assert_eq!(
+        keys(ViolationQuery {
+            kind: Some(ViolationKind::Modified as i32),
+            ..query()
+        })
+        .await,
+        vec![hk("db-1", &d1), hk("web-1", &w1), hk("web-1", &w3)],
+        "package CHANGED counts as modified"
+    );
+    assert_eq!(
+        keys(ViolationQuery {
+            kind: Some(ViolationKind::Added as i32),
+            include_resolved: true,
+            ..query()
+        })
+        .await,
+        vec![hk("db-1", &d2), hk("web-1", &w2)],
+        "package INSTALLED counts as added"
+    );
+    // Package: owning package of file items, or the drifted package itself.
+    assert_eq!(
+        keys(ViolationQuery {
+            package: Some("nginx".into()),
+            ..query()
+        })
+        .await,
+        vec![hk("db-1", &d2), hk("web-1", &w1), hk("web-1", &w3)]
+    );
+    assert_eq!(
+        keys(ViolationQuery {
+            package: Some("libcurl4".into()),
+            include_resolved: true,
+            ..query()
+        })
+        .await,
+        vec![hk("web-1", &w2)]
+    );
+    assert!(
+        keys(ViolationQuery {
+            package: Some("curl".into()),
+            ..query()
+        })
+        .await
+        .is_empty(),
+        "resolved occurrences are hidden by default"
+    );
+    assert!(
+        keys(ViolationQuery {
+            package: Some("ngin".into()),
+            ..query()
+        })
+        .await
+        .is_empty(),
+        "package names match whole"
+    );
+    assert_eq!(
+        keys(ViolationQuery {
+            image_id: Some("db-image".into()),
+            ..query()
+        })
+        .await,
+        vec![hk("db-1", &d1), hk("db-1", &d2)]
+    );
+    // Time window: seen at or after since (last_seen), at or before until (first_seen).
+    assert_eq!(
+        keys(ViolationQuery {
+            since_ms: Some(T0 + 10 * MINUTE),
+            include_resolved: true,
+            ..query()
+        })
+        .await,
+        vec![hk("db-1", &d1), hk("db-1", &d2)]
+    );
+    assert_eq!(
+        keys(ViolationQuery {
+            until_ms: Some(T0 + 5 * MINUTE),
+            ..query()
+        })
+        .await,
+        vec![hk("web-1", &w1), hk("web-1", &w3)]
+    );
+    // Combined, and limited (newest first).
+    assert_eq!(
+        keys(ViolationQuery {
+            host_id: Some("web-1".into()),
+            package: Some("nginx".into()),
+            kind: Some(ViolationKind::Modified as i32),
+            path_glob: Some("/etc/*".into()),
+            ..query()
+        })
+        .await,
+        vec![hk("web-1", &w1)]
+    );
+    let newest = s
+        .search_violations(ViolationQuery {
+            limit: 2,
+            include_resolved: true,
+            ..query()
+        })
+        .await
+        .unwrap();
+    assert_eq!(newest.len(), 2);
+    assert_eq!(newest[0].last_seen_ms, T0 + 10 * MINUTE);
+    assert_eq!(newest[0].host_id, "db-1");
+}
+
+async fn security_events_are_kept(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    for i in 0..5 {
+        s.record_security_event(SecurityEvent {
+            at_ms: T0 + i,
+            kind: "impersonation".into(),
+            peer_host_id: (i % 2 == 0).then(|| format!("h{i}")),
+            detail: format!("hello claimed x{i}"),
+        })
+        .await
+        .unwrap();
+    }
+    let all = s.security_events(T0, 100).await.unwrap();
+    assert_eq!(all.len(), 5);
+    assert_eq!(all[0].peer_host_id.as_deref(), Some("h0"));
+    assert_eq!(all[1].peer_host_id, None);
+    let later = s.security_events(T0 + 3, 100).await.unwrap();
+    assert_eq!(
+        later.iter().map(|e| e.at_ms).collect::<Vec<_>>(),
+        vec![T0 + 3, T0 + 4]
+    );
+    assert_eq!(s.security_events(T0, 2).await.unwrap().len(), 2);
+}
+
+// --- lifecycle -----------------------------------------------------------------------------
+
+async fn schema_too_new_is_refused(f: Fixture) {
+    drop(f.open().await);
+    f.set_schema_version(999).await;
+    match f.try_open().await {
+        Err(StorageError::SchemaTooNew { found, supported }) => {
+            assert_eq!(found, 999);
+            assert!(supported >= 1);
+        }
+        Err(e) => panic!("expected SchemaTooNew, got {e}"),
+        Ok(_) => panic!("a newer schema must be refused"),
+    }
+}
+
+async fn concurrent_first_opens_migrate_once(f: Fixture) {
+    // Two replicas starting at once on an empty database.
+    let (a, b) = tokio::join!(f.try_open(), f.try_open());
+    let (a, b) = (a.unwrap(), b.unwrap());
+    enroll(a.as_ref(), "h").await;
+    assert_eq!(b.list_hosts().await.unwrap().len(), 1);
+}
+
+async fn reopen_keeps_everything(f: Fixture) {
+    let mut agent = Agent::new(4);
+    {
+        let s = f.open().await;
+        let s = s.as_ref();
+        s.create_enrollment_token(token("dddd0001", 1, 3, T0 + MINUTE, None))
+            .await
+            .unwrap();
+        s.enroll_host(vec![("k".into(), "v".into())], cert("h", 1, T0 + MINUTE))
+            .await
+            .unwrap();
+        s.hello("h", hello(4), T0).await.unwrap();
+        let r = agent.delta(
+            vec![
+                file(
+                    b"/etc/\xffx",
+                    ViolationKind::Modified,
+                    4,
+                    &["base-files:amd64"],
+                ),
+                package("curl", PackageDriftKind::Installed, 2),
+            ],
+            vec![],
+        );
+        assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+        s.record_security_event(SecurityEvent {
+            at_ms: T0,
+            kind: "token-refused".into(),
+            peer_host_id: None,
+            detail: "x".into(),
+        })
+        .await
+        .unwrap();
+        s.revoke_host("h", T0 + 1).await.unwrap();
+    }
+    let s = f.open().await;
+    let s = s.as_ref();
+    assert_eq!(s.list_enrollment_tokens().await.unwrap().len(), 1);
+    let h = s.host("h").await.unwrap().unwrap();
+    assert_eq!(h.labels, vec![("k".into(), "v".into())]);
+    assert_eq!((h.position.epoch, h.position.last_seq), (4, 1));
+    assert_eq!(h.position.set_digest.to_vec(), agent.digest());
+    assert!(h.revoked);
+    assert_eq!(open_keys(s, "h").await.len(), 2);
+    assert_eq!(s.security_events(0, 10).await.unwrap().len(), 1);
+    assert_eq!(s.revoked_serials(T0).await.unwrap().len(), 1);
+    // The stream goes on where it stopped.
+    let p = s.hello("h", hello(4), T0 + 2).await.unwrap();
+    assert_eq!(p.last_seq, 1);
+    let r = agent.delta(vec![], vec![package_key("curl", "amd64")]);
+    assert_eq!(apply1(s, "h", r, T0 + 3).await, APPLIED);
+}
