@@ -26,6 +26,9 @@ pub const EXIT_CLEAN: u8 = 0;
 pub const EXIT_DRIFT: u8 = 1;
 /// Exit status: the tool failed.
 pub const EXIT_ERROR: u8 = 2;
+/// Exit status of `run` on a configuration error (EX_CONFIG is 78, but 64 is what the
+/// project's systemd unit lists in `RestartPreventExitStatus=`, as the contract fixes).
+pub const EXIT_CONFIG: u8 = 64;
 
 const ABOUT: &str =
     "Detect drift of a server from the signed baseline of the image it was built from";
@@ -68,6 +71,53 @@ pub enum Command {
     /// Show the policy in force
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Enroll this host with a collector: make a key, trade a token and a CSR for a client
+    /// certificate, store the identity in STATE_DIR/identity
+    Enroll(EnrollArgs),
+    /// Run the agent daemon: scan on a schedule and stream drift to the collector (SIGHUP or
+    /// SIGUSR1: scan now; SIGTERM/SIGINT: stop). Exit 64 on a configuration error
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("ca").required(true).args(["ca_file", "ca_fingerprint"]))]
+pub struct EnrollArgs {
+    /// The collector's gRPC address, e.g. https://collector.example.com:7443
+    #[arg(long, value_name = "URL")]
+    pub collector: String,
+    /// Trust the collector CA certificate(s) in this PEM file
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// Trust the collector CA with this SHA-256 fingerprint (hex, ':' allowed), found in the
+    /// server's certificate chain and pinned as STATE_DIR/identity/ca.pem
+    #[arg(long, value_name = "SHA256")]
+    pub ca_fingerprint: Option<String>,
+    /// The enrollment token (dwt_...) from `driftwatch-collector token create`
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "DRIFTWATCH_ENROLL_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: String,
+    /// Host id to ask for [default: the hostname]
+    #[arg(long, value_name = "ID")]
+    pub host_id: Option<String>,
+    /// Label stored with the host (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    #[arg(long, value_name = "DIR", env = "DRIFTWATCH_STATE_DIR", default_value = crate::daemon::config::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Replace an existing identity
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Daemon configuration (see packaging/examples/agent.toml)
+    #[arg(long, value_name = "FILE", default_value = crate::daemon::config::DEFAULT_PATH)]
+    pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -272,6 +322,105 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Check(a) => run_check(a),
         Command::VerifyPackages(a) => verify_packages(a),
         Command::Policy(PolicyCommand::Show(a)) => policy_show(a),
+        Command::Enroll(a) => enroll(a),
+        Command::Run(a) => run_daemon(a),
+    }
+}
+
+/// Logging for the long-running commands: journald when started by systemd with its output
+/// connected to the journal (`JOURNAL_STREAM`), stderr otherwise. `RUST_LOG` filters (default
+/// `info`).
+pub fn init_logging() {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let journald = std::env::var_os("JOURNAL_STREAM")
+        .is_some()
+        .then(tracing_journald::layer)
+        .and_then(Result::ok);
+    let registry = tracing_subscriber::registry().with(filter);
+    let _ = match journald {
+        Some(j) => registry.with(j).try_init(),
+        None => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_target(false),
+            )
+            .try_init(),
+    };
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // Two workers are plenty for one stream and a few timers; scanning has its own threads.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn enroll(a: EnrollArgs) -> Result<ExitCode> {
+    use crate::enroll::{CaTrust, EnrollOptions};
+    let collector = crate::transport::CollectorUrl::parse(&a.collector)?;
+    let trust = match (a.ca_file, a.ca_fingerprint) {
+        (Some(f), None) => CaTrust::File(f),
+        (None, Some(fp)) => CaTrust::Fingerprint(
+            crate::transport::parse_fingerprint(&fp).map_err(anyhow::Error::msg)?,
+        ),
+        _ => anyhow::bail!("give exactly one of --ca-file and --ca-fingerprint"),
+    };
+    let opts = EnrollOptions {
+        collector,
+        trust,
+        token: a.token,
+        host_id: a.host_id,
+        labels: a.labels,
+        state_dir: a.state_dir.clone(),
+        force: a.force,
+    };
+    let id = runtime()?.block_on(crate::enroll::enroll(&opts))?;
+    println!(
+        "enrolled as {} with {}; certificate valid until {}; identity in {}",
+        id.host_id,
+        opts.collector,
+        crate::time::format_unix(id.not_after_unix),
+        crate::identity::dir(&a.state_dir).display()
+    );
+    Ok(ExitCode::from(EXIT_CLEAN))
+}
+
+fn run_daemon(a: RunArgs) -> Result<ExitCode> {
+    use crate::daemon::{self, DaemonError};
+    init_logging();
+    let (settings, inputs) = match daemon::load(&a.config) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("driftwatch-agent: {e}");
+            return Ok(ExitCode::from(EXIT_CONFIG));
+        }
+    };
+    let rt = runtime()?;
+    let result = rt.block_on(daemon::run(settings, inputs));
+    // A scan abandoned at shutdown may still occupy a blocking thread: do not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
+        Ok(()) => Ok(ExitCode::from(EXIT_CLEAN)),
+        Err(
+            e @ (DaemonError::Config(_)
+            | DaemonError::Identity(crate::identity::IdentityError::NotEnrolled { .. })),
+        ) => {
+            tracing::error!("{e}");
+            eprintln!("driftwatch-agent: {e}");
+            Ok(ExitCode::from(EXIT_CONFIG))
+        }
+        Err(e) => {
+            tracing::error!("{e}");
+            Err(e.into())
+        }
     }
 }
 

@@ -1,0 +1,308 @@
+//! The daemon's configuration (`/etc/driftwatch/agent.toml`), in stages: [`RawConfig`] is the
+//! TOML as written (every key optional, unknown keys refused by name) → [`Settings`], validated
+//! and typed (a parsed URL, `Duration`s, non-zero counts) → [`Inputs`], the files the settings
+//! name, read and checked once at start. Any failure is a [`ConfigError`]: the daemon exits 64
+//! so that systemd does not restart-loop on a bad configuration.
+
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::check::PolicySource;
+use crate::policy::Policy;
+use crate::report_set::Limits;
+use crate::spool::SpoolLimits;
+use crate::transport::CollectorUrl;
+
+/// Where `run` reads its configuration unless told otherwise.
+pub const DEFAULT_PATH: &str = "/etc/driftwatch/agent.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/driftwatch";
+pub const DEFAULT_BASELINE: &str = "/etc/driftwatch/baseline.dwb";
+pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(15 * 60);
+pub const DEFAULT_FULL_REHASH_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
+/// The smallest spool that still holds a few reports.
+pub const MIN_SPOOL_MAX_BYTES: u64 = 64 << 10;
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration {path}: {message}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// A size: bytes as an integer, or a string with a unit ("64MiB", "512KiB", "1GiB").
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+/// The TOML as written. Every key is optional; defaults are applied in [`Settings::validate`].
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub collector: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub baseline: Option<PathBuf>,
+    pub trusted_keys: Option<Vec<PathBuf>>,
+    pub root: Option<PathBuf>,
+    pub policy: Option<PathBuf>,
+    pub scan_interval: Option<String>,
+    pub full_rehash_interval: Option<String>,
+    pub threads: Option<usize>,
+    pub spool_max_bytes: Option<RawSize>,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub collector: CollectorUrl,
+    pub state_dir: PathBuf,
+    pub baseline: PathBuf,
+    pub trusted_keys: Vec<PathBuf>,
+    pub root: PathBuf,
+    /// A policy file overriding the one embedded in the baseline.
+    pub policy: Option<PathBuf>,
+    /// Time between scan starts (±10 % jitter).
+    pub scan_interval: Duration,
+    /// How often a scan ignores the scan cache and hashes everything.
+    pub full_rehash_interval: Duration,
+    pub threads: NonZeroUsize,
+    pub spool: SpoolLimits,
+    /// Report size limits, within what one spool record may hold.
+    pub report_limits: Limits,
+}
+
+/// The files the settings name, read once at start.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    pub trusted_keys: Vec<[u8; 32]>,
+    pub policy: PolicySource,
+}
+
+fn parse_duration(key: &str, text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{key} = {text:?} is not a duration like \"15m\" or \"24h\": {e}"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{key} = {text:?} must be at least one second"));
+    }
+    Ok(d)
+}
+
+fn parse_size(key: &str, raw: &RawSize) -> Result<u64, String> {
+    let text = match raw {
+        RawSize::Bytes(n) => return Ok(*n),
+        RawSize::Text(t) => t.trim(),
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (num, unit) = text.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "{key} = {text:?}: give bytes, or a number with KiB, MiB or GiB"
+            ));
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("{key} = {text:?} is not a size"))
+}
+
+impl RawConfig {
+    pub fn parse(text: &str) -> Result<RawConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+}
+
+impl Settings {
+    /// Applies defaults and checks every value.
+    pub fn validate(raw: RawConfig) -> Result<Settings, String> {
+        let collector = raw
+            .collector
+            .ok_or("collector is required (e.g. collector = \"https://collector.example:7443\")")?;
+        let collector = CollectorUrl::parse(&collector).map_err(|e| format!("collector: {e}"))?;
+        let trusted_keys = raw.trusted_keys.unwrap_or_default();
+        if trusted_keys.is_empty() {
+            return Err("trusted_keys must name at least one public key file".into());
+        }
+        let scan_interval = match &raw.scan_interval {
+            Some(t) => parse_duration("scan_interval", t)?,
+            None => DEFAULT_SCAN_INTERVAL,
+        };
+        let full_rehash_interval = match &raw.full_rehash_interval {
+            Some(t) => parse_duration("full_rehash_interval", t)?,
+            None => DEFAULT_FULL_REHASH_INTERVAL,
+        };
+        let threads =
+            NonZeroUsize::new(raw.threads.unwrap_or(1)).ok_or("threads must be at least 1")?;
+        let spool_max = match &raw.spool_max_bytes {
+            Some(s) => parse_size("spool_max_bytes", s)?,
+            None => DEFAULT_SPOOL_MAX_BYTES,
+        };
+        if spool_max < MIN_SPOOL_MAX_BYTES {
+            return Err(format!(
+                "spool_max_bytes = {spool_max} is below the minimum of {MIN_SPOOL_MAX_BYTES}"
+            ));
+        }
+        // One record holds at most a quarter of the spool (and never more than gRPC's 4 MiB);
+        // reports are cut to half a record, so a report always fits with room to spare.
+        let max_payload = (spool_max / 4).min(4 << 20) as u32;
+        let spool = SpoolLimits::new(spool_max, max_payload, (spool_max / 8).clamp(4096, 4 << 20))
+            .map_err(|e| format!("spool_max_bytes: {e}"))?;
+        let report_limits = Limits {
+            max_bytes: (max_payload as usize / 2).min(Limits::default().max_bytes),
+            ..Limits::default()
+        };
+        Ok(Settings {
+            collector,
+            state_dir: raw
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            baseline: raw
+                .baseline
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_BASELINE)),
+            trusted_keys,
+            root: raw.root.unwrap_or_else(|| PathBuf::from("/")),
+            policy: raw.policy,
+            scan_interval,
+            full_rehash_interval,
+            threads,
+            spool,
+            report_limits,
+        })
+    }
+
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        Settings::validate(RawConfig::parse(&text).map_err(err)?).map_err(err)
+    }
+
+    /// Reads the trusted keys and the policy file.
+    pub fn inputs(&self, config_path: &Path) -> Result<Inputs, ConfigError> {
+        let err = |message: String| ConfigError {
+            path: config_path.to_path_buf(),
+            message,
+        };
+        let trusted_keys = self
+            .trusted_keys
+            .iter()
+            .map(|p| crate::keys::load_public(p).map_err(|e| err(format!("trusted_keys: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let policy = match &self.policy {
+            None => PolicySource::Baseline,
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|e| err(format!("policy {}: {e}", p.display())))?;
+                let parsed = Policy::from_toml(&text)
+                    .map_err(|e| err(format!("policy {}: {e}", p.display())))?;
+                PolicySource::File(p.display().to_string(), Box::new(parsed))
+            }
+        };
+        Ok(Inputs {
+            trusted_keys,
+            policy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal() -> &'static str {
+        "collector = \"https://collector.example:7443\"\ntrusted_keys = [\"/etc/driftwatch/pipeline.pub\"]\n"
+    }
+
+    fn settings(text: &str) -> Result<Settings, String> {
+        Settings::validate(RawConfig::parse(text)?)
+    }
+
+    #[test]
+    fn defaults() {
+        let s = settings(minimal()).unwrap();
+        assert_eq!(s.scan_interval, DEFAULT_SCAN_INTERVAL);
+        assert_eq!(s.full_rehash_interval, DEFAULT_FULL_REHASH_INTERVAL);
+        assert_eq!(s.state_dir, Path::new(DEFAULT_STATE_DIR));
+        assert_eq!(s.baseline, Path::new(DEFAULT_BASELINE));
+        assert_eq!(s.root, Path::new("/"));
+        assert_eq!(s.threads.get(), 1);
+        assert_eq!(s.spool.max_total_bytes(), DEFAULT_SPOOL_MAX_BYTES);
+        assert_eq!(s.report_limits, Limits::default());
+        assert!(s.policy.is_none());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = settings(&format!("{}scan_intervall = \"2s\"\n", minimal())).unwrap_err();
+        assert!(e.contains("scan_intervall"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        let s = settings(&format!(
+            "{}scan_interval = \"2s\"\nfull_rehash_interval = \"1h 30m\"\n",
+            minimal()
+        ))
+        .unwrap();
+        assert_eq!(s.scan_interval, Duration::from_secs(2));
+        assert_eq!(s.full_rehash_interval, Duration::from_secs(5400));
+        let e = settings(&format!("{}scan_interval = \"soon\"\n", minimal())).unwrap_err();
+        assert!(e.contains("scan_interval") && e.contains("soon"), "{e}");
+        let e = settings(&format!("{}scan_interval = \"0s\"\n", minimal())).unwrap_err();
+        assert!(e.contains("at least one second"), "{e}");
+        let e = settings(&format!("{}scan_interval = 15\n", minimal())).unwrap_err();
+        assert!(e.contains("scan_interval"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        let s = settings(&format!("{}spool_max_bytes = \"64MiB\"\n", minimal())).unwrap();
+        assert_eq!(s.spool.max_total_bytes(), 64 << 20);
+        let s = settings(&format!("{}spool_max_bytes = 1048576\n", minimal())).unwrap();
+        assert_eq!(s.spool.max_total_bytes(), 1 << 20);
+        assert_eq!(s.spool.max_payload_bytes(), 256 << 10);
+        assert_eq!(s.report_limits.max_bytes, 128 << 10);
+        for bad in ["\"64MB\"", "\"lots\"", "1024", "\"99999999999GiB\""] {
+            let e = settings(&format!("{}spool_max_bytes = {bad}\n", minimal())).unwrap_err();
+            assert!(e.contains("spool_max_bytes"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn required_keys() {
+        let e = settings("trusted_keys = [\"/k.pub\"]\n").unwrap_err();
+        assert!(e.contains("collector is required"), "{e}");
+        let e = settings("collector = \"https://c:1\"\n").unwrap_err();
+        assert!(e.contains("trusted_keys"), "{e}");
+        let e = settings("collector = \"http://c:1\"\ntrusted_keys = [\"/k\"]\n").unwrap_err();
+        assert!(e.contains("https"), "{e}");
+        let e = settings(&format!("{}threads = 0\n", minimal())).unwrap_err();
+        assert!(e.contains("threads"), "{e}");
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../../packaging/examples/agent.toml");
+        let s = settings(text).unwrap();
+        assert_eq!(s.collector.host(), "collector.example.com");
+        assert_eq!(s.scan_interval, DEFAULT_SCAN_INTERVAL);
+        assert_eq!(s.full_rehash_interval, DEFAULT_FULL_REHASH_INTERVAL);
+    }
+}
