@@ -201,6 +201,9 @@ impl Settings {
         };
         let grpc_listen = parse_addr("grpc_listen", raw.grpc_listen, DEFAULT_GRPC_LISTEN)?;
         let http_listen = parse_addr("http_listen", raw.http_listen, DEFAULT_HTTP_LISTEN)?;
+        // Until the API has access control (bearer tokens and roles), only this machine may ask.
+        crate::http::check_listen_addr(http_listen)
+            .map_err(|e| invalid("http_listen", e.to_string()))?;
         let server_names = match raw.server_names {
             Some(names) => {
                 if names.is_empty() {

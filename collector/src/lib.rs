@@ -6,22 +6,22 @@
 //!
 //! Start one with [`server::Server::bind`] and [`server::Server::run`] (or [`server::serve`]).
 
+pub mod api;
 pub mod ca;
 pub mod cli;
+pub mod cli_client;
 pub mod config;
 pub mod enroll;
+pub mod escape;
 pub mod failpoint;
+pub mod host_state;
+pub mod http;
 pub mod ingest;
 pub mod logging;
 pub mod revocation;
 pub mod rpc_error;
 pub mod security;
 pub mod server;
-pub mod api;
-pub mod cli_client;
-pub mod escape;
-pub mod host_state;
-pub mod http;
 pub mod storage;
 pub mod tls;
 pub mod token;

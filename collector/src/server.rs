@@ -32,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::config::Settings;
 use crate::enroll::EnrollmentService;
+use crate::http::ApiConfig;
 use crate::ingest::IngestService;
 use crate::revocation::Revocations;
 use crate::storage::{Storage, StorageError};
@@ -68,6 +69,8 @@ pub struct Server {
     ca: Arc<CertificateAuthority>,
     listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
+    http_listener: tokio::net::TcpListener,
+    http_addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     stats: Arc<TlsStats>,
 }
@@ -95,8 +98,22 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .map_err(|source| ServeError::Bind { addr, source })?;
+        let http_addr = settings.http_listen;
+        let http_listener = tokio::net::TcpListener::bind(http_addr)
+            .await
+            .map_err(|source| ServeError::Bind {
+                addr: http_addr,
+                source,
+            })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| ServeError::Bind {
+                addr: http_addr,
+                source,
+            })?;
         tracing::info!(
             %local_addr,
+            %http_addr,
             backend = store.backend(),
             ca_fingerprint = ca.fingerprint(),
             "collector bound"
@@ -107,6 +124,8 @@ impl Server {
             ca: Arc::new(ca),
             listener,
             local_addr,
+            http_listener,
+            http_addr,
             tls,
             stats: Arc::new(TlsStats::default()),
         })
@@ -115,6 +134,11 @@ impl Server {
     /// The address the gRPC port is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address the HTTP JSON API is bound to (loopback).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     /// The collector CA (its certificate is the agents' trust anchor).
@@ -135,6 +159,8 @@ impl Server {
             ca,
             listener,
             local_addr,
+            http_listener,
+            http_addr,
             tls,
             stats,
         } = self;
@@ -215,8 +241,21 @@ impl Server {
                 }),
         );
 
+        // The read API for people: it shares the store, and stops with everything else.
+        let api_config = ApiConfig {
+            silent_after: 3 * settings.heartbeat_interval.as_duration(),
+            ..ApiConfig::default()
+        };
+        let mut stop_for_http = stop_rx.clone();
+        let http = tokio::spawn(crate::http::serve(
+            http_listener,
+            store.clone(),
+            api_config,
+            async move { stop_requested(&mut stop_for_http).await },
+        ));
+
         notify_systemd(&[sd_notify::NotifyState::Ready]);
-        tracing::info!(%local_addr, "collector serving");
+        tracing::info!(%local_addr, %http_addr, "collector serving");
         let early = tokio::select! {
             r = &mut serve => Some(r),
             () = shutdown => None,
@@ -254,6 +293,11 @@ impl Server {
         drop(serve);
         let _ = accept.await;
         ingest_tasks.finish(tuning.shutdown_grace).await;
+        match http.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "HTTP API ended with an error"),
+            Err(e) => tracing::warn!(error = %e, "HTTP API task failed"),
+        }
         tracing::info!("collector stopped");
         result
     }

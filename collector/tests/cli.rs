@@ -8,8 +8,8 @@ mod fleet_fixture;
 use std::net::SocketAddr;
 use std::process::Output;
 
-use fleet_fixture::{fleet, serve};
 use driftwatch_collector::http::ApiConfig;
+use fleet_fixture::{fleet, serve};
 
 /// Runs `driftwatch ARGS` with `DRIFTWATCH_API` pointing at `addr` (off the async workers:
 /// the server runs on them).

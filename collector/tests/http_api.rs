@@ -8,8 +8,8 @@ mod fleet_fixture;
 use std::time::Duration;
 
 use base64::Engine;
-use fleet_fixture::{BINARY_PATH, HOSTILE_PATH, fleet, get, serve};
 use driftwatch_collector::http::ApiConfig;
+use fleet_fixture::{BINARY_PATH, HOSTILE_PATH, fleet, get, serve};
 use serde_json::{Value, json};
 
 fn hosts_by_id(v: &Value) -> std::collections::BTreeMap<String, Value> {

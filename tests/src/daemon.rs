@@ -88,7 +88,9 @@ impl Daemon {
 
     /// Whether the process has exited (reaping it if so), with its exit status.
     pub fn try_exit(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// SIGKILL and reap: a crash at whatever point the process was.
