@@ -348,3 +348,4 @@ pub fn finding(path: &[u8], kind: &str, attrs: &[&str]) -> Finding {
 pub mod daemon;
 pub mod debian;
 pub mod postgres;
+pub mod fleet;
