@@ -215,6 +215,24 @@ impl Drop for Collector {
     }
 }
 
+/// The `postgresql://` URL the collector's `database_url` wants for a libpq-style connection
+/// string (`host=DIR port=P user=U dbname=D`, as [`crate::postgres::PgServer::url`] gives).
+pub fn postgres_url(conninfo: &str) -> String {
+    let get = |k: &str| {
+        conninfo
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {conninfo:?}"))
+    };
+    format!(
+        "postgresql://{}@/{}?host={}&port={}",
+        get("user"),
+        get("dbname"),
+        get("host"),
+        get("port")
+    )
+}
+
 /// A drift item reduced to what fleet tests compare: (path or package, kind).
 pub type Drift = (Vec<u8>, String);
 

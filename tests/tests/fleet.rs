@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use driftwatch_tests::fleet::{Agent, Collector, Drift, Image, drift};
+use driftwatch_tests::fleet::{Agent, Collector, Drift, Image, drift, postgres_url};
 use driftwatch_tests::{debian, postgres, require_root};
 
 const SETTLE: Duration = Duration::from_secs(45);
@@ -37,6 +37,7 @@ fn intrude(root: &Path) -> Vec<Drift> {
 
 /// Three agents on their own roots; all clean; one intruded; only that one drifted.
 fn fleet_body(database_url: Option<&str>) {
+    let started = std::time::Instant::now();
     let base = debian::minbase();
     let work = tempfile::tempdir().unwrap();
     let image = Image::create(&base, work.path());
@@ -62,6 +63,7 @@ fn fleet_body(database_url: Option<&str>) {
             )
         })
         .collect();
+    eprintln!("{:?}: enrolled", started.elapsed());
     for a in &mut agents {
         a.start();
     }
@@ -76,6 +78,7 @@ fn fleet_body(database_url: Option<&str>) {
     );
     assert_eq!(collector.try_hosts().unwrap().len(), 3);
 
+    eprintln!("{:?}: three clean", started.elapsed());
     let want = intrude(roots[1].path());
     agents[1].scan_now();
     collector.wait_for_state(
@@ -88,6 +91,7 @@ fn fleet_body(database_url: Option<&str>) {
         ],
     );
 
+    eprintln!("{:?}: host-1 drifted", started.elapsed());
     let found = collector
         .cli(&["violations", "search", "--path", "/etc/cron.d/*"])
         .unwrap();
@@ -119,6 +123,6 @@ fn fleet_on_postgres_reports_exactly_the_drifted_host() {
     let Some(pg) = postgres::server() else {
         return;
     };
-    let url = pg.create_database("fleet");
+    let url = postgres_url(&pg.create_database("fleet"));
     fleet_body(Some(&url));
 }
