@@ -319,7 +319,13 @@ impl Agent {
             OsStr::new("--state-dir"),
             state_dir.as_os_str(),
         ]);
-        assert_eq!(r.code, 0, "enroll {host_id}: {}\n{}", r.stdout_str(), r.stderr);
+        assert_eq!(
+            r.code,
+            0,
+            "enroll {host_id}: {}\n{}",
+            r.stdout_str(),
+            r.stderr
+        );
         let config = dir.join("agent.toml");
         let text = format!(
             "collector = {url:?}\ntrusted_keys = [{key:?}]\nbaseline = {bl:?}\n\

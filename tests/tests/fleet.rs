@@ -70,11 +70,7 @@ fn fleet_body(database_url: Option<&str>) {
     collector.wait_for_state(
         "three clean hosts",
         SETTLE,
-        &[
-            ("host-0", vec![]),
-            ("host-1", vec![]),
-            ("host-2", vec![]),
-        ],
+        &[("host-0", vec![]), ("host-1", vec![]), ("host-2", vec![])],
     );
     assert_eq!(collector.try_hosts().unwrap().len(), 3);
 
@@ -84,11 +80,7 @@ fn fleet_body(database_url: Option<&str>) {
     collector.wait_for_state(
         "host-1 drifted, the others clean",
         SETTLE,
-        &[
-            ("host-0", vec![]),
-            ("host-1", want),
-            ("host-2", vec![]),
-        ],
+        &[("host-0", vec![]), ("host-1", want), ("host-2", vec![])],
     );
 
     eprintln!("{:?}: host-1 drifted", started.elapsed());
@@ -125,4 +117,257 @@ fn fleet_on_postgres_reports_exactly_the_drifted_host() {
     };
     let url = postgres_url(&pg.create_database("fleet"));
     fleet_body(Some(&url));
+}
+
+/// A small seeded generator (splitmix64): the seed is printed so a failure can be replayed
+/// with `DRIFTWATCH_TEST_SEED`.
+struct Rng(u64);
+
+impl Rng {
+    fn from_env() -> Rng {
+        let seed = std::env::var("DRIFTWATCH_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+            });
+        eprintln!("random seed: {seed} (replay with DRIFTWATCH_TEST_SEED={seed})");
+        Rng(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Flips one of a few files of `root` between its image state and a drifted one. Errors are
+/// ignored: a failing test removes the root under this helper's feet.
+fn flip(root: &Path, which: u64, original_motd: &[u8]) {
+    match which % 3 {
+        0 => {
+            let p = root.join("etc/motd");
+            let now = fs::read(&p).unwrap_or_default();
+            let _ = fs::write(
+                &p,
+                if now == original_motd {
+                    b"owned\n"
+                } else {
+                    original_motd
+                },
+            );
+        }
+        1 => {
+            let p = root.join("etc/cron.d/flap");
+            let _ = if p.exists() {
+                fs::remove_file(&p)
+            } else {
+                fs::write(&p, "* * * * * root true\n")
+            };
+        }
+        _ => {
+            let p = root.join("usr/bin/env");
+            if let Ok(m) = fs::metadata(&p) {
+                let new = if m.permissions().mode() & 0o7777 == 0o755 {
+                    0o4755
+                } else {
+                    0o755
+                };
+                let _ = fs::set_permissions(&p, fs::Permissions::from_mode(new));
+            }
+        }
+    }
+}
+
+#[test]
+fn agent_killed_twenty_times_converges_to_the_roots_truth() {
+    if !require_root("copies of a Debian root with their ownership") {
+        return;
+    }
+    let mut rng = Rng::from_env();
+    let base = debian::minbase();
+    let work = tempfile::tempdir().unwrap();
+    let image = Image::create(&base, work.path());
+    let collector = Collector::start(work.path(), None);
+    let root = debian::copy(&base);
+    let dir = work.path().join("agent");
+    fs::create_dir_all(&dir).unwrap();
+    let mut agent = Agent::enroll(
+        &collector,
+        &collector.token(1),
+        &collector.ca_fingerprint(),
+        "crashy",
+        &dir,
+        root.path(),
+        &image,
+    );
+
+    // The drifting helper: flips a few files every 20–200 ms until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let helper = {
+        let stop = stop.clone();
+        let root = root.path().to_path_buf();
+        let mut hrng = Rng(rng.next());
+        std::thread::spawn(move || {
+            let motd = fs::read(root.join("etc/motd")).unwrap_or_default();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                flip(&root, hrng.next(), &motd);
+                std::thread::sleep(Duration::from_millis(20 + hrng.below(180)));
+            }
+        })
+    };
+    for round in 0..20 {
+        agent.start();
+        // No SIGUSR1 here: one that arrives before the daemon installed its handler kills it
+        // (the default action); the daemon scans at start anyway.
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        if let Some(st) = agent.daemon.as_mut().unwrap().try_exit() {
+            panic!(
+                "agent exited by itself in round {round}: {st}\n{}",
+                agent.log()
+            );
+        }
+        agent.kill();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    helper.join().unwrap();
+
+    let truth = agent.check(&image);
+    eprintln!("the root's truth: {truth:?}");
+    agent.start();
+    let state: Vec<(&str, Vec<Drift>)> = vec![("crashy", truth)];
+    collector.wait_for_state("the collector to agree with check", SETTLE, &state);
+    agent.wait_spool_empty(SETTLE);
+    let h = collector.try_host("crashy").unwrap();
+    assert_eq!(h["incomplete"], false, "host: {h}");
+}
+
+/// The current UTC time in the API's format (RFC 3339 with milliseconds).
+fn utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%S.%3NZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn collector_killed_between_commit_and_ack_applies_nothing_twice() {
+    if !require_root("copies of a Debian root with their ownership") {
+        return;
+    }
+    let exe = driftwatch_tests::failpoint_collector();
+    let base = debian::minbase();
+    let work = tempfile::tempdir().unwrap();
+    let image = Image::create(&base, work.path());
+    let mut collector = Collector::start_exe(work.path(), None, exe);
+    let root = debian::copy(&base);
+    let dir = work.path().join("agent");
+    fs::create_dir_all(&dir).unwrap();
+    let mut agent = Agent::enroll(
+        &collector,
+        &collector.token(1),
+        &collector.ca_fingerprint(),
+        "victim",
+        &dir,
+        root.path(),
+        &image,
+    );
+    agent.start();
+    collector.wait_for_state("a clean host", SETTLE, &[("victim", vec![])]);
+    agent.wait_spool_empty(SETTLE);
+
+    // The next commit aborts the collector before its ack.
+    collector.kill();
+    collector.restart(&[("DRIFTWATCH_FAILPOINTS", "collector-after-commit-before-ack")]);
+    let want = intrude(root.path());
+    agent.scan_now();
+    let st = driftwatch_tests::daemon::wait_until(
+        "the collector to hit the failpoint",
+        SETTLE,
+        Duration::from_millis(100),
+        || {
+            agent.scan_now();
+            collector
+                .daemon
+                .as_mut()
+                .unwrap()
+                .try_exit()
+                .ok_or_else(|| "still running".to_string())
+        },
+    );
+    assert!(
+        collector
+            .log()
+            .contains("failpoint collector-after-commit-before-ack reached"),
+        "collector exited ({st}) but not at the failpoint:\n{}",
+        collector.log()
+    );
+    collector.daemon = None;
+    let crashed_at = utc_now();
+
+    collector.restart(&[]);
+    collector.wait_for_state(
+        "the drift after the resend",
+        SETTLE,
+        &[("victim", want.clone())],
+    );
+    agent.wait_spool_empty(SETTLE);
+    let first: Vec<(Drift, String)> = collector
+        .try_violations("victim")
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let d = driftwatch_tests::fleet::drifts(std::slice::from_ref(v)).remove(0);
+            (d, v["first_seen"].as_str().unwrap().to_string())
+        })
+        .collect();
+    for (d, seen) in &first {
+        assert!(
+            *seen < crashed_at,
+            "{d:?} first seen {seen}, after the crash at {crashed_at}: applied again"
+        );
+    }
+    // More scans change nothing: the same occurrences, same first_seen, same counts.
+    let scanned = agent.status().unwrap()["last_scan"]["finished"].clone();
+    driftwatch_tests::daemon::wait_until(
+        "another scan",
+        SETTLE,
+        Duration::from_millis(250),
+        || {
+            agent.scan_now();
+            let s = agent.status()?;
+            if s["last_scan"]["finished"] == scanned {
+                return Err(format!("{}", s["last_scan"]));
+            }
+            Ok(())
+        },
+    );
+    agent.wait_spool_empty(SETTLE);
+    collector.wait_for_state("the same drift", SETTLE, &[("victim", want)]);
+    let mut again: Vec<(Drift, String)> = collector
+        .try_violations("victim")
+        .unwrap()
+        .iter()
+        .map(|v| {
+            let d = driftwatch_tests::fleet::drifts(std::slice::from_ref(v)).remove(0);
+            (d, v["first_seen"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let mut first = first;
+    first.sort();
+    again.sort();
+    assert_eq!(first, again);
+    let h = collector.try_host("victim").unwrap();
+    assert_eq!(h["open"]["total"], 3, "host: {h}");
 }
