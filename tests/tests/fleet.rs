@@ -371,3 +371,75 @@ fn collector_killed_between_commit_and_ack_applies_nothing_twice() {
     let h = collector.try_host("victim").unwrap();
     assert_eq!(h["open"]["total"], 3, "host: {h}");
 }
+
+#[test]
+fn collector_stopped_while_agents_drift_catches_up_after_restart() {
+    if !require_root("copies of a Debian root with their ownership") {
+        return;
+    }
+    let base = debian::minbase();
+    let work = tempfile::tempdir().unwrap();
+    let image = Image::create(&base, work.path());
+    let mut collector = Collector::start(work.path(), None);
+    let token = collector.token(2);
+    let fp = collector.ca_fingerprint();
+    let roots: Vec<_> = (0..2).map(|_| debian::copy(&base)).collect();
+    let mut agents: Vec<Agent> = roots
+        .iter()
+        .enumerate()
+        .map(|(i, root)| {
+            let dir = work.path().join(format!("agent-{i}"));
+            fs::create_dir_all(&dir).unwrap();
+            Agent::enroll(
+                &collector,
+                &token,
+                &fp,
+                &format!("host-{i}"),
+                &dir,
+                root.path(),
+                &image,
+            )
+        })
+        .collect();
+    for a in &mut agents {
+        a.start();
+    }
+    collector.wait_for_state(
+        "two clean hosts",
+        SETTLE,
+        &[("host-0", vec![]), ("host-1", vec![])],
+    );
+
+    collector.stop();
+    // While the collector is away, both roots drift over several scans (2 s apart); host-0's
+    // first drift is undone again, so its spool holds reports that cancel out.
+    let motd0 = fs::read(roots[0].path().join("etc/motd")).unwrap();
+    let want1 = intrude(roots[1].path());
+    flip(roots[0].path(), 0, &motd0);
+    flip(roots[0].path(), 1, &motd0);
+    std::thread::sleep(Duration::from_secs(3));
+    flip(roots[0].path(), 0, &motd0);
+    std::thread::sleep(Duration::from_secs(3));
+    for a in &agents {
+        let s = a.status().unwrap();
+        assert_ne!(
+            s["spool"]["pending_records"].as_u64(),
+            Some(0),
+            "{}: scans while the collector is away leave nothing pending: {s}",
+            a.host_id
+        );
+    }
+    let want0 = vec![drift("/etc/cron.d/flap", "added")];
+    assert_eq!(agents[0].check(&image), want0);
+    assert_eq!(agents[1].check(&image), want1);
+
+    collector.restart(&[]);
+    collector.wait_for_state(
+        "the roots' truth after the restart",
+        SETTLE,
+        &[("host-0", want0), ("host-1", want1)],
+    );
+    for a in &agents {
+        a.wait_spool_empty(SETTLE);
+    }
+}
