@@ -63,21 +63,23 @@ pub fn bin_dir() -> PathBuf {
 /// target run on its own (`cargo test --test hostile`) never exercises a stale binary.
 fn ensure_fresh_binaries() {
     static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| {
+    ONCE.get_or_init(|| cargo_build(&["--workspace", "--bins"]));
+}
+
+/// Runs `cargo build --quiet ARGS` for this workspace, profile and target dir (nothing when
+/// not running under cargo).
+fn cargo_build(args: &[&str]) {
+    {
         let Some(cargo) = std::env::var_os("CARGO") else {
             return;
         };
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let profile_dir = bin_dir();
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "--workspace",
-            "--bins",
-            "--manifest-path",
-        ])
-        .arg(&manifest);
+        cmd.args(["build", "--quiet"])
+            .args(args)
+            .arg("--manifest-path")
+            .arg(&manifest);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -85,12 +87,37 @@ fn ensure_fresh_binaries() {
             cmd.env("CARGO_TARGET_DIR", target);
         }
         let r = run_with_limit(cmd, Duration::from_secs(1800));
-        assert_eq!(
-            r.code, 0,
-            "building the workspace binaries failed:\n{}",
-            r.stderr
-        );
+        assert_eq!(r.code, 0, "building {args:?} failed:\n{}", r.stderr);
+    }
+}
+
+/// `driftwatch-collector` built with the `failpoints` feature, at
+/// `<profile dir>/failpoints/driftwatch-collector`. Built once per test process by
+/// `cargo build -p driftwatch-collector --features failpoints` in the same target dir (its
+/// dependencies are shared with the normal build; only the collector crate is compiled
+/// twice), copied aside, and the normal binaries are put back in place by building them again
+/// (cargo only relinks them), so every other test keeps running the binary that ships.
+pub fn failpoint_collector() -> PathBuf {
+    static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    let out = bin_dir().join("failpoints").join("driftwatch-collector");
+    ONCE.get_or_init(|| {
+        if std::env::var_os("CARGO").is_none() {
+            return;
+        }
+        ensure_fresh_binaries();
+        cargo_build(&["-p", "driftwatch-collector", "--features", "failpoints"]);
+        fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let tmp = out.with_extension("tmp");
+        fs::copy(bin_dir().join("driftwatch-collector"), &tmp).unwrap();
+        fs::rename(&tmp, &out).unwrap();
+        cargo_build(&["--workspace", "--bins"]);
     });
+    assert!(
+        out.is_file(),
+        "{} is missing: run the test under cargo, which builds it",
+        out.display()
+    );
+    out
 }
 
 /// Path of a workspace binary, rebuilt first if its sources changed.
@@ -347,4 +374,5 @@ pub fn finding(path: &[u8], kind: &str, attrs: &[&str]) -> Finding {
 
 pub mod daemon;
 pub mod debian;
+pub mod fleet;
 pub mod postgres;
