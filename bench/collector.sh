@@ -77,6 +77,7 @@ fi
 (($(ulimit -n) >= want_fds)) || log "warning: ulimit -n is $(ulimit -n), below $want_fds"
 
 WORK=$(mktemp -d /var/tmp/dw-collector-bench.XXXXXX)
+chmod 711 "$WORK" # the postgres user must reach $WORK/pg
 RESULTS=/var/tmp/dw-collector-bench-results-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$RESULTS"
 COLLECTOR_PID=
