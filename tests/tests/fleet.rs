@@ -228,8 +228,9 @@ fn agent_killed_twenty_times_converges_to_the_roots_truth() {
     };
     for round in 0..20 {
         agent.start();
-        // No SIGUSR1 here: one that arrives before the daemon installed its handler kills it
-        // (the default action); the daemon scans at start anyway.
+        // No SIGUSR1 here: the daemon installs its handlers first thing in `run`, but argument
+        // and config parsing come before that, and a signal in those milliseconds would still
+        // kill it (the default action). The daemon scans at start anyway.
         std::thread::sleep(Duration::from_millis(rng.below(1500)));
         if let Some(st) = agent.daemon.as_mut().unwrap().try_exit() {
             panic!(

@@ -67,6 +67,15 @@ fn boot_id() -> String {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> {
+    // Signal handlers first: until one is installed, SIGHUP and SIGUSR1 keep their default
+    // action and would kill the daemon, so a "scan now" (or `systemctl reload`) just after
+    // start must find them already in place.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let scan_now = ScanSignals {
+        hup: signal(SignalKind::hangup())?,
+        usr1: signal(SignalKind::user_defined1())?,
+    };
     let state_dir = settings.state_dir.clone();
     let identity = Identity::load(&state_dir)?;
     tracing::info!(host_id = %identity.host_id, collector = %settings.collector, "starting");
@@ -141,10 +150,8 @@ pub async fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> 
         facts,
         shutdown_rx.clone(),
     ));
-    let scheduler = tokio::spawn(schedule(shared.clone(), queue, shutdown_rx));
+    let scheduler = tokio::spawn(schedule(shared.clone(), queue, scan_now, shutdown_rx));
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
@@ -173,19 +180,22 @@ pub async fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> 
     Ok(())
 }
 
+/// The signals that ask for a scan at once, installed when the daemon starts.
+#[derive(Debug)]
+struct ScanSignals {
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
 /// Asks for scans: at start, then every interval (±10 %), at once on SIGHUP or SIGUSR1. Every
 /// `full_rehash_interval` a scan ignores the scan cache.
-async fn schedule(shared: Arc<Shared>, queue: ScanQueue, mut shutdown: watch::Receiver<bool>) {
-    let (mut hup, mut usr1) = match (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-    ) {
-        (Ok(h), Ok(u)) => (h, u),
-        _ => {
-            tracing::error!("cannot install SIGHUP/SIGUSR1 handlers");
-            return;
-        }
-    };
+async fn schedule(
+    shared: Arc<Shared>,
+    queue: ScanQueue,
+    scan_now: ScanSignals,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let ScanSignals { mut hup, mut usr1 } = scan_now;
     let s = &shared.settings;
     let mut last_full = tokio::time::Instant::now();
     let mut first = true;
