@@ -1,4 +1,5 @@
-//! Safe display of raw bytes (paths, link targets, xattr values).
+//! Raw bytes (paths, link targets, xattr values) in reports: escaped for display by
+//! [`bytes`] (the rules of `driftwatch_proto::escape`, shared with the collector's CLI).
 //!
 //! Terminal control characters, invalid UTF-8 and Unicode bidirectional overrides are never
 //! printed as they are: a hostile file name cannot move the cursor, recolour the terminal,
@@ -9,39 +10,7 @@ use base64::Engine;
 use serde::Serialize;
 use serde::ser::SerializeMap;
 
-/// Escapes `b` for display on a terminal or in a log line.
-pub fn bytes(b: &[u8]) -> String {
-    let mut out = String::with_capacity(b.len());
-    for chunk in b.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            match c {
-                '\\' => out.push_str("\\\\"),
-                '\n' => out.push_str("\\n"),
-                '\t' => out.push_str("\\t"),
-                '\r' => out.push_str("\\r"),
-                c if (c as u32) < 0x20 || c == '\x7f' => {
-                    out.push_str(&format!("\\x{:02x}", c as u32))
-                }
-                // C1 controls, bidi embeddings/overrides/isolates, zero-width and line separators.
-                c if ('\u{80}'..='\u{9f}').contains(&c)
-                    || ('\u{202a}'..='\u{202e}').contains(&c)
-                    || ('\u{2066}'..='\u{2069}').contains(&c)
-                    || ('\u{200b}'..='\u{200f}').contains(&c)
-                    || c == '\u{2028}'
-                    || c == '\u{2029}'
-                    || c == '\u{feff}' =>
-                {
-                    out.push_str(&format!("\\u{{{:x}}}", c as u32))
-                }
-                c => out.push(c),
-            }
-        }
-        for byte in chunk.invalid() {
-            out.push_str(&format!("\\x{byte:02x}"));
-        }
-    }
-    out
-}
+pub use driftwatch_proto::escape::bytes;
 
 /// Raw bytes in JSON: `{"text": "..."}` when they are valid UTF-8 (JSON escaping keeps control
 /// characters safe), `{"bytes": "<base64>"}` otherwise. Nothing is lost either way.
@@ -65,20 +34,6 @@ impl Serialize for JsonBytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hostile_names_are_neutralised() {
-        assert_eq!(bytes(b"/etc/passwd"), "/etc/passwd");
-        assert_eq!(bytes(b"/tmp/a\nFAKE LINE"), "/tmp/a\\nFAKE LINE");
-        assert_eq!(bytes(b"/x\x1b[31mred"), "/x\\x1b[31mred");
-        assert_eq!(bytes(b"/bad\xff\xfe"), "/bad\\xff\\xfe");
-        assert_eq!(
-            bytes("/evil\u{202e}txt.exe".as_bytes()),
-            "/evil\\u{202e}txt.exe"
-        );
-        assert_eq!(bytes(b"/back\\slash"), "/back\\\\slash");
-        assert_eq!(bytes("/caf\u{e9}".as_bytes()), "/caf\u{e9}");
-    }
 
     #[test]
     fn json_keeps_raw_bytes() {

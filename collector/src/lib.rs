@@ -12,7 +12,6 @@ pub mod cli;
 pub mod cli_client;
 pub mod config;
 pub mod enroll;
-pub mod escape;
 pub mod failpoint;
 pub mod host_state;
 pub mod http;

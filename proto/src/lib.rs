@@ -6,6 +6,7 @@
 //! back. Reading and writing files is the agent's job.
 
 pub mod envelope;
+pub mod escape;
 pub mod host_id;
 pub mod merkle;
 pub mod path;

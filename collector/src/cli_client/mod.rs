@@ -2,7 +2,7 @@
 //! (`crate::http`) and shows it as tables for people or passes the API's JSON through.
 //!
 //! What it owns: the command line, the HTTP requests and the rendering. What it must never do:
-//! print anything a host reported without escaping it (`crate::escape`): host ids, paths,
+//! print anything a host reported without escaping it (`driftwatch_proto::escape`): host ids, paths,
 //! package names, before/after values and reasons all come from agents, and a compromised one
 //! chooses them. It reads only; nothing here changes collector state.
 
@@ -20,9 +20,9 @@ use serde::de::DeserializeOwned;
 use self::client::{ApiBase, Response};
 use self::table::Table;
 use crate::api::{self, RawBytes};
-use crate::escape;
 use crate::host_state::HostState;
 use crate::http::params::KindFilter;
+use driftwatch_proto::escape;
 
 /// Exit status: the command did what was asked (finding drift is not a failure: listings
 /// report it in their output, not in the exit status).

@@ -1,14 +1,12 @@
-//! Safe display of untrusted strings and raw bytes (paths, link targets, anything an agent
-//! sent) on a terminal.
+//! Safe display of untrusted strings and raw bytes (paths, link targets, xattr values, anything
+//! an agent sent) on a terminal or in a log line.
 //!
-//! The rules are those of the agent's text report (`agent/src/escape.rs`), so a path looks the
-//! same in `driftwatch-agent check` and in `driftwatch host show`: terminal control
-//! characters, invalid UTF-8 and Unicode bidirectional overrides are never printed as they
-//! are, so a hostile file name cannot move the cursor, recolour the terminal, fake a table row
-//! or reorder what is shown. Backslash is doubled so escapes are unambiguous. (The collector
-//! does not depend on the agent crate; the shared test vectors below keep the two in step.)
-//!
-//! Everything a host reported is untrusted here: a compromised agent chooses its strings.
+//! One set of rules for every part, so a path looks the same in `driftwatch-agent check` and in
+//! `driftwatch host show`: terminal control characters, invalid UTF-8 and Unicode bidirectional
+//! overrides are never printed as they are, so a hostile file name cannot move the cursor,
+//! recolour the terminal, fake a report line or table row, or reorder what is shown. Backslash
+//! is doubled so escapes are unambiguous. JSON output carries the raw bytes instead (the agent's
+//! `escape::JsonBytes`).
 
 /// Escapes `b` for display on a terminal or in a log line.
 pub fn bytes(b: &[u8]) -> String {
@@ -57,7 +55,6 @@ fn push_escaped(out: &mut String, s: &str) {
 mod tests {
     use super::*;
 
-    /// The agent's vectors (agent/src/escape.rs `hostile_names_are_neutralised`).
     #[test]
     fn hostile_names_are_neutralised() {
         assert_eq!(bytes(b"/etc/passwd"), "/etc/passwd");
