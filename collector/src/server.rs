@@ -32,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::config::Settings;
 use crate::enroll::EnrollmentService;
+use crate::export::syslog::Forwarder;
 use crate::http::ApiConfig;
 use crate::ingest::IngestService;
 use crate::revocation::Revocations;
@@ -57,6 +58,8 @@ pub enum ServeError {
     Storage(#[from] StorageError),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Export(#[from] crate::export::syslog::ForwarderError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -73,6 +76,7 @@ pub struct Server {
     http_addr: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     stats: Arc<TlsStats>,
+    forwarder: Option<Forwarder>,
 }
 
 impl Server {
@@ -111,6 +115,13 @@ impl Server {
                 addr: http_addr,
                 source,
             })?;
+        // The CA file is read now, so a bad one stops the start rather than the forwarder.
+        let forwarder = settings
+            .export
+            .syslog
+            .clone()
+            .map(|s| Forwarder::new(store.clone(), s))
+            .transpose()?;
         tracing::info!(
             %local_addr,
             %http_addr,
@@ -128,6 +139,7 @@ impl Server {
             http_addr,
             tls,
             stats: Arc::new(TlsStats::default()),
+            forwarder,
         })
     }
 
@@ -163,6 +175,7 @@ impl Server {
             http_addr,
             tls,
             stats,
+            forwarder,
         } = self;
         let tuning = &settings.tuning;
         // One flag every task watches: accept loop, streams, refreshers.
@@ -254,6 +267,9 @@ impl Server {
             async move { stop_requested(&mut stop_for_http).await },
         ));
 
+        // The SIEM forwarder, when configured: stops with everything else.
+        let forwarder = forwarder.map(|f| f.spawn(stop_rx.clone()));
+
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tracing::info!(%local_addr, %http_addr, "collector serving");
         let early = tokio::select! {
@@ -263,6 +279,9 @@ impl Server {
         if let Some(result) = early {
             let _ = stop_tx.send(true);
             ingest_tasks.finish(tuning.shutdown_grace).await;
+            if let Some(f) = forwarder {
+                let _ = f.await;
+            }
             return result.map_err(ServeError::from);
         }
 
@@ -297,6 +316,11 @@ impl Server {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP API ended with an error"),
             Err(e) => tracing::warn!(error = %e, "HTTP API task failed"),
+        }
+        if let Some(f) = forwarder
+            && let Err(e) = f.await
+        {
+            tracing::warn!(error = %e, "syslog forwarder task failed");
         }
         tracing::info!("collector stopped");
         result

@@ -110,7 +110,14 @@ pub async fn get(base: &ApiBase, target: &str, timeout: Duration) -> anyhow::Res
         })?
 }
 
-async fn get_inner(base: &ApiBase, target: &str) -> anyhow::Result<Response> {
+/// Connects and sends the GET; the response head and the connection task.
+async fn send(
+    base: &ApiBase,
+    target: &str,
+) -> anyhow::Result<(
+    hyper::Response<hyper::body::Incoming>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)> {
     let stream = tokio::net::TcpStream::connect((base.host.as_str(), base.port))
         .await
         .with_context(|| {
@@ -139,15 +146,65 @@ async fn get_inner(base: &ApiBase, target: &str) -> anyhow::Result<Response> {
         .send_request(req)
         .await
         .with_context(|| format!("GET {target}"))?;
+    Ok((resp, conn))
+}
+
+async fn get_inner(base: &ApiBase, target: &str) -> anyhow::Result<Response> {
+    let (resp, conn) = send(base, target).await?;
     let status = resp.status();
     let body = Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| anyhow!("reading the response to GET {target}: {e}"))?
         .to_bytes();
-    drop(sender);
     conn.abort();
     Ok(Response { status, body })
+}
+
+/// GETs `target` and copies a 2xx body into `sink` as it arrives, each read within
+/// `idle`; returns the bytes written. A non-2xx answer is an error with the API's message. A
+/// body that ends early (the collector cut the stream) is an error too.
+pub async fn get_streaming(
+    base: &ApiBase,
+    target: &str,
+    idle: Duration,
+    sink: &mut dyn std::io::Write,
+) -> anyhow::Result<u64> {
+    let no_answer = || {
+        anyhow!(
+            "no answer from the collector at {} within {idle:?}",
+            base.authority
+        )
+    };
+    let (resp, conn) = tokio::time::timeout(idle, send(base, target))
+        .await
+        .map_err(|_| no_answer())??;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let body = tokio::time::timeout(idle, Limited::new(body, MAX_BODY).collect())
+            .await
+            .map_err(|_| no_answer())?
+            .map_err(|e| anyhow!("reading the response to GET {target}: {e}"))?
+            .to_bytes();
+        conn.abort();
+        let r = Response { status, body };
+        bail!("collector refused GET {target}: {}", r.error_message());
+    }
+    let mut written = 0u64;
+    loop {
+        let frame = tokio::time::timeout(idle, body.frame())
+            .await
+            .map_err(|_| anyhow!("the collector stopped sending for {idle:?} during GET {target}"))?;
+        let Some(frame) = frame else { break };
+        let frame = frame.map_err(|e| anyhow!("GET {target} was cut short: {e}"))?;
+        if let Ok(data) = frame.into_data() {
+            sink.write_all(&data).context("writing the export")?;
+            written += data.len() as u64;
+        }
+    }
+    conn.abort();
+    Ok(written)
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! chooses them. It reads only; nothing here changes collector state.
 
 mod client;
+mod export;
 mod table;
 
 use std::process::ExitCode;
@@ -39,6 +40,9 @@ Examples:
   driftwatch violations search --path '/etc/ssh/**'  which hosts changed something under /etc/ssh?
   driftwatch violations search --kind package_installed --since 24h
   driftwatch events --since 1h                       refused connections, impersonation attempts
+  driftwatch export --since 24h                      the day's events as a table
+  driftwatch export --format jsonl --since 7d --out events.jsonl   for the SIEM (ECS fields)
+  driftwatch export --format csv --kind violation --out drift.csv  for a spreadsheet
   driftwatch --format json hosts | jq '.hosts[] | select(.state != \"clean\") | .host_id'
 
 Exit status: 0 success (whether or not drift was found), 2 error.";
@@ -62,7 +66,8 @@ pub struct Cli {
     )]
     pub api: String,
 
-    /// Output: aligned tables for people, or the API's JSON response unchanged.
+    /// Output: aligned tables for people, or the API's JSON response unchanged; `export` also
+    /// takes jsonl, csv and cef.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 
@@ -78,6 +83,12 @@ pub struct Cli {
 pub enum Format {
     Table,
     Json,
+    /// JSON Lines with ECS-style fields (export only).
+    Jsonl,
+    /// CSV, formula-safe (export only).
+    Csv,
+    /// ArcSight CEF, one event per line (export only).
+    Cef,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +122,15 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<u32>,
     },
+    /// Export the fleet's events — violations opened and resolved, security events — for a
+    /// SIEM or a spreadsheet, oldest first.
+    ///
+    /// --format jsonl: one JSON object per line with ECS-style fields (@timestamp, event.*,
+    /// host.name, file.path, package.*, rule.name, labels.*, driftwatch.*); csv: one row per
+    /// event, cells safe from spreadsheet formula injection; cef: ArcSight CEF lines. Every
+    /// event has a stable event.id, so overlapping exports can be deduplicated. Without
+    /// --format: a table for people. Fields: docs/exports.md.
+    Export(export::ExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -170,7 +190,13 @@ pub enum ViolationsCommand {
 /// unreachable, a refused request) are returned for `main` to print.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let base = ApiBase::parse(&cli.api)?;
+    if matches!(cli.format, Format::Jsonl | Format::Csv | Format::Cef)
+        && !matches!(cli.command, Command::Export(_))
+    {
+        bail!("--format jsonl, csv and cef are for `driftwatch export`; listings take table or json");
+    }
     let out = match &cli.command {
+        Command::Export(args) => export::run(&base, cli.format, args, cli.timeout).await?,
         Command::Hosts { state } => {
             let target = base.target("/api/v1/hosts", &[("state", state.clone())]);
             let resp = fetch(&base, &target, cli.timeout).await?;
@@ -186,8 +212,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let h = fetch(&base, &host_target, cli.timeout).await?;
             let v = fetch(&base, &viol_target, cli.timeout).await?;
             match cli.format {
-                // One JSON document: the two API responses under their endpoint names.
-                Format::Json => {
+                // One JSON document: the two API responses under their endpoint names. (The
+                // export formats were refused above.)
+                Format::Json | Format::Jsonl | Format::Csv | Format::Cef => {
                     let host: serde_json::Value = parse(&h)?;
                     let violations: serde_json::Value = parse(&v)?;
                     let mut s = serde_json::to_string_pretty(&serde_json::json!({
@@ -279,7 +306,7 @@ fn render<T: DeserializeOwned>(
     table: impl FnOnce(T) -> String,
 ) -> anyhow::Result<String> {
     Ok(match format {
-        Format::Json => {
+        Format::Json | Format::Jsonl | Format::Csv | Format::Cef => {
             let mut s = String::from_utf8_lossy(&resp.body).into_owned();
             if !s.ends_with('\n') {
                 s.push('\n');

@@ -12,7 +12,7 @@
 //! The lead wires [`serve`] into `driftwatch-collector serve` with the configured
 //! `http_listen` (after [`check_listen_addr`]) and the shared store.
 
-mod convert;
+pub(crate) mod convert;
 mod error;
 pub mod params;
 
@@ -87,10 +87,11 @@ pub fn check_listen_addr(addr: SocketAddr) -> Result<(), NonLoopbackListen> {
     }
 }
 
+/// What every handler shares.
 #[derive(Debug, Clone)]
-struct AppState {
-    store: Arc<dyn Storage>,
-    config: ApiConfig,
+pub(crate) struct AppState {
+    pub(crate) store: Arc<dyn Storage>,
+    pub(crate) config: ApiConfig,
 }
 
 /// The API's routes over `store`. Every response is JSON, errors included.
@@ -103,6 +104,8 @@ pub fn router(store: Arc<dyn Storage>, config: ApiConfig) -> Router {
         .route("/api/v1/hosts/{host_id}/violations", get(host_violations))
         .route("/api/v1/violations", get(search_violations))
         .route("/api/v1/security-events", get(security_events))
+        // Role: auditor (read-only).
+        .merge(crate::export::http::auditor_routes())
         .fallback(unknown_endpoint)
         .layer(middleware::from_fn_with_state(
             config.request_timeout,
@@ -128,7 +131,7 @@ pub async fn serve(
         .await
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -143,10 +146,10 @@ async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> 
     }
 }
 
-type Pairs = Vec<(String, String)>;
+pub(crate) type Pairs = Vec<(String, String)>;
 
 /// The query string as name/value pairs; a malformed one is a 400 like any bad parameter.
-fn pairs(q: Result<Query<Pairs>, QueryRejection>) -> Result<Pairs, ApiError> {
+pub(crate) fn pairs(q: Result<Query<Pairs>, QueryRejection>) -> Result<Pairs, ApiError> {
     q.map(|Query(p)| p).map_err(|e| {
         ApiError::BadParameter(ParamError {
             parameter: "(query string)".into(),
