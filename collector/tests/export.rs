@@ -18,7 +18,7 @@ use driftwatch_collector::export::config::{SyslogSettings, Transport};
 use driftwatch_collector::export::syslog::{CURSOR_NAME, Forwarder};
 use driftwatch_collector::http::ApiConfig;
 use driftwatch_collector::storage::{
-    HelloInfo, IssuedCertificate, ReportToApply, SecurityEvent, Storage,
+    AuditEntry, HelloInfo, IssuedCertificate, ReportToApply, SecurityEvent, Storage,
 };
 use driftwatch_proto::escape;
 use driftwatch_proto::set::{file_key, item_hash, package_key, set_digest};
@@ -84,8 +84,8 @@ fn evil_items() -> Vec<DriftItem> {
     items
 }
 
-/// The fixture's fleet plus the hostile host (6 opened violations) and a hostile security
-/// event.
+/// The fixture's fleet plus the hostile host (6 opened violations), a hostile security event
+/// and a hostile audit record.
 async fn hostile_fleet() -> fleet_fixture::Fleet {
     let f = fleet().await;
     let s = f.store.as_ref();
@@ -139,12 +139,21 @@ async fn hostile_fleet() -> fleet_fixture::Fleet {
     })
     .await
     .unwrap();
+    s.append_audit(AuditEntry::new(
+        at + 2,
+        "token:0123abcd",
+        "host.retired",
+        EVIL_HOST,
+        serde_json::json!({"reason": "<script>\n|=\\\u{1b}", "name": "=1+1"}),
+    ))
+    .await
+    .unwrap();
     f
 }
 
 /// The fixture's events within 30 days: web-1 opens 5 (one resolved), old-1 opens 1, the
-/// hostile host opens 6; two security events.
-const EVENTS: usize = 5 + 1 + 1 + 6 + 2;
+/// hostile host opens 6; two security events; one audit record.
+const EVENTS: usize = 5 + 1 + 1 + 6 + 2 + 1;
 
 /// An HTTP/1.0 GET (no chunked encoding to undo): status, content type, body.
 async fn get_raw(addr: SocketAddr, target: &str) -> (u16, String, Vec<u8>) {
@@ -250,6 +259,14 @@ async fn jsonl_is_exact_valid_json_and_safe() {
         .find(|e| e["event"]["action"] == "security.impersonation" && e["host"]["name"] == EVIL_HOST)
         .unwrap();
     assert!(sec["message"].as_str().unwrap().contains("<img src=x"));
+    let audit = events
+        .iter()
+        .find(|e| e["event"]["action"] == "host.retired")
+        .unwrap();
+    assert_eq!(audit["host"]["name"], EVIL_HOST);
+    assert_eq!(audit["user"]["name"], "token:0123abcd");
+    assert_eq!(audit["driftwatch"]["audit"]["detail"]["reason"], "<script>\n|=\\\u{1b}");
+    assert_eq!(audit["driftwatch"]["audit"]["seq"], 1);
     // The resolved setuid env on web-1 appears twice: opened and resolved, distinct ids.
     let env: Vec<&serde_json::Value> = events
         .iter()
@@ -387,8 +404,8 @@ async fn csv_is_one_record_per_row_and_formula_safe() {
         .iter()
         .filter(|r| r[col("host.name")] == format!("'{}", escape::text(EVIL_HOST)))
         .collect();
-    // 6 violations and the security event.
-    assert_eq!(evil.len(), 7, "{text}");
+    // 6 violations, the security event, the audit record.
+    assert_eq!(evil.len(), 8, "{text}");
     let paths: BTreeSet<&str> = evil.iter().map(|r| r[col("file.path")].as_str()).collect();
     for p in EVIL_PATHS {
         assert!(paths.contains(escape::bytes(p).as_str()), "{p:?} in {paths:?}");
@@ -440,7 +457,7 @@ async fn export_parameters_are_checked() {
         ("/api/v1/export", "format"),
         ("/api/v1/export?format=xml", "format"),
         ("/api/v1/export?format=csv&since=later", "since"),
-        ("/api/v1/export?format=csv&kind=audit", "kind"),
+        ("/api/v1/export?format=csv&kind=audits", "kind"),
         ("/api/v1/export?format=csv&limit=5", "limit"),
     ] {
         let (status, ctype, body) = get_raw(addr, target).await;

@@ -30,7 +30,7 @@ pub struct ExportArgs {
     #[arg(long, value_name = "TIME")]
     pub until: Option<String>,
     /// Only these kinds, comma-separated: violation (opened and resolved), violation_opened,
-    /// violation_resolved, security. Default: all.
+    /// violation_resolved, security, audit. Default: all.
     #[arg(long, value_name = "KINDS")]
     pub kind: Option<String>,
     /// Write the export to FILE (created or replaced once complete) instead of stdout. Needs

@@ -122,8 +122,8 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<u32>,
     },
-    /// Export the fleet's events — violations opened and resolved, security events — for a
-    /// SIEM or a spreadsheet, oldest first.
+    /// Export the fleet's events — violations opened and resolved, security events, audit
+    /// records — for a SIEM or a spreadsheet, oldest first.
     ///
     /// --format jsonl: one JSON object per line with ECS-style fields (@timestamp, event.*,
     /// host.name, file.path, package.*, rule.name, labels.*, driftwatch.*); csv: one row per

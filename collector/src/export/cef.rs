@@ -52,9 +52,12 @@ pub fn escape_value(s: &str) -> String {
 /// `signatureId`: the action, with the drift kind for violations (`violation.opened.modified`),
 /// so a SIEM rule can match one kind of drift.
 pub fn signature_id(e: &ExportEvent) -> String {
-    match e.drift_kind() {
-        Some(k) => format!("{}.{k}", e.action),
-        None => e.action.clone(),
+    match (&e.detail, e.drift_kind()) {
+        (_, Some(k)) => format!("{}.{k}", e.action),
+        // Audit actions are dotted verbs of their own (`host.retired`): prefixed, so no audit
+        // action can look like another kind of event.
+        (Detail::Audit(a), None) => format!("audit.{}", a.action),
+        (_, None) => e.action.clone(),
     }
 }
 
@@ -70,6 +73,7 @@ pub fn name(e: &ExportEvent) -> String {
             }
         }
         Detail::Security(s) => format!("security event {}", s.kind),
+        Detail::Audit(a) => format!("audit {}", a.action),
     }
 }
 
@@ -80,9 +84,13 @@ pub fn header(e: &ExportEvent) -> String {
         escape_header(env!("CARGO_PKG_VERSION")),
         escape_header(&signature_id(e)),
         escape_header(&name(e)),
-        match e.detail {
+        match &e.detail {
             // A refusal: someone tried something; worth a look, not an emergency.
             Detail::Security(_) => 5,
+            // A record that a refusal happened is as notable as the refusal; the rest is
+            // routine administration.
+            Detail::Audit(a) if a.action.starts_with("security.") => 5,
+            Detail::Audit(_) => 3,
             Detail::Violation { .. } => severity_0_to_10(e.severity()),
         },
     )
@@ -143,7 +151,20 @@ pub fn extension(e: &ExportEvent) -> Vec<(&'static str, String)> {
         f.push(("cs5Label", "labels".into()));
         f.push(("cs5", escape_value(&labels.join(","))));
     }
+    if let Detail::Audit(a) = &e.detail {
+        f.push(("suser", escape_value(&a.actor)));
+        f.push(("cn2Label", "auditSeq".into()));
+        f.push(("cn2", a.seq.to_string()));
+        if !a.target.is_empty() {
+            f.push(("cs1Label", "auditTarget".into()));
+            f.push(("cs1", escape_value(&a.target)));
+        }
+    }
     f.push(("msg", escape_value(&e.message())));
+    if let Detail::Audit(a) = &e.detail {
+        f.push(("cs2Label", "auditDetail".into()));
+        f.push(("cs2", escape_value(&a.detail)));
+    }
     let changes = e.changes_line();
     if !changes.is_empty() {
         f.push(("cs6Label", "changes".into()));
@@ -319,8 +340,11 @@ mod tests {
 
     #[test]
     fn escapes_follow_the_spec() {
-        assert_eq!(escape_header("a|b\\c"), "a\\|b\\\\c");
-        assert_eq!(escape_value("a=b\\c|d"), "a\\=b\\\\c|d");
+        // The display form doubles a backslash; CEF doubles each again.
+        assert_eq!(escape_header("a|b\\c"), "a\\|b\\\\\\\\c");
+        assert_eq!(escape_header("v1|x"), "v1\\|x");
+        assert_eq!(escape_value("a=b\\c|d"), "a\\=b\\\\\\\\c|d");
+        assert_eq!(escape_value("a=b|c"), "a\\=b|c");
         // Raw line breaks become display escapes first, whose backslash CEF then doubles.
         assert_eq!(escape_value("a\nb"), "a\\\\nb");
         assert_eq!(escape_value("x\u{1b}[2J"), "x\\\\x1b[2J");

@@ -36,11 +36,19 @@ pub struct RawSyslog {
     pub transport: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub server_name: Option<String>,
-    pub facility: Option<toml::Value>,
+    pub facility: Option<RawFacility>,
     pub app_name: Option<String>,
     pub max_message_bytes: Option<u64>,
     pub delay: Option<String>,
     pub max_backlog: Option<String>,
+}
+
+/// `facility`: a name or a code.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum RawFacility {
+    Code(i64),
+    Name(String),
 }
 
 /// How messages travel.
@@ -174,11 +182,11 @@ impl SyslogSettings {
         };
         let facility = match raw.facility {
             None => 10, // authpriv: security/authorization messages
-            Some(toml::Value::Integer(n)) => u8::try_from(n)
+            Some(RawFacility::Code(n)) => u8::try_from(n)
                 .ok()
                 .filter(|n| *n <= 23)
                 .ok_or_else(|| invalid(KEY_FACILITY, "must be 0..=23 or a facility name"))?,
-            Some(toml::Value::String(s)) => FACILITIES
+            Some(RawFacility::Name(s)) => FACILITIES
                 .iter()
                 .position(|f| *f == s)
                 .and_then(|i| u8::try_from(i).ok())
@@ -188,7 +196,6 @@ impl SyslogSettings {
                         format!("{s:?} is not one of: {}", FACILITIES.join(", ")),
                     )
                 })?,
-            Some(_) => return Err(invalid(KEY_FACILITY, "must be a name or a number")),
         };
         let app_name = raw.app_name.unwrap_or_else(|| "driftwatch".into());
         if app_name.is_empty()

@@ -235,7 +235,7 @@ mod tests {
         assert_eq!(err(&[("format", "xml")]), "format");
         assert_eq!(err(&[("format", "csv"), ("since", "soon")]), "since");
         assert_eq!(err(&[("format", "csv"), ("since", "1h"), ("until", "2h")]), "until");
-        assert_eq!(err(&[("format", "csv"), ("kind", "audit")]), "kind");
+        assert_eq!(err(&[("format", "csv"), ("kind", "audits")]), "kind");
         assert_eq!(err(&[("format", "csv"), ("limit", "3")]), "limit");
         assert_eq!(err(&[("format", "csv"), ("format", "cef")]), "format");
     }

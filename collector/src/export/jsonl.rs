@@ -117,6 +117,24 @@ pub fn to_value(e: &ExportEvent) -> Value {
             }
             dw.insert("security".into(), sec.into());
         }
+        Detail::Audit(a) => {
+            doc.insert("user".into(), json!({ "name": a.actor }));
+            // The stored detail is JSON text; a row that is not (a tampered one) travels as
+            // the string it is.
+            let detail = serde_json::from_str::<Value>(&a.detail)
+                .unwrap_or_else(|_| Value::String(a.detail.clone()));
+            dw.insert(
+                "audit".into(),
+                json!({
+                    "seq": a.seq,
+                    "actor": a.actor,
+                    "action": a.action,
+                    "target": a.target,
+                    "detail": detail,
+                    "hash": crate::api::hex(&a.hash),
+                }),
+            );
+        }
     }
     doc.insert("driftwatch".into(), dw.into());
     Value::Object(doc)

@@ -279,9 +279,11 @@ fn ms(d: Duration) -> i64 {
 
 /// Sleeps `d` unless stopped first; returns whether to stop.
 async fn pause(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(d) => *stop.borrow(),
-        _ = stop.wait_for(|s| *s) => true,
+    match tokio::time::timeout(d, stop.wait_for(|s| *s)).await {
+        Err(_) => false,
+        Ok(Ok(_)) => true,
+        // The sender is gone: nobody could stop the task later, so stop now.
+        Ok(Err(_)) => true,
     }
 }
 

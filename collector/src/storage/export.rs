@@ -3,11 +3,12 @@
 //!
 //! An export event is not a stored row of its own: a violation occurrence yields an *opened*
 //! event at its `first_seen_ms` and, once resolved, a *resolved* event at its `resolved_ms`; a
-//! security event is one event at its `at_ms`. Each source is read in `(time, row id)` order
+//! security event or an audit record is one event at its `at_ms` (audit records by time, with
+//! the chain's `seq` as the row id). Each source is read in `(time, row id)` order
 //! after an exclusive position, up to a time bound, so a caller can merge the sources and page
 //! through any window without offsets (migration 0005 indexes both violation times).
 
-use super::{SecurityEvent, StoreFuture, ViolationRecord};
+use super::{AuditRecord, SecurityEvent, StoreFuture, ViolationRecord};
 
 /// Which time of a violation occurrence a page is ordered by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +76,14 @@ pub trait ExportStore {
         until_ms: i64,
         limit: u32,
     ) -> StoreFuture<'_, Vec<ExportSecurityEvent>>;
+
+    /// Audit records after `after` (row = `seq`), at or before `until_ms`, oldest first.
+    fn export_audit(
+        &self,
+        after: RowPosition,
+        until_ms: i64,
+        limit: u32,
+    ) -> StoreFuture<'_, Vec<AuditRecord>>;
 
     /// The saved cursor of consumer `name`, if any.
     fn export_cursor(&self, name: &str) -> StoreFuture<'_, Option<ExportCursor>>;

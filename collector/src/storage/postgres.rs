@@ -35,9 +35,12 @@ use super::{
     StreamPosition, TokenError, ViolationQuery, ViolationRecord,
 };
 
+pub(crate) mod audit;
+
 /// Migrations in order; migration `i` (0-based) brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_initial.sql"),
+    include_str!("migrations/postgres/0002_audit.sql"),
     include_str!("migrations/postgres/0005_exports.sql"),
 ];
 

@@ -9,7 +9,8 @@ use crate::storage::export::{
     ExportCursor, ExportSecurityEvent, ExportStore, ExportViolation, RowPosition, ViolationEdge,
     page_limit,
 };
-use crate::storage::{SecurityEvent, StorageError, StoreFuture, ViolationRecord};
+use crate::storage::apply::to_u64;
+use crate::storage::{AuditRecord, SecurityEvent, StorageError, StoreFuture, ViolationRecord};
 
 fn violations_sql(edge: ViolationEdge) -> &'static str {
     match edge {
@@ -95,6 +96,39 @@ impl ExportStore for PgStore {
                         peer_host_id: get(r, 3)?,
                         detail: get(r, 4)?,
                     },
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn export_audit(
+        &self,
+        after: RowPosition,
+        until_ms: i64,
+        limit: u32,
+    ) -> StoreFuture<'_, Vec<AuditRecord>> {
+        Box::pin(async move {
+            let c = self.reader().await?;
+            c.query(
+                "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash \
+                 FROM audit_log WHERE (at_ms, seq) > ($1, $2) AND at_ms <= $3 \
+                 ORDER BY at_ms, seq LIMIT $4",
+                &[&after.at_ms, &after.row, &until_ms, &page_limit(limit)],
+            )
+            .await
+            .db()?
+            .iter()
+            .map(|r| {
+                Ok(AuditRecord {
+                    seq: to_u64(get(r, 0)?),
+                    at_ms: get(r, 1)?,
+                    actor: get(r, 2)?,
+                    action: get(r, 3)?,
+                    target: get(r, 4)?,
+                    detail: get(r, 5)?,
+                    prev_hash: get(r, 6)?,
+                    hash: get(r, 7)?,
                 })
             })
             .collect()

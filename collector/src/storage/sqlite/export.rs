@@ -9,7 +9,8 @@ use crate::storage::export::{
     ExportCursor, ExportSecurityEvent, ExportStore, ExportViolation, RowPosition, ViolationEdge,
     page_limit,
 };
-use crate::storage::{SecurityEvent, StorageError, StoreFuture, ViolationRecord};
+use crate::storage::apply::to_u64;
+use crate::storage::{AuditRecord, SecurityEvent, StorageError, StoreFuture, ViolationRecord};
 
 fn violations_sql(edge: ViolationEdge) -> &'static str {
     // Written out per edge (not formatted) so both are cached prepared statements. The
@@ -93,6 +94,41 @@ impl ExportStore for SqliteStore {
                             peer_host_id: r.get(3)?,
                             detail: r.get(4)?,
                         },
+                    })
+                },
+            )
+            .db()?
+            .collect::<Result<Vec<_>, _>>()
+            .db()
+        })
+    }
+
+    fn export_audit(
+        &self,
+        after: RowPosition,
+        until_ms: i64,
+        limit: u32,
+    ) -> StoreFuture<'_, Vec<AuditRecord>> {
+        self.read(move |tx| {
+            let mut stmt = tx
+                .prepare_cached(
+                    "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash \
+                     FROM audit_log WHERE at_ms >= ?1 AND (at_ms > ?1 OR seq > ?2) \
+                     AND at_ms <= ?3 ORDER BY at_ms, seq LIMIT ?4",
+                )
+                .db()?;
+            stmt.query_map(
+                params![after.at_ms, after.row, until_ms, page_limit(limit)],
+                |r| {
+                    Ok(AuditRecord {
+                        seq: to_u64(r.get(0)?),
+                        at_ms: r.get(1)?,
+                        actor: r.get(2)?,
+                        action: r.get(3)?,
+                        target: r.get(4)?,
+                        detail: r.get(5)?,
+                        prev_hash: r.get(6)?,
+                        hash: r.get(7)?,
                     })
                 },
             )

@@ -2,6 +2,7 @@
 -- SQLite appends the rowid to every index, so these serve ORDER BY (time, id).
 CREATE INDEX violations_first_seen ON violations (first_seen_ms);
 CREATE INDEX violations_resolved ON violations (resolved_ms) WHERE resolved_ms IS NOT NULL;
+CREATE INDEX audit_log_at ON audit_log (at_ms);
 
 -- Where each named export consumer stands (position: opaque to storage, see crate::export).
 CREATE TABLE export_cursors (
