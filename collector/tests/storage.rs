@@ -1487,10 +1487,19 @@ async fn export_pages_in_time_order(f: Fixture) {
     ])
     .await
     .unwrap();
-    assert_eq!(apply1(s, "h2", a2.delta(vec![z.clone()], vec![]), T0 + 5).await, APPLIED);
+    assert_eq!(
+        apply1(s, "h2", a2.delta(vec![z.clone()], vec![]), T0 + 5).await,
+        APPLIED
+    );
     // h1's y resolved at T0 + 7, h2's x at T0 + 9.
-    assert_eq!(apply1(s, "h1", a1.delta(vec![], vec![y.key.clone()]), T0 + 7).await, APPLIED);
-    assert_eq!(apply1(s, "h2", a2.delta(vec![], vec![x.key.clone()]), T0 + 9).await, APPLIED);
+    assert_eq!(
+        apply1(s, "h1", a1.delta(vec![], vec![y.key.clone()]), T0 + 7).await,
+        APPLIED
+    );
+    assert_eq!(
+        apply1(s, "h2", a2.delta(vec![], vec![x.key.clone()]), T0 + 9).await,
+        APPLIED
+    );
 
     let all = export_page(s, ViolationEdge::Opened, RowPosition::START, i64::MAX, 0).await;
     assert_eq!(
@@ -1504,36 +1513,69 @@ async fn export_pages_in_time_order(f: Fixture) {
     for _ in 0..10 {
         let page = export_page(s, ViolationEdge::Opened, after, i64::MAX, 1).await;
         let Some(last) = page.last() else { break };
-        after = RowPosition { at_ms: last.0, row: last.1 };
+        after = RowPosition {
+            at_ms: last.0,
+            row: last.1,
+        };
         paged.extend(page);
     }
     assert_eq!(paged, all);
     // The bound is exclusive; MIN takes the whole millisecond, MAX none of it.
     let (t, row, _) = all[1].clone();
     assert_eq!(
-        export_page(s, ViolationEdge::Opened, RowPosition { at_ms: t, row }, i64::MAX, 0).await,
+        export_page(
+            s,
+            ViolationEdge::Opened,
+            RowPosition { at_ms: t, row },
+            i64::MAX,
+            0
+        )
+        .await,
         all[2..].to_vec()
     );
     assert_eq!(
-        export_page(s, ViolationEdge::Opened, RowPosition { at_ms: T0, row: i64::MIN }, i64::MAX, 0)
-            .await
-            .len(),
+        export_page(
+            s,
+            ViolationEdge::Opened,
+            RowPosition {
+                at_ms: T0,
+                row: i64::MIN
+            },
+            i64::MAX,
+            0
+        )
+        .await
+        .len(),
         4
     );
     assert_eq!(
-        export_page(s, ViolationEdge::Opened, RowPosition { at_ms: T0, row: i64::MAX }, i64::MAX, 0)
-            .await
-            .len(),
+        export_page(
+            s,
+            ViolationEdge::Opened,
+            RowPosition {
+                at_ms: T0,
+                row: i64::MAX
+            },
+            i64::MAX,
+            0
+        )
+        .await
+        .len(),
         1
     );
     // until is inclusive.
     assert_eq!(
-        export_page(s, ViolationEdge::Opened, RowPosition::START, T0, 0).await.len(),
+        export_page(s, ViolationEdge::Opened, RowPosition::START, T0, 0)
+            .await
+            .len(),
         3
     );
     let resolved = export_page(s, ViolationEdge::Resolved, RowPosition::START, i64::MAX, 0).await;
     assert_eq!(
-        resolved.iter().map(|(t, _, k)| (*t, k.clone())).collect::<Vec<_>>(),
+        resolved
+            .iter()
+            .map(|(t, _, k)| (*t, k.clone()))
+            .collect::<Vec<_>>(),
         vec![(T0 + 7, y.key.clone()), (T0 + 9, x.key.clone())]
     );
     // The records carry what the API shows.
@@ -1543,7 +1585,10 @@ async fn export_pages_in_time_order(f: Fixture) {
         .unwrap()[0];
     assert_eq!(rec.record.host_id, "h1");
     assert_eq!(rec.record.item, y);
-    assert_eq!((rec.record.first_seen_ms, rec.record.resolved_ms), (T0, Some(T0 + 7)));
+    assert_eq!(
+        (rec.record.first_seen_ms, rec.record.resolved_ms),
+        (T0, Some(T0 + 7))
+    );
 
     for i in 0..3 {
         s.record_security_event(SecurityEvent {
@@ -1556,36 +1601,68 @@ async fn export_pages_in_time_order(f: Fixture) {
         .unwrap();
     }
     let ev = s
-        .export_security_events(RowPosition { at_ms: T0, row: i64::MAX }, T0 + 1, 0)
+        .export_security_events(
+            RowPosition {
+                at_ms: T0,
+                row: i64::MAX,
+            },
+            T0 + 1,
+            0,
+        )
         .await
         .unwrap();
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].event.detail, "e1");
     let ev2 = s
-        .export_security_events(RowPosition { at_ms: T0, row: i64::MIN }, i64::MAX, 2)
+        .export_security_events(
+            RowPosition {
+                at_ms: T0,
+                row: i64::MIN,
+            },
+            i64::MAX,
+            2,
+        )
         .await
         .unwrap();
     assert_eq!(
-        ev2.iter().map(|e| e.event.detail.as_str()).collect::<Vec<_>>(),
+        ev2.iter()
+            .map(|e| e.event.detail.as_str())
+            .collect::<Vec<_>>(),
         ["e0", "e1"]
     );
 
     // Audit records by time (a later seq may carry an earlier time), seq breaking ties.
     for (at, target) in [(T0 + 5, "a"), (T0 + 2, "b"), (T0 + 5, "c")] {
-        s.append_audit(AuditEntry::new(at, "collector", "host.flagged", target, serde_json::json!({})))
-            .await
-            .unwrap();
+        s.append_audit(AuditEntry::new(
+            at,
+            "collector",
+            "host.flagged",
+            target,
+            serde_json::json!({}),
+        ))
+        .await
+        .unwrap();
     }
     let audit = s
         .export_audit(RowPosition::START, i64::MAX, 0)
         .await
         .unwrap();
     assert_eq!(
-        audit.iter().map(|a| (a.at_ms, a.seq, a.target.as_str())).collect::<Vec<_>>(),
+        audit
+            .iter()
+            .map(|a| (a.at_ms, a.seq, a.target.as_str()))
+            .collect::<Vec<_>>(),
         [(T0 + 2, 2, "b"), (T0 + 5, 1, "a"), (T0 + 5, 3, "c")]
     );
     let after = s
-        .export_audit(RowPosition { at_ms: T0 + 5, row: 1 }, T0 + 5, 0)
+        .export_audit(
+            RowPosition {
+                at_ms: T0 + 5,
+                row: 1,
+            },
+            T0 + 5,
+            0,
+        )
         .await
         .unwrap();
     assert_eq!(after.len(), 1);
@@ -1610,7 +1687,10 @@ async fn export_cursor_is_saved_and_replaced(f: Fixture) {
     assert_eq!(s.export_cursor("syslog").await.unwrap(), Some(c2.clone()));
     assert_eq!(s.export_cursor("other").await.unwrap(), None);
     drop(s);
-    assert_eq!(f.open().await.export_cursor("syslog").await.unwrap(), Some(c2));
+    assert_eq!(
+        f.open().await.export_cursor("syslog").await.unwrap(),
+        Some(c2)
+    );
 }
 
 // --- lifecycle -----------------------------------------------------------------------------

@@ -195,7 +195,9 @@ pub async fn get_streaming(
     loop {
         let frame = tokio::time::timeout(idle, body.frame())
             .await
-            .map_err(|_| anyhow!("the collector stopped sending for {idle:?} during GET {target}"))?;
+            .map_err(|_| {
+                anyhow!("the collector stopped sending for {idle:?} during GET {target}")
+            })?;
         let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| anyhow!("GET {target} was cut short: {e}"))?;
         if let Ok(data) = frame.into_data() {

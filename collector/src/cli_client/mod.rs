@@ -193,7 +193,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if matches!(cli.format, Format::Jsonl | Format::Csv | Format::Cef)
         && !matches!(cli.command, Command::Export(_))
     {
-        bail!("--format jsonl, csv and cef are for `driftwatch export`; listings take table or json");
+        bail!(
+            "--format jsonl, csv and cef are for `driftwatch export`; listings take table or json"
+        );
     }
     let out = match &cli.command {
         Command::Export(args) => export::run(&base, cli.format, args, cli.timeout).await?,

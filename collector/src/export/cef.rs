@@ -256,9 +256,12 @@ fn cut_escaped(v: &str, room: usize) -> &str {
     &v[..end]
 }
 
+/// A parsed CEF line: the seven header fields and the extension's key/value pairs.
+pub type Parsed = (Vec<String>, Vec<(String, String)>);
+
 /// Splits a CEF line into its seven header fields and extension pairs, undoing the escapes:
 /// a reference parser for the tests (and for anyone checking an export by hand).
-pub fn parse(line: &str) -> Option<(Vec<String>, Vec<(String, String)>)> {
+pub fn parse(line: &str) -> Option<Parsed> {
     let rest = line.strip_prefix("CEF:")?;
     let mut header = Vec::new();
     let mut cur = String::new();

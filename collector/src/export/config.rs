@@ -87,9 +87,9 @@ pub struct SyslogSettings {
 
 /// RFC 5424 section 6.2.1 facility names, in code order.
 const FACILITIES: [&str; 24] = [
-    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron",
-    "authpriv", "ftp", "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3",
-    "local4", "local5", "local6", "local7",
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+    "ftp", "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
 ];
 
 const KEY_ADDRESS: &str = "export.syslog.address";
@@ -110,8 +110,12 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 fn duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
-    humantime::parse_duration(s)
-        .map_err(|e| invalid(key, format!("{s:?} is not a duration like \"10s\" or \"24h\": {e}")))
+    humantime::parse_duration(s).map_err(|e| {
+        invalid(
+            key,
+            format!("{s:?} is not a duration like \"10s\" or \"24h\": {e}"),
+        )
+    })
 }
 
 /// The host part of `host:port` (brackets of an IPv6 literal removed).

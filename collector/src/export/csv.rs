@@ -15,9 +15,10 @@ use super::ExportEvent;
 use crate::api::rfc3339_ms;
 use driftwatch_proto::escape;
 
-/// The columns, named like the JSON Lines fields they carry.
+/// The columns, named like the JSON Lines fields they carry (`timestamp` is `@timestamp`: a
+/// header cell starting with `@` would be a formula to a spreadsheet).
 pub const COLUMNS: [&str; 16] = [
-    "@timestamp",
+    "timestamp",
     "event.id",
     "event.kind",
     "event.category",

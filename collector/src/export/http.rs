@@ -230,11 +230,15 @@ mod tests {
         .unwrap();
         assert_eq!((p.since_ms, p.until_ms), (NOW - 3_600_000, NOW));
         assert!(!p.kinds.opened && p.kinds.security);
-        let err = |pairs: &[(&str, &str)]| ExportParams::parse(&q(pairs), NOW).unwrap_err().parameter;
+        let err =
+            |pairs: &[(&str, &str)]| ExportParams::parse(&q(pairs), NOW).unwrap_err().parameter;
         assert_eq!(err(&[]), "format");
         assert_eq!(err(&[("format", "xml")]), "format");
         assert_eq!(err(&[("format", "csv"), ("since", "soon")]), "since");
-        assert_eq!(err(&[("format", "csv"), ("since", "1h"), ("until", "2h")]), "until");
+        assert_eq!(
+            err(&[("format", "csv"), ("since", "1h"), ("until", "2h")]),
+            "until"
+        );
         assert_eq!(err(&[("format", "csv"), ("kind", "audits")]), "kind");
         assert_eq!(err(&[("format", "csv"), ("limit", "3")]), "limit");
         assert_eq!(err(&[("format", "csv"), ("format", "cef")]), "format");

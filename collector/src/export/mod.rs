@@ -323,8 +323,7 @@ impl ExportEvent {
     }
 
     pub fn severity_name(&self) -> Option<&'static str> {
-        self.severity()
-            .map(crate::http::convert::severity_name)
+        self.severity().map(crate::http::convert::severity_name)
     }
 
     /// `rule.name`: what driftwatch's check found (`file modified`, `package installed`,
@@ -403,12 +402,12 @@ impl ExportEvent {
             }
             Detail::Violation { resolved, .. } => {
                 let what = match self.object() {
-                    Some(Object::File(f)) => format!(
-                        "{} {}",
-                        self.rule_name(),
-                        String::from_utf8_lossy(&f.path)
-                    ),
-                    Some(Object::Package(p)) => format!("{} {}:{}", self.rule_name(), p.name, p.arch),
+                    Some(Object::File(f)) => {
+                        format!("{} {}", self.rule_name(), String::from_utf8_lossy(&f.path))
+                    }
+                    Some(Object::Package(p)) => {
+                        format!("{} {}:{}", self.rule_name(), p.name, p.arch)
+                    }
                     None => self.rule_name(),
                 };
                 let host = self.host.as_deref().unwrap_or("?");
@@ -742,7 +741,13 @@ mod tests {
         );
         let q = Position::before(5);
         assert_eq!(q.row_bound(Source::ViolationOpened).row, i64::MIN);
-        assert!(q < Position { at_ms: 5, source: 0, row: 1 });
+        assert!(
+            q < Position {
+                at_ms: 5,
+                source: 0,
+                row: 1
+            }
+        );
     }
 
     #[test]

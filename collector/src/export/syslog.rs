@@ -102,13 +102,7 @@ fn header_field(s: &str, max: usize) -> String {
     let f: String = s
         .chars()
         .take(max)
-        .map(|c| {
-            if c.is_ascii_graphic() {
-                c
-            } else {
-                '_'
-            }
-        })
+        .map(|c| if c.is_ascii_graphic() { c } else { '_' })
         .collect();
     if f.is_empty() { "-".into() } else { f }
 }
@@ -230,7 +224,10 @@ pub struct Forwarder {
     store: Arc<dyn Storage>,
     settings: SyslogSettings,
     framing: Framing,
-    tls: Option<(Arc<rustls::ClientConfig>, rustls_pki_types::ServerName<'static>)>,
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     stats: Arc<ForwarderStats>,
 }
 
@@ -292,21 +289,21 @@ impl Forwarder {
         store: Arc<dyn Storage>,
         settings: SyslogSettings,
     ) -> Result<Forwarder, ForwarderError> {
-        let tls = match &settings.transport {
-            Transport::Tls {
-                ca_file,
-                server_name,
-            } => {
-                let name = rustls_pki_types::ServerName::try_from(server_name.clone()).map_err(
-                    |e| ForwarderError::CaFile {
-                        path: ca_file.display().to_string(),
-                        detail: format!("server name {server_name:?}: {e}"),
-                    },
-                )?;
-                Some((Arc::new(client_config(ca_file)?), name))
-            }
-            Transport::Udp | Transport::Tcp => None,
-        };
+        let tls =
+            match &settings.transport {
+                Transport::Tls {
+                    ca_file,
+                    server_name,
+                } => {
+                    let name = rustls_pki_types::ServerName::try_from(server_name.clone())
+                        .map_err(|e| ForwarderError::CaFile {
+                            path: ca_file.display().to_string(),
+                            detail: format!("server name {server_name:?}: {e}"),
+                        })?;
+                    Some((Arc::new(client_config(ca_file)?), name))
+                }
+                Transport::Udp | Transport::Tcp => None,
+            };
         let framing = Framing::new(&settings, &local_hostname());
         Ok(Forwarder {
             store,
@@ -541,10 +538,7 @@ impl Forwarder {
     }
 
     /// Spawns [`Forwarder::run`]; the task ends when `stop` becomes true.
-    pub fn spawn(
-        self,
-        stop: watch::Receiver<bool>,
-    ) -> tokio::task::JoinHandle<()> {
+    pub fn spawn(self, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(self.run(stop))
     }
 }

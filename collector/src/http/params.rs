@@ -177,7 +177,11 @@ fn parse_with_offset(s: &str) -> Option<std::time::SystemTime> {
     }
 }
 
-pub(crate) fn parse_time_param(name: &str, v: Option<&str>, now_ms: i64) -> Result<Option<i64>, ParamError> {
+pub(crate) fn parse_time_param(
+    name: &str,
+    v: Option<&str>,
+    now_ms: i64,
+) -> Result<Option<i64>, ParamError> {
     match v {
         None => Ok(None),
         Some(v) => parse_time(v, now_ms)

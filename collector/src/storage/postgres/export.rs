@@ -5,11 +5,11 @@ use driftwatch_proto::v1::DriftItem;
 use prost::Message;
 
 use super::{Db, PgStore, get};
+use crate::storage::apply::to_u64;
 use crate::storage::export::{
     ExportCursor, ExportSecurityEvent, ExportStore, ExportViolation, RowPosition, ViolationEdge,
     page_limit,
 };
-use crate::storage::apply::to_u64;
 use crate::storage::{AuditRecord, SecurityEvent, StorageError, StoreFuture, ViolationRecord};
 
 fn violations_sql(edge: ViolationEdge) -> &'static str {
