@@ -154,7 +154,10 @@ async fn enrollment_refusals_are_clear_and_recorded() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let unknown = driftwatch_collector::token::Token::generate().unwrap();
+    let unknown = driftwatch_collector::token::Token::generate(
+        driftwatch_collector::token::TokenKind::Enrollment,
+    )
+    .unwrap();
     let e = try_enroll(&c, unknown.reveal(), "a-4", csr(&key))
         .await
         .unwrap_err();
@@ -422,7 +425,17 @@ async fn revoked_host_is_cut_off() {
 
     assert!(
         c.store
-            .revoke_host("revoked", unix_ms(SystemTime::now()))
+            .revoke_host(
+                "revoked",
+                unix_ms(SystemTime::now()),
+                driftwatch_collector::storage::AuditEntry::new(
+                    unix_ms(SystemTime::now()),
+                    "local:test",
+                    "host.revoked",
+                    "revoked",
+                    serde_json::json!({}),
+                ),
+            )
             .await
             .unwrap()
             >= 1

@@ -191,13 +191,19 @@ impl std::str::FromStr for ChainHead {
 /// Why a record fails verification.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
-    #[error("audit record {found}: expected record {expected} here (a record is missing or out of order)")]
+    #[error(
+        "audit record {found}: expected record {expected} here (a record is missing or out of order)"
+    )]
     Sequence { expected: u64, found: u64 },
-    #[error("audit record {seq}: does not link to the record before it (prev_hash differs: a record before it was altered, removed or reordered)")]
+    #[error(
+        "audit record {seq}: does not link to the record before it (prev_hash differs: a record before it was altered, removed or reordered)"
+    )]
     Link { seq: u64 },
     #[error("audit record {seq}: its hash does not match its contents (the record was altered)")]
     Hash { seq: u64 },
-    #[error("the audit log (ending at {found}) does not contain record {expected} seen in it before (records were removed from its end, or it was rewritten)")]
+    #[error(
+        "the audit log (ending at {found}) does not contain record {expected} seen in it before (records were removed from its end, or it was rewritten)"
+    )]
     Head {
         expected: ChainHead,
         found: ChainHeadOrEmpty,
@@ -456,7 +462,13 @@ mod tests {
 
     #[test]
     fn entries_over_the_limits_are_refused() {
-        let mut e = AuditEntry::new(0, "collector", "host.flagged", "web-1", serde_json::json!({}));
+        let mut e = AuditEntry::new(
+            0,
+            "collector",
+            "host.flagged",
+            "web-1",
+            serde_json::json!({}),
+        );
         assert_eq!(e.detail_text().unwrap(), "{}");
         e.target = "x".repeat(MAX_FIELD + 1);
         assert!(e.detail_text().is_err());
