@@ -9,13 +9,15 @@ use std::net::SocketAddr;
 use std::process::Output;
 
 use driftwatch_collector::http::ApiConfig;
-use fleet_fixture::{fleet, serve};
+use driftwatch_collector::storage::Role;
+use fleet_fixture::{api_token, fleet, serve};
 
 /// Runs `driftwatch ARGS` with `DRIFTWATCH_API` pointing at `addr` (off the async workers:
 /// the server runs on them).
 async fn driftwatch(addr: Option<SocketAddr>, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_driftwatch"));
     cmd.args(args);
+    cmd.env("DRIFTWATCH_TOKEN", api_token(Role::Auditor));
     match addr {
         Some(a) => cmd.env("DRIFTWATCH_API", format!("http://{a}")),
         None => cmd.env_remove("DRIFTWATCH_API"),
@@ -238,16 +240,19 @@ async fn unreachable_collector_is_an_error() {
 
     let o = driftwatch(None, &["--api", "https://127.0.0.1:1", "hosts"]).await;
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        String::from_utf8(o.stderr)
-            .unwrap()
-            .contains("https is not supported yet")
-    );
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("needs --ca-file"), "{err}");
 
     let o = driftwatch(None, &["--help"]).await;
     let help = stdout(&o);
-    assert!(
-        help.contains("DRIFTWATCH_API") && help.contains("Exit status"),
-        "{help}"
-    );
+    for want in [
+        "DRIFTWATCH_API",
+        "DRIFTWATCH_CA_FILE",
+        "DRIFTWATCH_TOKEN",
+        "--token-file",
+        "Exit status",
+        "audit verify",
+    ] {
+        assert!(help.contains(want), "{want} missing from:\n{help}");
+    }
 }

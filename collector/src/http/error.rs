@@ -19,6 +19,8 @@ pub enum ApiError {
     UnknownHost(String),
     #[error("no such endpoint {0:?} (the API is under /api/v1/)")]
     UnknownEndpoint(String),
+    #[error("{0} is not a method of this endpoint")]
+    MethodNotAllowed(String),
     #[error(transparent)]
     Unauthenticated(#[from] AuthError),
     #[error("this needs the {needed} role; API token {token_id} has the {has} role")]
@@ -51,6 +53,7 @@ impl ApiError {
             ApiError::UnknownHost(_) | ApiError::UnknownEndpoint(_) | ApiError::NotFound(_) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
@@ -193,6 +196,11 @@ mod tests {
                 "forbidden",
             ),
             (ApiError::Invalid("x".into()), 422, "invalid"),
+            (
+                ApiError::MethodNotAllowed("PUT".into()),
+                405,
+                "method_not_allowed",
+            ),
             (ApiError::Conflict("x".into()), 409, "conflict"),
             (ApiError::NotFound("x".into()), 404, "not_found"),
             (

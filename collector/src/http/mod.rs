@@ -122,6 +122,7 @@ pub fn router(store: Arc<dyn Storage>, config: ApiConfig) -> Router {
         .merge(auditor.route_layer(auth::require(Role::Auditor)))
         .merge(access::admin_routes().route_layer(auth::require(Role::Admin)))
         .route("/healthz", get(healthz))
+        .method_not_allowed_fallback(wrong_method)
         .fallback(unknown_endpoint)
         .layer(middleware::from_fn_with_state(
             auth::Authenticator::new(store),
@@ -250,6 +251,10 @@ fn host_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
             message: e.body_text(),
         })
     })
+}
+
+async fn wrong_method(method: axum::http::Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
 }
 
 async fn unknown_endpoint(uri: Uri) -> ApiError {
