@@ -276,10 +276,10 @@ impl ChainVerifier {
         if r.hash != hash {
             return Err(ChainError::Hash { seq: r.seq });
         }
-        if let Some((want, found)) = &mut self.expect {
-            if want.seq == r.seq {
-                *found = want.hash == hash;
-            }
+        if let Some((want, found)) = &mut self.expect
+            && want.seq == r.seq
+        {
+            *found = want.hash == hash;
         }
         self.head = Some(ChainHead { seq: r.seq, hash });
         self.count += 1;
