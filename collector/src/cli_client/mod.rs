@@ -4,7 +4,8 @@
 //! What it owns: the command line, the HTTP requests and the rendering. What it must never do:
 //! print anything a host reported without escaping it (`driftwatch_proto::escape`): host ids, paths,
 //! package names, before/after values and reasons all come from agents, and a compromised one
-//! chooses them. It reads only; nothing here changes collector state.
+//! chooses them. Only the token commands change collector state (admin role, audited by the
+//! collector).
 //!
 //! Access: a bearer API token from `--token-file` or `DRIFTWATCH_TOKEN` (never a command-line
 //! argument, which other users could read in the process list), sent with every request;
@@ -13,6 +14,7 @@
 mod audit;
 mod client;
 mod table;
+mod tokens;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,6 +48,8 @@ Examples:
   driftwatch events --since 1h                       refused connections, impersonation attempts
   driftwatch audit list --since 24h                  who changed what (the audit log)
   driftwatch audit verify --expect-head 812:9f3c…    check the audit log's hash chain here
+  driftwatch api-token create --role auditor --name siem --ttl 90d > siem.token
+  driftwatch enrollment-token create --uses 10 --host-pattern 'web-*'
   DRIFTWATCH_TOKEN=$(cat ~/.dw-token) driftwatch --api https://collector:7480 \
       --ca-file /etc/driftwatch/collector-ca.pem hosts
   driftwatch --format json hosts | jq '.hosts[] | select(.state != \"clean\") | .host_id'
@@ -135,6 +139,12 @@ pub enum Command {
     /// The audit log: who changed what, and whether the record is intact.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// API tokens (admin role): create, list, revoke.
+    #[command(subcommand, name = "api-token")]
+    ApiToken(tokens::ApiTokenCommand),
+    /// Enrollment tokens for agents (admin role): create, list.
+    #[command(subcommand, name = "enrollment-token")]
+    EnrollmentToken(tokens::EnrollmentTokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +208,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let client = Client::new(base.clone(), cli.ca_file.as_deref(), token, cli.timeout)?;
     let out = match &cli.command {
         Command::Audit(cmd) => return audit::run(&client, cli.format, cmd).await,
+        Command::ApiToken(cmd) => return tokens::api_token(&client, cli.format, cmd).await,
+        Command::EnrollmentToken(cmd) => {
+            return tokens::enrollment_token(&client, cli.format, cmd).await;
+        }
         Command::Hosts { state } => {
             let target = base.target("/api/v1/hosts", &[("state", state.clone())]);
             let resp = fetch(&client, &target).await?;
@@ -347,7 +361,7 @@ pub(crate) fn render<T: DeserializeOwned>(
 
 /// A host id as one path segment. Valid host ids need no encoding; anything else is encoded
 /// so it cannot change the request's path.
-fn percent_encode_segment(s: &str) -> String {
+pub(crate) fn percent_encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -369,7 +383,7 @@ pub(crate) fn when(t: &str) -> String {
     }
 }
 
-fn when_opt(t: &Option<String>) -> String {
+pub(crate) fn when_opt(t: &Option<String>) -> String {
     t.as_deref().map_or_else(|| "-".to_string(), when)
 }
 
