@@ -40,7 +40,8 @@ pub struct ConfigArg {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the collector: the gRPC port for agents (enrollment, report streams, health).
+    /// Run the collector: the gRPC port for agents (enrollment, report streams, health) and the
+    /// HTTP API for people (bearer tokens; TLS beyond loopback).
     Serve {
         #[command(flatten)]
         config: ConfigArg,

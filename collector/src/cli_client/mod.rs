@@ -57,7 +57,7 @@ Examples:
 Exit status: 0 success (whether or not drift was found), 2 error; audit verify: 1 when the
 chain is broken.";
 
-/// Read the fleet's drift state from a driftwatch collector.
+/// Read the fleet's drift state and audit log from a driftwatch collector, and manage its tokens.
 ///
 /// Talks to the collector's HTTP JSON API (schema driftwatch.api.v1, see docs/api.md) with a
 /// bearer API token (made by an admin: driftwatch-collector api-token create). The API serves
