@@ -17,9 +17,10 @@ use driftwatch_collector::export::cef;
 use driftwatch_collector::export::config::{SyslogSettings, Transport};
 use driftwatch_collector::export::syslog::{CURSOR_NAME, Forwarder};
 use driftwatch_collector::http::ApiConfig;
+use driftwatch_collector::http::auth::Role;
 use driftwatch_collector::storage::export::ExportCursor;
 use driftwatch_collector::storage::{
-    AuditEntry, HelloInfo, IssuedCertificate, ReportToApply, SecurityEvent, Storage,
+    AuditEntry, HelloInfo, IssuedCertificate, ReportToApply, SecurityEvent, Storage, ViolationQuery,
 };
 use driftwatch_proto::escape;
 use driftwatch_proto::set::{file_key, item_hash, package_key, set_digest};
@@ -100,6 +101,13 @@ async fn hostile_fleet() -> fleet_fixture::Fleet {
             not_after_ms: at + DAY,
             issued_ms: at,
         },
+        AuditEntry::new(
+            at,
+            format!("host:{EVIL_HOST}"),
+            "host.enrolled",
+            EVIL_HOST,
+            serde_json::json!({}),
+        ),
     )
     .await
     .unwrap();
@@ -135,12 +143,21 @@ async fn hostile_fleet() -> fleet_fixture::Fleet {
     }])
     .await
     .unwrap();
-    s.record_security_event(SecurityEvent {
-        at_ms: at + 1,
-        kind: "impersonation".into(),
-        peer_host_id: Some(EVIL_HOST.into()),
-        detail: "claimed \"db\"\n\u{1b}[2J<img src=x onerror=alert(1)>|x=y".into(),
-    })
+    s.record_security_event(
+        SecurityEvent {
+            at_ms: at + 1,
+            kind: "impersonation".into(),
+            peer_host_id: Some(EVIL_HOST.into()),
+            detail: "claimed \"db\"\n\u{1b}[2J<img src=x onerror=alert(1)>|x=y".into(),
+        },
+        AuditEntry::new(
+            at + 1,
+            "collector",
+            "security.impersonation_refused",
+            EVIL_HOST,
+            serde_json::json!({"detail": "<img src=x>"}),
+        ),
+    )
     .await
     .unwrap();
     s.append_audit(AuditEntry::new(
@@ -155,16 +172,52 @@ async fn hostile_fleet() -> fleet_fixture::Fleet {
     f
 }
 
-/// The fixture's events within 30 days: web-1 opens 5 (one resolved), old-1 opens 1, the
-/// hostile host opens 6; two security events; one audit record.
-const EVENTS: usize = 5 + 1 + 1 + 6 + 2 + 1;
+/// How many events the store holds from `since_ms` on, counted without the export code:
+/// occurrences opened and resolved, security events, audit records.
+async fn expected_events(store: &dyn Storage, since_ms: i64) -> usize {
+    let occ = store
+        .search_violations(ViolationQuery {
+            include_resolved: true,
+            limit: 100_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let opened = occ.iter().filter(|o| o.first_seen_ms >= since_ms).count();
+    let resolved = occ
+        .iter()
+        .filter(|o| o.resolved_ms.is_some_and(|r| r >= since_ms))
+        .count();
+    let security = store.security_events(since_ms, 10_000).await.unwrap().len();
+    let audit = store
+        .audit_records(0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|a| a.at_ms >= since_ms)
+        .count();
+    opened + resolved + security + audit
+}
+
+/// Every event of the hostile fleet (all within 30 days).
+async fn all_events(f: &fleet_fixture::Fleet) -> usize {
+    let n = expected_events(f.store.as_ref(), f.now - 30 * DAY).await;
+    // web-1 opens 5 and resolves 1, old-1 opens 1, the hostile host opens 6; two security
+    // events; the audit log has more (enrollments, tokens, refusals, the retirement).
+    assert!(n > 16, "{n}");
+    n
+}
 
 /// An HTTP/1.0 GET (no chunked encoding to undo): status, content type, body.
 async fn get_raw(addr: SocketAddr, target: &str) -> (u16, String, Vec<u8>) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let token = fleet_fixture::api_token(Role::Auditor);
+    s.write_all(
+        format!("GET {target} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
         .await
@@ -204,6 +257,7 @@ fn raw_bytes(v: &serde_json::Value) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jsonl_is_exact_valid_json_and_safe() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     let (addr, _stop) = serve(f.store.clone(), ApiConfig::default()).await;
     let (status, ctype, body) = get_raw(addr, "/api/v1/export?format=jsonl&since=30d").await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -217,7 +271,7 @@ async fn jsonl_is_exact_valid_json_and_safe() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert_eq!(events.len(), EVENTS, "{text}");
+    assert_eq!(events.len(), n_events, "{text}");
     // Oldest first; ids unique.
     let times: Vec<&str> = events
         .iter()
@@ -228,7 +282,7 @@ async fn jsonl_is_exact_valid_json_and_safe() {
         .iter()
         .map(|e| e["event"]["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids.len(), EVENTS);
+    assert_eq!(ids.len(), n_events);
 
     // The hostile host's file events carry every path exactly.
     let evil: Vec<&serde_json::Value> = events
@@ -285,7 +339,7 @@ async fn jsonl_is_exact_valid_json_and_safe() {
         audit["driftwatch"]["audit"]["detail"]["reason"],
         "<script>\n|=\\\u{1b}"
     );
-    assert_eq!(audit["driftwatch"]["audit"]["seq"], 1);
+    assert!(audit["driftwatch"]["audit"]["seq"].as_u64().unwrap() > 1);
     // The resolved setuid env on web-1 appears twice: opened and resolved, distinct ids.
     let env: Vec<&serde_json::Value> = events
         .iter()
@@ -309,7 +363,7 @@ async fn jsonl_is_exact_valid_json_and_safe() {
         })
         .collect();
     assert!(!again_ids.is_empty());
-    assert!(again_ids.len() < EVENTS, "2h excludes old-1's event");
+    assert!(again_ids.len() < n_events, "2h excludes old-1's event");
     assert!(again_ids.iter().all(|id| ids.contains(id.as_str())));
     let (_, _, cef_body) = get_raw(addr, "/api/v1/export?format=cef&since=30d").await;
     let cef_ids: BTreeSet<String> = String::from_utf8(cef_body)
@@ -416,6 +470,7 @@ fn parse_csv(text: &str) -> Option<Vec<Vec<String>>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn csv_is_one_record_per_row_and_formula_safe() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     let (addr, _stop) = serve(f.store.clone(), ApiConfig::default()).await;
     let (status, ctype, body) = get_raw(addr, "/api/v1/export?format=csv&since=30d").await;
     assert_eq!(status, 200);
@@ -423,8 +478,8 @@ async fn csv_is_one_record_per_row_and_formula_safe() {
     assert_terminal_safe("csv", &body);
     let text = String::from_utf8(body).unwrap();
     // One physical line per record: no line break inside any cell.
-    assert_eq!(text.matches("\r\n").count(), EVENTS + 1, "{text}");
-    assert_eq!(text.matches('\n').count(), EVENTS + 1);
+    assert_eq!(text.matches("\r\n").count(), n_events + 1, "{text}");
+    assert_eq!(text.matches('\n').count(), n_events + 1);
     let records = parse_csv(&text).expect("RFC 4180");
     assert_eq!(records[0][0], "timestamp");
     let width = records[0].len();
@@ -442,8 +497,8 @@ async fn csv_is_one_record_per_row_and_formula_safe() {
         .iter()
         .filter(|r| r[col("host.name")] == format!("'{}", escape::text(EVIL_HOST)))
         .collect();
-    // 6 violations, the security event, the audit record.
-    assert_eq!(evil.len(), 8, "{text}");
+    // 6 violations, the security event, the audit records of its enrollment and retirement.
+    assert_eq!(evil.len(), 9, "{text}");
     let paths: BTreeSet<&str> = evil.iter().map(|r| r[col("file.path")].as_str()).collect();
     for p in EVIL_PATHS {
         assert!(
@@ -464,13 +519,14 @@ async fn csv_is_one_record_per_row_and_formula_safe() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cef_lines_parse_and_escape_per_spec() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     let (addr, _stop) = serve(f.store.clone(), ApiConfig::default()).await;
     let (status, _, body) = get_raw(addr, "/api/v1/export?format=cef&since=30d").await;
     assert_eq!(status, 200);
     assert_terminal_safe("cef", &body);
     let text = String::from_utf8(body).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), EVENTS);
+    assert_eq!(lines.len(), n_events);
     let mut evil_paths = BTreeSet::new();
     for l in &lines {
         let (header, ext) = cef::parse(l).unwrap_or_else(|| panic!("unparsable CEF: {l}"));
@@ -531,7 +587,8 @@ impl Crlf for Vec<u8> {
 async fn driftwatch(addr: SocketAddr, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_driftwatch"));
     cmd.args(args)
-        .env("DRIFTWATCH_API", format!("http://{addr}"));
+        .env("DRIFTWATCH_API", format!("http://{addr}"))
+        .env("DRIFTWATCH_TOKEN", fleet_fixture::api_token(Role::Auditor));
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
@@ -550,6 +607,7 @@ fn ok(o: &Output) -> &[u8] {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_export_paths_are_terminal_safe() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     let (addr, _stop) = serve(f.store.clone(), ApiConfig::default()).await;
 
     // The table for people.
@@ -559,7 +617,7 @@ async fn cli_export_paths_are_terminal_safe() {
     assert_terminal_safe("export table stderr", &o.stderr);
     let table = String::from_utf8(out).unwrap();
     assert!(table.starts_with("TIME "), "{table}");
-    assert_eq!(table.lines().count(), EVENTS + 1, "{table}");
+    assert_eq!(table.lines().count(), n_events + 1, "{table}");
     assert!(table.contains(&escape::text(EVIL_HOST)), "{table}");
 
     // Each machine format, to stdout and to a file: the same bytes, safe either way.
@@ -806,11 +864,12 @@ fn ids_of(msgs: &[Vec<u8>], max: usize) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_over_udp_one_datagram_each_with_a_size_cap() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     let mut rx = Receiver::udp().await;
     let mut s = settings(rx.addr, Transport::Udp);
     s.max_message_bytes = 480;
     let run = start(f.store.clone(), s);
-    let msgs = rx.take(EVENTS).await;
+    let msgs = rx.take(n_events).await;
     let ids = ids_of(&msgs, 480);
     let unique: BTreeSet<String> = ids.iter().cloned().collect();
     assert_eq!(unique, all_ids(&f.store).await);
@@ -822,37 +881,47 @@ async fn forwards_over_udp_one_datagram_each_with_a_size_cap() {
         .collect();
     assert!(!cut.is_empty());
     assert!(cut.iter().all(|e| e["cn1Label"] == "truncatedFrom"));
-    assert_eq!(
-        run.stats.truncated.load(Ordering::Relaxed),
-        cut.len() as u64
-    );
     rx.quiet_for(Duration::from_millis(300)).await;
+    let stats = run.stats.clone();
     run.stop().await;
+    assert_eq!(stats.truncated.load(Ordering::Relaxed), cut.len() as u64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_restart_resumes_without_loss_or_duplicates() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     let mut rx = Receiver::stream(None, None).await;
     let run = start(f.store.clone(), settings(rx.addr, Transport::Tcp));
-    let first = ids_of(&rx.take(EVENTS).await, 2048);
+    let first = ids_of(&rx.take(n_events).await, 2048);
     run.stop().await;
     assert!(f.store.export_cursor(CURSOR_NAME).await.unwrap().is_some());
 
-    // New events while it is down, then a restart: exactly those arrive.
+    // New events while it is down (each refusal is a security event and an audit record),
+    // then a restart: exactly those arrive.
     for i in 0..3 {
+        let at = fleet_fixture::now_ms() - 1000 + i;
         f.store
-            .record_security_event(SecurityEvent {
-                at_ms: fleet_fixture::now_ms() - 1000 + i,
-                kind: "enrollment-token-refused".into(),
-                peer_host_id: None,
-                detail: format!("while down {i}"),
-            })
+            .record_security_event(
+                SecurityEvent {
+                    at_ms: at,
+                    kind: "enrollment-token-refused".into(),
+                    peer_host_id: None,
+                    detail: format!("while down {i}"),
+                },
+                AuditEntry::new(
+                    at,
+                    "collector",
+                    "security.enrollment_token_refused",
+                    "",
+                    serde_json::json!({}),
+                ),
+            )
             .await
             .unwrap();
     }
     let run = start(f.store.clone(), settings(rx.addr, Transport::Tcp));
-    let second = ids_of(&rx.take(3).await, 2048);
+    let second = ids_of(&rx.take(6).await, 2048);
     rx.quiet_for(Duration::from_millis(500)).await;
     run.stop().await;
     let mut all: Vec<String> = first.iter().chain(&second).cloned().collect();
@@ -869,6 +938,7 @@ async fn tcp_restart_resumes_without_loss_or_duplicates() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_receiver_away_then_back_gets_everything() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     // Reserve a port, then close it: the forwarder starts against nobody.
     let addr = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -885,7 +955,7 @@ async fn tcp_receiver_away_then_back_gets_everything() {
     assert_eq!(run.stats.sent.load(Ordering::Relaxed), 0);
     assert!(f.store.export_cursor(CURSOR_NAME).await.unwrap().is_none());
     let mut rx = Receiver::stream(None, Some(addr)).await;
-    let ids: BTreeSet<String> = ids_of(&rx.take(EVENTS).await, 2048).into_iter().collect();
+    let ids: BTreeSet<String> = ids_of(&rx.take(n_events).await, 2048).into_iter().collect();
     assert_eq!(ids, all_ids(&f.store).await);
     run.stop().await;
 }
@@ -893,12 +963,15 @@ async fn tcp_receiver_away_then_back_gets_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_past_the_backlog_are_dropped_counted_and_announced() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     let mut rx = Receiver::stream(None, None).await;
     let mut s = settings(rx.addr, Transport::Tcp);
-    // old-1's drift (3 days ago) is beyond a 1-day backlog; everything else is within it. A
-    // first start would begin a backlog back; a forwarder that was away since before it
-    // resumes from its cursor and meets the old event.
-    s.max_backlog = Duration::from_secs(86_400);
+    // Beyond a 2-day backlog: old-1's drift (3 days ago) and the first enrollments (10 days
+    // ago). A first start would begin a backlog back; a forwarder that was away since before
+    // it resumes from its cursor and meets the old events.
+    s.max_backlog = Duration::from_secs(2 * 86_400);
+    let dropped = n_events - expected_events(f.store.as_ref(), f.now - 2 * DAY).await;
+    assert!(dropped >= 2, "{dropped}");
     f.store
         .save_export_cursor(
             CURSOR_NAME,
@@ -910,15 +983,20 @@ async fn events_past_the_backlog_are_dropped_counted_and_announced() {
         .await
         .unwrap();
     let run = start(f.store.clone(), s);
-    let msgs = rx.take(EVENTS).await;
+    // The notice, then every event within the backlog.
+    let msgs = rx.take(n_events - dropped + 1).await;
     let first = check_message(&msgs[0], 2048);
-    assert_eq!(first["cnt"], "1", "{first:?}");
+    assert_eq!(first["cnt"], dropped.to_string(), "{first:?}");
     assert!(first["msg"].contains("max_backlog"));
-    assert_eq!(run.stats.dropped.load(Ordering::Relaxed), 1);
     let start_ms: i64 = first["start"].parse().unwrap();
-    assert!((f.now - 3 * DAY - start_ms).abs() < HOUR);
+    let end_ms: i64 = first["end"].parse().unwrap();
+    assert!((f.now - 10 * DAY - start_ms).abs() < HOUR, "{first:?}");
+    assert!((f.now - 3 * DAY - end_ms).abs() < HOUR, "{first:?}");
     rx.quiet_for(Duration::from_millis(300)).await;
+    let stats = run.stats.clone();
+    // Counted once the batch went out (after the receiver had it): read after the stop.
     run.stop().await;
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), dropped as u64);
 }
 
 /// A CA and a server certificate for `localhost` (rcgen), as the receiver's TLS acceptor, and
@@ -953,6 +1031,7 @@ fn tls_receiver_identity(dir: &std::path::Path) -> (tokio_rustls::TlsAcceptor, s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_over_tls_and_refuses_a_wrong_ca() {
     let f = hostile_fleet().await;
+    let n_events = all_events(&f).await;
     let dir = tempfile::tempdir().unwrap();
     let (acceptor, ca_file) = tls_receiver_identity(dir.path());
     let mut rx = Receiver::stream(Some(acceptor), None).await;
@@ -977,7 +1056,7 @@ async fn forwards_over_tls_and_refuses_a_wrong_ca() {
     rx.quiet_for(Duration::from_millis(200)).await;
 
     let run = start(f.store.clone(), settings(addr, tls(ca_file)));
-    let ids: BTreeSet<String> = ids_of(&rx.take(EVENTS).await, 2048).into_iter().collect();
+    let ids: BTreeSet<String> = ids_of(&rx.take(n_events).await, 2048).into_iter().collect();
     assert_eq!(ids, all_ids(&f.store).await);
     run.stop().await;
 

@@ -9,13 +9,12 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::Value;
 
-use super::client::{self, ApiBase};
+use super::client::Client;
 use super::table::Table;
 use super::{Format, fetch, when};
 use driftwatch_proto::escape;
@@ -49,14 +48,9 @@ fn format_name(f: Format) -> Option<&'static str> {
 }
 
 /// Runs `driftwatch export`; returns what to print on stdout (empty when streamed).
-pub async fn run(
-    base: &ApiBase,
-    format: Format,
-    args: &ExportArgs,
-    timeout: Duration,
-) -> anyhow::Result<String> {
+pub async fn run(client: &Client, format: Format, args: &ExportArgs) -> anyhow::Result<String> {
     let query = |f: &str| {
-        base.target(
+        client.base().target(
             "/api/v1/export",
             &[
                 ("format", Some(f.to_string())),
@@ -75,7 +69,7 @@ pub async fn run(
             if args.out.is_some() {
                 bail!("--out needs --format jsonl, csv or cef");
             }
-            let resp = fetch(base, &query("jsonl"), timeout).await?;
+            let resp = fetch(client, &query("jsonl")).await?;
             events_table(&resp.body)
         }
         (_, Some(name)) => {
@@ -83,10 +77,10 @@ pub async fn run(
             match &args.out {
                 None => {
                     let mut stdout = std::io::stdout().lock();
-                    client::get_streaming(base, &target, timeout, &mut stdout).await?;
+                    client.get_streaming(&target, &mut stdout).await?;
                     stdout.flush().context("writing to stdout")?;
                 }
-                Some(path) => write_file(base, &target, timeout, path).await?,
+                Some(path) => write_file(client, &target, path).await?,
             }
             Ok(String::new())
         }
@@ -94,12 +88,7 @@ pub async fn run(
 }
 
 /// Streams into `<FILE>.partial-<pid>` beside FILE, syncs, renames over FILE.
-async fn write_file(
-    base: &ApiBase,
-    target: &str,
-    timeout: Duration,
-    path: &Path,
-) -> anyhow::Result<()> {
+async fn write_file(client: &Client, target: &str, path: &Path) -> anyhow::Result<()> {
     let name = path
         .file_name()
         .with_context(|| format!("--out {}: not a file name", path.display()))?;
@@ -112,7 +101,7 @@ async fn write_file(
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
     let result = async {
-        let bytes = client::get_streaming(base, target, timeout, &mut file).await?;
+        let bytes = client.get_streaming(target, &mut file).await?;
         file.sync_all()
             .with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path)
