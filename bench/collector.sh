@@ -20,6 +20,8 @@ HOLD=65s
 BACKENDS=sqlite,postgres
 PHASES=ingest,latency,idle
 BUILD=1
+LOADGEN_CPUS=
+COLLECTOR_CPUS=
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 usage() {
@@ -34,8 +36,14 @@ usage: bench/collector.sh [options]
   --hold D            how long the idle agents stay connected (default $HOLD)
   --backends LIST     sqlite,postgres (default $BACKENDS)
   --phases LIST       ingest,latency,idle (default $PHASES; latency needs ingest)
+  --loadgen-cpus L    pin the load generator to these CPUs (taskset -c L; default: unpinned)
+  --collector-cpus L  pin the collector likewise (PostgreSQL is never pinned)
   --no-build          use the existing release binaries
-Builds with CARGO_PROFILE_RELEASE_LTO=false unless that variable is already set.
+Builds with CARGO_PROFILE_RELEASE_LTO=false unless that variable is already set. The collector
+logs its group-commit statistics every 5 s (RUST_LOG, default
+info,driftwatch_collector::ingest::writer=debug); logs are copied next to the JSON results.
+Example (the whole issue-4 measurement, PASS/MISS per target at the end):
+  sudo bench/collector.sh --runs 3 --duration 15s
 EOF
 }
 
@@ -50,6 +58,8 @@ while (($#)); do
         --hold) HOLD=$2; shift 2 ;;
         --backends) BACKENDS=$2; shift 2 ;;
         --phases) PHASES=$2; shift 2 ;;
+        --loadgen-cpus) LOADGEN_CPUS=$2; shift 2 ;;
+        --collector-cpus) COLLECTOR_CPUS=$2; shift 2 ;;
         --no-build) BUILD=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -147,7 +157,9 @@ start_collector() {
             echo "database_url = \"postgres:///driftwatch?host=$PG_DIR&port=$PG_PORT&user=postgres\""
         fi
     } >"$CONFIG"
-    "$COLLECTOR" serve --config "$CONFIG" >"$state/collector.log" 2>&1 &
+    # The group-commit writer's statistics (batch sizes, commit times, waits) every 5 s.
+    RUST_LOG=${RUST_LOG:-info,driftwatch_collector::ingest::writer=debug} \
+        ${COLLECTOR_CPUS:+taskset -c "$COLLECTOR_CPUS"} "$COLLECTOR" serve --config "$CONFIG" >"$state/collector.log" 2>&1 &
     COLLECTOR_PID=$!
     for _ in $(seq 300); do
         grep -q 'collector serving' "$state/collector.log" && break
@@ -160,9 +172,11 @@ start_collector() {
     CA=$state/ca/ca.pem
 }
 
+postmaster_pid() { [[ -n $PG_DIR ]] && head -n 1 "$PG_DIR/data/postmaster.pid"; }
+
 loadgen() { # loadgen MODE PREFIX ARGS...
     local mode=$1 prefix=$2; shift 2
-    "$LOADGEN" "$mode" --url "https://127.0.0.1:$GRPC_PORT" --ca-file "$CA" \
+    ${LOADGEN_CPUS:+taskset -c "$LOADGEN_CPUS"} "$LOADGEN" "$mode" --url "https://127.0.0.1:$GRPC_PORT" --ca-file "$CA" \
         --token "$TOKEN" --host-prefix "$prefix" "$@"
 }
 
@@ -180,13 +194,15 @@ for backend in ${BACKENDS//,/ }; do
     [[ $backend == postgres ]] && start_postgres
     start_collector "$backend" "$backend"
     log "[$backend] collector pid $COLLECTOR_PID on 127.0.0.1:$GRPC_PORT"
+    cpu_args=(--collector-pid "$COLLECTOR_PID")
+    [[ $backend == postgres ]] && cpu_args+=(--postgres-pid "$(postmaster_pid)")
     files=()
     for r in $(seq "$RUNS"); do
         out=$RESULTS/$backend-ingest-$r.json
         log "[$backend] ingest run $r/$RUNS: $AGENTS agents x $ITEMS items, window $WINDOW, $DURATION"
         loadgen ingest "i$r-" --agents "$AGENTS" --items "$ITEMS" --window "$WINDOW" \
-            --duration "$DURATION" --warmup "$WARMUP" >"$out"
-        log "[$backend]   $(jq -c '{records_per_s, resyncs, stream_errors}' "$out")"
+            --duration "$DURATION" --warmup "$WARMUP" "${cpu_args[@]}" >"$out"
+        log "[$backend]   $(jq -c '{records_per_s, resyncs, stream_errors, cpu_s}' "$out")"
         files+=("$out")
     done
     peak=$(median_field records_per_s "${files[@]}")
@@ -197,13 +213,14 @@ for backend in ${BACKENDS//,/ }; do
             out=$RESULTS/$backend-latency-$r.json
             log "[$backend] latency run $r/$RUNS at $half records/s (half of the median peak $peak)"
             loadgen latency "l$r-" --agents "$AGENTS" --items "$ITEMS" --rate "$half" \
-                --duration "$DURATION" --warmup "$WARMUP" >"$out"
-            log "[$backend]   $(jq -c '{records_per_s, ack_ms_p50, ack_ms_p99, ack_ms_max, stream_errors}' "$out")"
+                --duration "$DURATION" --warmup "$WARMUP" "${cpu_args[@]}" >"$out"
+            log "[$backend]   $(jq -c '{records_per_s, ack_ms_p50, ack_ms_p99, ack_ms_max, stream_errors, cpu_s}' "$out")"
             files+=("$out")
         done
     fi
     ps -o rss= -p "$COLLECTOR_PID" >"$RESULTS/$backend-collector-rss-kib.txt" || true
     stop_collector
+    cp "$WORK/$backend/collector.log" "$RESULTS/$backend-collector.log" || true
     [[ $backend == postgres ]] && stop_postgres
 done
 

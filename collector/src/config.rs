@@ -113,7 +113,10 @@ pub struct Tuning {
     pub heartbeat_flush: Duration,
     /// Most reports committed in one transaction.
     pub commit_batch_max: NonZeroUsize,
-    /// How long the writer waits for more reports after the first of a batch.
+    /// How long the writer waits for more reports after taking the ones already queued. 0 (the
+    /// default): none — reports that arrive during a commit form the next batch anyway, and a
+    /// wait only delays every commit when arrivals are spread out (measured: a 2 ms linger
+    /// cost ~5 ms per single-report batch on a loaded 2-core machine).
     pub commit_linger: Duration,
     /// How long shutdown waits for streams to drain.
     pub shutdown_grace: Duration,
@@ -129,7 +132,7 @@ impl Default for Tuning {
             revocation_refresh: Duration::from_secs(30),
             heartbeat_flush: Duration::from_secs(5),
             commit_batch_max: NonZeroUsize::new(256).unwrap_or(NonZeroUsize::MIN),
-            commit_linger: Duration::from_millis(2),
+            commit_linger: Duration::ZERO,
             shutdown_grace: Duration::from_secs(10),
             max_reports_in_flight: NonZeroUsize::new(16).unwrap_or(NonZeroUsize::MIN),
         }

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use driftwatch_proto::set::key_matches;
 use driftwatch_proto::v1::ingest_server::Ingest;
@@ -51,6 +51,8 @@ type ApplyResult = Result<ApplyOutcome, Arc<StorageError>>;
 struct ApplyJob {
     report: ReportToApply,
     done: oneshot::Sender<ApplyResult>,
+    /// When the stream task queued it (the writer's statistics: time from queue to commit).
+    queued: Instant,
 }
 
 /// Tunables of the ingest, taken from [`Settings`].
@@ -343,6 +345,7 @@ async fn run_stream(
                                 received_ms: unix_ms(SystemTime::now()),
                             },
                             done: done_tx,
+                            queued: Instant::now(),
                         };
                         shared.writer.send(job).await.map_err(|_| RpcError::ShuttingDown)?;
                     }
@@ -456,8 +459,86 @@ fn check_report(r: &Report, stream_epoch: u64, last_seq: Option<u64>) -> Result<
     Ok(())
 }
 
-/// The group-commit writer: takes the first waiting job, gathers more for up to `linger` (at
-/// most `batch_max`), applies them in one transaction, then answers every job. Ends when every
+/// How often the writer logs its statistics (at debug level, target
+/// `driftwatch_collector::ingest::writer`).
+const WRITER_STATS_PERIOD: Duration = Duration::from_secs(5);
+
+/// What the group-commit writer did since its last statistics line: batch sizes, commit times
+/// and how long reports waited, to tell tiny batches from slow commits from a deep queue. Kept
+/// and logged only when debug logging of the writer is on.
+#[derive(Debug, Default)]
+struct WriterStats {
+    batches: u64,
+    reports: u64,
+    /// Upserted items plus removed keys.
+    records: u64,
+    max_batch: usize,
+    /// Time from the first job of a batch to the start of its apply (linger and gathering).
+    gather: Duration,
+    /// Time in `apply_reports` (the transaction, including its durable commit).
+    commit: Duration,
+    max_commit: Duration,
+    /// Jobs still queued when a batch started its apply (reports that will wait a round).
+    max_queued: usize,
+    /// From a report's queueing by its stream to its commit: sum over reports, and maximum.
+    wait: Duration,
+    max_wait: Duration,
+}
+
+impl WriterStats {
+    fn record(
+        &mut self,
+        jobs: &[(Instant, usize)],
+        gather: Duration,
+        commit: Duration,
+        queued: usize,
+    ) {
+        let done = Instant::now();
+        self.batches += 1;
+        self.reports += jobs.len() as u64;
+        self.max_batch = self.max_batch.max(jobs.len());
+        self.gather += gather;
+        self.commit += commit;
+        self.max_commit = self.max_commit.max(commit);
+        self.max_queued = self.max_queued.max(queued);
+        for (at, records) in jobs {
+            self.records += *records as u64;
+            let wait = done.saturating_duration_since(*at);
+            self.wait += wait;
+            self.max_wait = self.max_wait.max(wait);
+        }
+    }
+
+    fn log(&self, period: Duration) {
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let per_batch = |d: Duration| ms(d) / self.batches.max(1) as f64;
+        tracing::debug!(
+            target: "driftwatch_collector::ingest::writer",
+            period_s = period.as_secs_f64(),
+            batches = self.batches,
+            reports = self.reports,
+            records = self.records,
+            reports_per_batch = self.reports as f64 / self.batches.max(1) as f64,
+            max_batch = self.max_batch,
+            gather_ms_mean = per_batch(self.gather),
+            commit_ms_mean = per_batch(self.commit),
+            commit_ms_max = ms(self.max_commit),
+            busy = self.commit.as_secs_f64() / period.as_secs_f64().max(1e-9),
+            wait_ms_mean = ms(self.wait) / self.reports.max(1) as f64,
+            wait_ms_max = ms(self.max_wait),
+            max_queued = self.max_queued,
+            "group commit writer"
+        );
+    }
+}
+
+/// Upserted items plus removed keys of a report: the records a commit writes.
+fn records_of(r: &ReportToApply) -> usize {
+    r.report.upserts.len() + r.report.removed_keys.len()
+}
+
+/// The group-commit writer: takes the first waiting job and every job already queued, waits up
+/// to `linger` for more (at most `batch_max` in all), applies them in one transaction, then answers every job. Ends when every
 /// sender is gone and the queue is empty.
 async fn run_writer(
     store: Arc<dyn Storage>,
@@ -465,13 +546,20 @@ async fn run_writer(
     batch_max: usize,
     linger: Duration,
 ) {
+    let mut stats = WriterStats::default();
+    let mut stats_since = Instant::now();
     while let Some(first) = rx.recv().await {
+        let gather_start = Instant::now();
         let mut jobs = vec![first];
         let deadline = tokio::time::Instant::now() + linger;
         while jobs.len() < batch_max {
             match rx.try_recv() {
                 Ok(job) => jobs.push(job),
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
+                // Nothing more queued: with no linger, commit what there is. Reports arriving
+                // meanwhile queue up and form the next batch, so batches grow with the load
+                // without an idle wait in front of every commit when it is light.
+                Err(mpsc::error::TryRecvError::Empty) if linger.is_zero() => break,
                 Err(mpsc::error::TryRecvError::Empty) => {
                     match tokio::time::timeout_at(deadline, rx.recv()).await {
                         Ok(Some(job)) => jobs.push(job),
@@ -480,6 +568,19 @@ async fn run_writer(
                 }
             }
         }
+        let stats_on = tracing::enabled!(
+            target: "driftwatch_collector::ingest::writer",
+            tracing::Level::DEBUG
+        );
+        let timing: Vec<(Instant, usize)> = if stats_on {
+            jobs.iter()
+                .map(|j| (j.queued, records_of(&j.report)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let queued = rx.len();
+        let apply_start = Instant::now();
         let (reports, dones): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.report, j.done)).unzip();
         let count = reports.len();
@@ -491,6 +592,20 @@ async fn run_writer(
             )))),
             Err(e) => Err(Arc::new(e)),
         };
+        if stats_on {
+            stats.record(
+                &timing,
+                apply_start - gather_start,
+                apply_start.elapsed(),
+                queued,
+            );
+            let period = stats_since.elapsed();
+            if period >= WRITER_STATS_PERIOD {
+                stats.log(period);
+                stats = WriterStats::default();
+                stats_since = Instant::now();
+            }
+        }
         match result {
             Ok(outcomes) => {
                 failpoint::hit("collector-after-commit-before-ack");

@@ -14,6 +14,7 @@
 //! The empty set has a digest too (of no items), so "clean" is a digest like any other.
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 
 use prost::Message;
 
@@ -48,9 +49,15 @@ pub fn item_hash(item: &DriftItem) -> Hash {
     item_hash_of_encoded(&item.encode_to_vec())
 }
 
+/// The item hasher right after keying with [`ITEM_CONTEXT`]: deriving the key hashes the
+/// context string, which for a small item cost as much as hashing the item itself, so it is
+/// done once and the keyed state cloned per item (same bytes out).
+static ITEM_HASHER: LazyLock<blake3::Hasher> =
+    LazyLock::new(|| blake3::Hasher::new_derive_key(ITEM_CONTEXT));
+
 /// [`item_hash`] of an already encoded item (the collector stores items encoded).
 pub fn item_hash_of_encoded(encoded: &[u8]) -> Hash {
-    let mut h = blake3::Hasher::new_derive_key(ITEM_CONTEXT);
+    let mut h = ITEM_HASHER.clone();
     h.update(encoded);
     *h.finalize().as_bytes()
 }
@@ -59,6 +66,7 @@ pub fn item_hash_of_encoded(encoded: &[u8]) -> Hash {
 #[derive(Debug, Clone)]
 pub struct SetDigest {
     hasher: blake3::Hasher,
+    /// The previous key (its buffer reused), `None` before the first push.
     last_key: Option<Vec<u8>>,
 }
 
@@ -92,7 +100,13 @@ impl SetDigest {
         self.hasher.update(&len.to_le_bytes());
         self.hasher.update(key);
         self.hasher.update(item_hash);
-        self.last_key = Some(key.to_vec());
+        match &mut self.last_key {
+            Some(last) => {
+                last.clear();
+                last.extend_from_slice(key);
+            }
+            None => self.last_key = Some(key.to_vec()),
+        }
         Ok(())
     }
 
@@ -157,6 +171,32 @@ mod tests {
         m2.insert(changed.key.clone(), item_hash(&changed));
         assert_ne!(set_digest(&m1), set_digest(&m2));
         assert_ne!(set_digest(&BTreeMap::new()), set_digest(&m1));
+    }
+
+    #[test]
+    fn item_hash_is_the_derive_key_hash_of_the_encoding() {
+        // The cached keyed state must give exactly what deriving the key afresh gives.
+        for item in [file(b"/etc/passwd"), file(b""), file(&[0xff; 300])] {
+            let encoded = item.encode_to_vec();
+            let fresh = blake3::Hasher::new_derive_key(ITEM_CONTEXT)
+                .update(&encoded)
+                .finalize();
+            assert_eq!(item_hash(&item), *fresh.as_bytes());
+        }
+    }
+
+    #[test]
+    fn pushes_after_a_long_key_compare_against_the_last_key_only() {
+        let mut d = SetDigest::new();
+        d.push(b"a-long-first-key", &[0; 32]).unwrap();
+        d.push(b"b", &[0; 32]).unwrap();
+        d.push(b"ba", &[0; 32]).unwrap();
+        assert_eq!(d.push(b"b", &[0; 32]), Err(KeyOrderError));
+        let mut m = BTreeMap::new();
+        for k in [&b"a-long-first-key"[..], b"b", b"ba"] {
+            m.insert(k.to_vec(), [0; 32]);
+        }
+        assert_eq!(d.finish(), set_digest(&m));
     }
 
     #[test]

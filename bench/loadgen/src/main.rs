@@ -107,6 +107,13 @@ enum Mode {
 
 #[derive(Debug, Args, Clone)]
 struct Load {
+    /// The collector's process id: its CPU time over the measured window is reported.
+    #[arg(long)]
+    collector_pid: Option<u32>,
+    /// The PostgreSQL postmaster's process id: CPU time of it and its backends over the
+    /// measured window is reported.
+    #[arg(long)]
+    postgres_pid: Option<u32>,
     /// DriftItems (upserts) per report.
     #[arg(long, default_value_t = 500)]
     items: usize,
@@ -462,6 +469,25 @@ async fn stream_load(common: &Common, load: &Load, pace: Pace) -> Result<serde_j
             result
         });
     }
+    let (collector_pid, postgres_pid) = (load.collector_pid, load.postgres_pid);
+    let cpu = tokio::spawn(async move {
+        let sample = move || CpuSample {
+            loadgen: cpu_seconds("self", false),
+            collector: collector_pid.and_then(|p| cpu_seconds(&p.to_string(), false)),
+            postgres: postgres_pid.and_then(|p| cpu_seconds(&p.to_string(), true)),
+        };
+        tokio::time::sleep_until(measure_from).await;
+        let (a, wall) = (sample(), Instant::now());
+        tokio::time::sleep_until(end).await;
+        let (b, wall) = (sample(), wall.elapsed().as_secs_f64());
+        let d = |x: Option<f64>, y: Option<f64>| Some(y? - x?);
+        json!({
+            "wall_s": wall,
+            "loadgen": d(a.loadgen, b.loadgen),
+            "collector": d(a.collector, b.collector),
+            "postgres": d(a.postgres, b.postgres),
+        })
+    });
     let mut lat: Vec<u64> = Vec::new();
     let mut errors = Vec::new();
     while let Some(r) = running.join_next().await {
@@ -479,6 +505,7 @@ async fn stream_load(common: &Common, load: &Load, pace: Pace) -> Result<serde_j
         let i = ((p / 100.0) * (lat.len() - 1) as f64).round() as usize;
         lat[i.min(lat.len() - 1)] as f64 / 1000.0
     };
+    let cpu = cpu.await?;
     let secs = load.duration.as_secs_f64();
     let records = counters.records.load(Ordering::Relaxed);
     errors.truncate(5);
@@ -501,7 +528,56 @@ async fn stream_load(common: &Common, load: &Load, pace: Pace) -> Result<serde_j
         "ack_ms_p50": pct(50.0),
         "ack_ms_p99": pct(99.0),
         "ack_ms_max": pct(100.0),
+        "cpu_s": cpu,
     }))
+}
+
+/// CPU seconds of the processes that share the machine, at one instant.
+struct CpuSample {
+    loadgen: Option<f64>,
+    collector: Option<f64>,
+    postgres: Option<f64>,
+}
+
+/// User + system CPU seconds of `/proc/<pid>` (all its threads); with `children`, plus those of
+/// its live child processes and its waited-for ones (PostgreSQL's backends are children of the
+/// postmaster).
+fn cpu_seconds(pid: &str, children: bool) -> Option<f64> {
+    // /proc counts in USER_HZ, which Linux fixes at 100 on every architecture it exports it on.
+    let ticks = 100.0;
+    // Fields after the ")" that ends the command name: state (read as 0), ppid, ...; utime,
+    // stime, cutime, cstime are the 12th to 15th (proc(5) fields 14 to 17).
+    let fields = |path: std::path::PathBuf| -> Option<Vec<u64>> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let rest = &text[text.rfind(')')? + 1..];
+        Some(
+            rest.split_whitespace()
+                .map(|f| f.parse().unwrap_or(0))
+                .collect(),
+        )
+    };
+    let own = fields(format!("/proc/{pid}/stat").into())?;
+    let mut total = own.get(11)? + own.get(12)?;
+    if children {
+        total += own.get(13)? + own.get(14)?;
+        let parent: u64 = pid.parse().ok()?;
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            if !entry
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            if let Some(f) = fields(entry.path().join("stat"))
+                && f.get(1) == Some(&parent)
+            {
+                total += f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0);
+            }
+        }
+    }
+    Some(total as f64 / ticks)
 }
 
 /// One stream's send/ack loop until `end`; acks of reports sent before `end` are awaited

@@ -7,6 +7,7 @@
 //! No I/O here.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use driftwatch_proto::Hash;
 use driftwatch_proto::set::{SetDigest, item_hash_of_encoded};
@@ -33,10 +34,21 @@ pub(crate) struct ItemColumns {
     pub is_package: bool,
     /// Owning packages (files) or the package itself, each "name:arch", between separators.
     pub packages: String,
+    /// `path` and `is_package` are what the item's key implies (a file key is `f\0` + the
+    /// path, a package key starts with `p\0`), as for every item the ingest accepts. Then a
+    /// content update of the open occurrence with that key cannot change them, and the SQLite
+    /// backend leaves them (and the path index) alone.
+    pub identity_from_key: bool,
 }
 
 impl ItemColumns {
     pub fn new(item: &DriftItem) -> Self {
+        let key = item.key.as_slice();
+        let identity_from_key = match &item.item {
+            Some(drift_item::Item::File(v)) => key.strip_prefix(b"f\0") == Some(v.path.as_slice()),
+            Some(drift_item::Item::Package(_)) => key.starts_with(b"p\0"),
+            None => false,
+        };
         let encoded = item.encode_to_vec();
         let hash = item_hash_of_encoded(&encoded);
         let sep = PACKAGE_SEPARATOR;
@@ -72,6 +84,7 @@ impl ItemColumns {
             severity,
             is_package,
             packages,
+            identity_from_key,
         }
     }
 }
@@ -350,6 +363,84 @@ pub(crate) fn settle_new_rows(open: &mut BTreeMap<Vec<u8>, OpenEntry>, new_ids: 
         {
             e.row = RowRef::Stored(*id);
         }
+    }
+}
+
+/// Where an apply batch's time went, logged at debug level (target
+/// `driftwatch_collector::storage::apply`) when that is enabled: loading host state, planning,
+/// writing the rows, and the durable commit.
+#[derive(Debug)]
+pub(crate) struct ApplyTimer {
+    on: bool,
+    at: Instant,
+    load: Duration,
+    plan: Duration,
+    write: Duration,
+}
+
+impl ApplyTimer {
+    pub fn start() -> Self {
+        ApplyTimer {
+            on: tracing::enabled!(
+                target: "driftwatch_collector::storage::apply",
+                tracing::Level::DEBUG
+            ),
+            at: Instant::now(),
+            load: Duration::ZERO,
+            plan: Duration::ZERO,
+            write: Duration::ZERO,
+        }
+    }
+
+    fn lap(&mut self) -> Duration {
+        let now = Instant::now();
+        let d = now - self.at;
+        self.at = now;
+        d
+    }
+
+    /// Host rows and open sets loaded.
+    pub fn loaded(&mut self) {
+        self.load = self.lap();
+    }
+
+    /// The plan made.
+    pub fn planned(&mut self) {
+        self.plan = self.lap();
+    }
+
+    /// The rows written (not yet committed).
+    pub fn written(&mut self) {
+        self.write = self.lap();
+    }
+
+    /// Committed: logs the batch.
+    pub fn committed(
+        &mut self,
+        backend: &'static str,
+        plan: &Plan,
+        reports: usize,
+        reloaded: usize,
+    ) {
+        if !self.on {
+            return;
+        }
+        let commit = self.lap();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        tracing::debug!(
+            target: "driftwatch_collector::storage::apply",
+            backend,
+            reports,
+            hosts = plan.hosts.len(),
+            reloaded_hosts = reloaded,
+            updates = plan.updates.len(),
+            inserts = plan.inserts.len(),
+            load_ms = ms(self.load),
+            plan_ms = ms(self.plan),
+            write_ms = ms(self.write),
+            commit_ms = ms(commit),
+            "apply batch"
+        );
     }
 }
 

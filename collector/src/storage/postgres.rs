@@ -449,6 +449,8 @@ async fn apply_batch(
         open_sets,
         cached_items,
     } = w;
+    let mut timer = apply::ApplyTimer::start();
+    let reports = batch.len();
     let tx = client.transaction().await.db()?;
     let mut host_ids: Vec<&str> = batch.iter().map(|r| r.host_id.as_str()).collect();
     host_ids.sort_unstable();
@@ -505,7 +507,9 @@ async fn apply_batch(
             );
         }
     }
+    timer.loaded();
     let plan = apply::plan(&mut hosts, batch)?;
+    timer.planned();
 
     let new_ids: Vec<i64> = if plan.inserts.is_empty() {
         Vec::new()
@@ -616,7 +620,9 @@ async fn apply_batch(
     )
     .await
     .db()?;
+    timer.written();
     tx.commit().await.db()?;
+    timer.committed("postgres", &plan, reports, to_load.len());
 
     for (_, mut host) in hosts {
         apply::settle_new_rows(&mut host.open, &new_ids);
