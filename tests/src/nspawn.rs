@@ -19,15 +19,16 @@ use std::time::{Duration, Instant};
 use crate::daemon::wait_until;
 use crate::{Run, run_with_limit};
 
-/// Packages of the base root besides minbase: systemd as init, D-Bus for systemctl.
-pub const BASE_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus", "iproute2"];
+/// Packages of the base root besides minbase: systemd as init, D-Bus for systemctl, and what a
+/// Debian server has anyway (`important` priority) that packages may depend on.
+pub const BASE_PACKAGES: &[&str] = &["systemd", "systemd-sysv", "dbus", "iproute2", "procps"];
 
 /// How long a boot may take before the test fails.
 const BOOT_LIMIT: Duration = Duration::from_secs(90);
 
 /// The cached Debian root with systemd that every machine boots from (read-only lower layer).
 pub fn base_root() -> PathBuf {
-    crate::debian::root("systemd", BASE_PACKAGES)
+    crate::debian::root("server", BASE_PACKAGES)
 }
 
 /// How a machine is connected.

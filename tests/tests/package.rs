@@ -37,7 +37,7 @@ fn build_debs(out: &Path, version: Option<&str>) -> (PathBuf, PathBuf) {
     };
     let mut cmd = Command::new("bash");
     cmd.arg(workspace.join("packaging/build.sh"))
-        .args(["--profile", profile, "--deb-only", "--out"])
+        .args(["--profile", profile, "--deb-only", "--fast", "--out"])
         .arg(out);
     if let Some(v) = version {
         cmd.args(["--version", v]);
