@@ -62,7 +62,7 @@ if [ $rpm = 1 ]; then
   rpm_args=(--profile "$profile" --target-dir "$target" -o "$out")
   [ -n "$version" ] && rpm_args+=(--set-metadata "version = \"${version//[~-]/_}\"")
   for p in driftwatch-agent driftwatch-collector; do
-    cargo generate-rpm -p "$p" "${rpm_args[@]}"
+    cargo generate-rpm -p "${p#driftwatch-}" "${rpm_args[@]}"   # -p takes the crate directory
   done
 fi
 echo "== packages in $out"

@@ -12,8 +12,9 @@
 //! so an unknown key is named with its file.
 //!
 //! Key material: when systemd passes credentials (`LoadCredential=`, `$CREDENTIALS_DIRECTORY`),
-//! `ca_cert` and `ca_key` are read from the credential named like the configured file
-//! (`ca-key.pem`) instead of its path, so the key can stay readable by root only.
+//! `ca_cert`, `ca_key`, `http_tls_cert` and `http_tls_key` are read from the credential named
+//! like the configured file (`ca-key.pem`) instead of its path, so a key can stay readable by
+//! root only.
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -432,6 +433,10 @@ impl Settings {
             *cert = credential_or(cert, credentials);
             *key = credential_or(key, credentials);
         }
+        if let HttpTls::Given { cert, key } = &mut self.http_tls {
+            *cert = credential_or(cert, credentials);
+            *key = credential_or(key, credentials);
+        }
         self
     }
 
@@ -707,6 +712,20 @@ mod tests {
         );
         let s = settings("").unwrap().with_credentials(Some(t.path()));
         assert!(matches!(s.ca, CaSource::Managed { .. }));
+        write(&t.path().join("api-key.pem"), "key");
+        let s = settings(
+            "http_listen = \"10.0.0.5:443\"\nhttp_tls_cert = \"/etc/dw/api-chain.pem\"\n\
+             http_tls_key = \"/etc/dw/api-key.pem\"\n",
+        )
+        .unwrap()
+        .with_credentials(Some(t.path()));
+        assert_eq!(
+            s.http_tls,
+            HttpTls::Given {
+                cert: "/etc/dw/api-chain.pem".into(),
+                key: t.path().join("api-key.pem"),
+            }
+        );
     }
 
     #[test]
