@@ -47,6 +47,8 @@ pub struct RawConfig {
     pub max_message_bytes: Option<u64>,
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
+    /// `[export]` (SIEM exports: the syslog forwarder).
+    pub export: Option<crate::export::config::RawExport>,
 }
 
 /// Why a configuration was refused. The binary exits 64 on any of these.
@@ -164,6 +166,8 @@ pub struct Settings {
     pub max_message_bytes: NonZeroUsize,
     pub ca: CaSource,
     pub tuning: Tuning,
+    /// `[export]`: the syslog forwarder, when configured.
+    pub export: crate::export::config::ExportSettings,
 }
 
 /// A whole number of seconds, at least one (the unit of `Welcome.heartbeat_interval_seconds`).
@@ -413,6 +417,7 @@ impl Settings {
             max_message_bytes,
             ca,
             tuning: Tuning::default(),
+            export: crate::export::config::ExportSettings::from_raw(raw.export)?,
         })
     }
 
@@ -461,6 +466,7 @@ impl Settings {
                 dir: state_dir.join("ca"),
             },
             tuning: Tuning::default(),
+            export: crate::export::config::ExportSettings::default(),
         }
     }
 }

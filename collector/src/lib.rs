@@ -12,6 +12,7 @@ pub mod cli;
 pub mod cli_client;
 pub mod config;
 pub mod enroll;
+pub mod export;
 pub mod failpoint;
 pub mod host_state;
 pub mod http;

@@ -32,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::ca::{CaError, CertificateAuthority};
 use crate::config::{HttpTls, Settings};
 use crate::enroll::EnrollmentService;
+use crate::export::syslog::Forwarder;
 use crate::http::ApiConfig;
 use crate::ingest::IngestService;
 use crate::revocation::Revocations;
@@ -59,6 +60,8 @@ pub enum ServeError {
     HttpTls(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Export(#[from] crate::export::syslog::ForwarderError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -77,6 +80,7 @@ pub struct Server {
     http_tls: Option<Arc<rustls::ServerConfig>>,
     tls: Arc<rustls::ServerConfig>,
     stats: Arc<TlsStats>,
+    forwarder: Option<Forwarder>,
 }
 
 impl Server {
@@ -133,6 +137,13 @@ impl Server {
                 addr: http_addr,
                 source,
             })?;
+        // The CA file is read now, so a bad one stops the start rather than the forwarder.
+        let forwarder = settings
+            .export
+            .syslog
+            .clone()
+            .map(|s| Forwarder::new(store.clone(), s))
+            .transpose()?;
         tracing::info!(
             %local_addr,
             %http_addr,
@@ -151,6 +162,7 @@ impl Server {
             http_tls,
             tls,
             stats: Arc::new(TlsStats::default()),
+            forwarder,
         })
     }
 
@@ -187,6 +199,7 @@ impl Server {
             http_tls,
             tls,
             stats,
+            forwarder,
         } = self;
         let tuning = &settings.tuning;
         // One flag every task watches: accept loop, streams, refreshers.
@@ -292,6 +305,9 @@ impl Server {
             )),
         };
 
+        // The SIEM forwarder, when configured: stops with everything else.
+        let forwarder = forwarder.map(|f| f.spawn(stop_rx.clone()));
+
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         let watchdog = tokio::spawn(feed_watchdog());
         tracing::info!(%local_addr, %http_addr, "collector serving");
@@ -303,6 +319,9 @@ impl Server {
             watchdog.abort();
             let _ = stop_tx.send(true);
             ingest_tasks.finish(tuning.shutdown_grace).await;
+            if let Some(f) = forwarder {
+                let _ = f.await;
+            }
             return result.map_err(ServeError::from);
         }
 
@@ -337,6 +356,11 @@ impl Server {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP API ended with an error"),
             Err(e) => tracing::warn!(error = %e, "HTTP API task failed"),
+        }
+        if let Some(f) = forwarder
+            && let Err(e) = f.await
+        {
+            tracing::warn!(error = %e, "syslog forwarder task failed");
         }
         watchdog.abort();
         tracing::info!("collector stopped");

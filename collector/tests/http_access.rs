@@ -75,6 +75,16 @@ const ROUTES: &[Route] = &[
         None,
         200,
     ),
+    // The export streams JSON Lines/CSV/CEF, not one JSON document: a parameter the role
+    // gate lets through is answered with the API's JSON 400 (the 200s: tests/export.rs).
+    (
+        "GET",
+        "/api/v1/export",
+        "/api/v1/export?format=none",
+        Some(Role::Auditor),
+        None,
+        400,
+    ),
     (
         "GET",
         "/api/v1/tokens",

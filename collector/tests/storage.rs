@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use driftwatch_collector::storage::audit::{ChainError, ChainVerifier};
+use driftwatch_collector::storage::export::{ExportCursor, RowPosition, ViolationEdge};
 use driftwatch_collector::storage::{
     ApiToken, ApplyOutcome, AuditEntry, EnrollmentToken, HeartbeatRecord, HelloInfo,
     IssuedCertificate, ReportToApply, RevokeOutcome, Role, SecurityEvent, Storage, StorageError,
@@ -154,6 +155,8 @@ conformance!(
     search_by_path_glob,
     search_filters,
     security_events_are_kept,
+    export_pages_in_time_order,
+    export_cursor_is_saved_and_replaced,
     schema_too_new_is_refused,
     concurrent_first_opens_migrate_once,
     reopen_keeps_everything,
@@ -1455,6 +1458,265 @@ async fn security_events_are_kept(f: Fixture) {
         vec![T0 + 3, T0 + 4]
     );
     assert_eq!(s.security_events(T0, 2).await.unwrap().len(), 2);
+}
+
+// --- exports -------------------------------------------------------------------------------
+
+/// (row-independent) view of an export page: (host, key, edge time).
+async fn export_page(
+    s: &dyn Storage,
+    edge: ViolationEdge,
+    after: RowPosition,
+    until: i64,
+    limit: u32,
+) -> Vec<(i64, i64, Vec<u8>)> {
+    s.export_violations(edge, after, until, limit)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| {
+            let t = match edge {
+                ViolationEdge::Opened => v.record.first_seen_ms,
+                ViolationEdge::Resolved => v.record.resolved_ms.unwrap(),
+            };
+            (t, v.row, v.record.key)
+        })
+        .collect()
+}
+
+async fn export_pages_in_time_order(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h1").await;
+    enroll(s, "h2").await;
+    let mut a1 = Agent::new(1);
+    let mut a2 = Agent::new(1);
+    let x = file(b"/etc/x", ViolationKind::Modified, 3, &[]);
+    let y = file(b"/etc/y", ViolationKind::Added, 4, &[]);
+    let z = file(b"/etc/z\xff", ViolationKind::Removed, 2, &[]);
+    // Three opened at T0 (two hosts in one batch: same millisecond), one at T0 + 5.
+    s.apply_reports(vec![
+        to_apply("h1", a1.full(vec![x.clone(), y.clone()]), T0),
+        to_apply("h2", a2.full(vec![x.clone()]), T0),
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        apply1(s, "h2", a2.delta(vec![z.clone()], vec![]), T0 + 5).await,
+        APPLIED
+    );
+    // h1's y resolved at T0 + 7, h2's x at T0 + 9.
+    assert_eq!(
+        apply1(s, "h1", a1.delta(vec![], vec![y.key.clone()]), T0 + 7).await,
+        APPLIED
+    );
+    assert_eq!(
+        apply1(s, "h2", a2.delta(vec![], vec![x.key.clone()]), T0 + 9).await,
+        APPLIED
+    );
+
+    let all = export_page(s, ViolationEdge::Opened, RowPosition::START, i64::MAX, 0).await;
+    assert_eq!(
+        all.iter().map(|(t, _, _)| *t).collect::<Vec<_>>(),
+        vec![T0, T0, T0, T0 + 5]
+    );
+    assert!(all.windows(2).all(|w| (w[0].0, w[0].1) < (w[1].0, w[1].1)));
+    // Paging by the last (time, row) visits every row once, in order.
+    let mut paged = Vec::new();
+    let mut after = RowPosition::START;
+    for _ in 0..10 {
+        let page = export_page(s, ViolationEdge::Opened, after, i64::MAX, 1).await;
+        let Some(last) = page.last() else { break };
+        after = RowPosition {
+            at_ms: last.0,
+            row: last.1,
+        };
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    // The bound is exclusive; MIN takes the whole millisecond, MAX none of it.
+    let (t, row, _) = all[1].clone();
+    assert_eq!(
+        export_page(
+            s,
+            ViolationEdge::Opened,
+            RowPosition { at_ms: t, row },
+            i64::MAX,
+            0
+        )
+        .await,
+        all[2..].to_vec()
+    );
+    assert_eq!(
+        export_page(
+            s,
+            ViolationEdge::Opened,
+            RowPosition {
+                at_ms: T0,
+                row: i64::MIN
+            },
+            i64::MAX,
+            0
+        )
+        .await
+        .len(),
+        4
+    );
+    assert_eq!(
+        export_page(
+            s,
+            ViolationEdge::Opened,
+            RowPosition {
+                at_ms: T0,
+                row: i64::MAX
+            },
+            i64::MAX,
+            0
+        )
+        .await
+        .len(),
+        1
+    );
+    // until is inclusive.
+    assert_eq!(
+        export_page(s, ViolationEdge::Opened, RowPosition::START, T0, 0)
+            .await
+            .len(),
+        3
+    );
+    let resolved = export_page(s, ViolationEdge::Resolved, RowPosition::START, i64::MAX, 0).await;
+    assert_eq!(
+        resolved
+            .iter()
+            .map(|(t, _, k)| (*t, k.clone()))
+            .collect::<Vec<_>>(),
+        vec![(T0 + 7, y.key.clone()), (T0 + 9, x.key.clone())]
+    );
+    // The records carry what the API shows.
+    let rec = &s
+        .export_violations(ViolationEdge::Resolved, RowPosition::START, i64::MAX, 1)
+        .await
+        .unwrap()[0];
+    assert_eq!(rec.record.host_id, "h1");
+    assert_eq!(rec.record.item, y);
+    assert_eq!(
+        (rec.record.first_seen_ms, rec.record.resolved_ms),
+        (T0, Some(T0 + 7))
+    );
+
+    for i in 0..3 {
+        s.record_security_event(
+            SecurityEvent {
+                at_ms: T0 + i,
+                kind: "impersonation".into(),
+                peer_host_id: None,
+                detail: format!("e{i}"),
+            },
+            change_audit(),
+        )
+        .await
+        .unwrap();
+    }
+    let ev = s
+        .export_security_events(
+            RowPosition {
+                at_ms: T0,
+                row: i64::MAX,
+            },
+            T0 + 1,
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].event.detail, "e1");
+    let ev2 = s
+        .export_security_events(
+            RowPosition {
+                at_ms: T0,
+                row: i64::MIN,
+            },
+            i64::MAX,
+            2,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ev2.iter()
+            .map(|e| e.event.detail.as_str())
+            .collect::<Vec<_>>(),
+        ["e0", "e1"]
+    );
+
+    // Audit records by time (a later seq may carry an earlier time), seq breaking ties.
+    let base = T0 + 1_000;
+    for (at, target) in [(base + 5, "a"), (base + 2, "b"), (base + 5, "c")] {
+        s.append_audit(AuditEntry::new(
+            at,
+            "collector",
+            "host.flagged",
+            target,
+            serde_json::json!({}),
+        ))
+        .await
+        .unwrap();
+    }
+    let audit: Vec<_> = s
+        .export_audit(
+            RowPosition {
+                at_ms: base,
+                row: i64::MIN,
+            },
+            i64::MAX,
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        audit
+            .iter()
+            .map(|a| (a.at_ms, a.target.as_str()))
+            .collect::<Vec<_>>(),
+        [(base + 2, "b"), (base + 5, "a"), (base + 5, "c")]
+    );
+    assert!(audit[0].seq > audit[1].seq && audit[1].seq < audit[2].seq);
+    let after = s
+        .export_audit(
+            RowPosition {
+                at_ms: base + 5,
+                row: i64::try_from(audit[1].seq).unwrap(),
+            },
+            base + 5,
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].target, "c");
+    assert_eq!(after[0].hash, audit[2].hash);
+}
+
+async fn export_cursor_is_saved_and_replaced(f: Fixture) {
+    let s = f.open().await;
+    assert_eq!(s.export_cursor("syslog").await.unwrap(), None);
+    let c = ExportCursor {
+        position: "1:0:5".into(),
+        saved_ms: T0,
+    };
+    s.save_export_cursor("syslog", c.clone()).await.unwrap();
+    assert_eq!(s.export_cursor("syslog").await.unwrap(), Some(c));
+    let c2 = ExportCursor {
+        position: "9:2:1".into(),
+        saved_ms: T0 + 1,
+    };
+    s.save_export_cursor("syslog", c2.clone()).await.unwrap();
+    assert_eq!(s.export_cursor("syslog").await.unwrap(), Some(c2.clone()));
+    assert_eq!(s.export_cursor("other").await.unwrap(), None);
+    drop(s);
+    assert_eq!(
+        f.open().await.export_cursor("syslog").await.unwrap(),
+        Some(c2)
+    );
 }
 
 // --- lifecycle -----------------------------------------------------------------------------

@@ -65,7 +65,8 @@ pub async fn run(client: &Client, format: Format, cmd: &AuditCommand) -> anyhow:
             })
             .await?;
             match format {
-                Format::Json => {
+                // The export formats are refused before any command runs.
+                Format::Json | Format::Jsonl | Format::Csv | Format::Cef => {
                     let mut s = serde_json::to_string_pretty(&serde_json::json!({
                         "schema": api::SCHEMA,
                         "records": records,

@@ -181,6 +181,79 @@ impl Client {
         target: &str,
         body: Option<Vec<u8>>,
     ) -> anyhow::Result<Response> {
+        let (resp, conn) = self.open(method.clone(), target, body).await?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| anyhow!("reading the response to {method} {target}: {e}"))?
+            .to_bytes();
+        conn.abort();
+        Ok(Response { status, body })
+    }
+
+    /// GETs `target` and copies a 2xx body into `sink` as it arrives, each read within the
+    /// timeout (an idle limit: a long export may take longer as a whole); returns the bytes
+    /// written. A non-2xx answer is an error with the API's message; a body that ends early
+    /// (the collector cut the stream) is an error too.
+    pub async fn get_streaming(
+        &self,
+        target: &str,
+        sink: &mut dyn std::io::Write,
+    ) -> anyhow::Result<u64> {
+        let idle = self.timeout;
+        let no_answer = || {
+            anyhow!(
+                "no answer from the collector at {} within {idle:?}",
+                self.base.authority
+            )
+        };
+        let (resp, conn) = tokio::time::timeout(idle, self.open(Method::GET, target, None))
+            .await
+            .map_err(|_| no_answer())??;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let body = tokio::time::timeout(idle, Limited::new(body, MAX_BODY).collect())
+                .await
+                .map_err(|_| no_answer())?
+                .map_err(|e| anyhow!("reading the response to GET {target}: {e}"))?
+                .to_bytes();
+            conn.abort();
+            let r = Response { status, body };
+            bail!("collector refused GET {target}: {}", r.error_message());
+        }
+        let mut written = 0u64;
+        // Bounded: the body is finite (the server's window ends at its `until`), and every
+        // read must make progress within `idle`.
+        loop {
+            let frame = tokio::time::timeout(idle, body.frame())
+                .await
+                .map_err(|_| {
+                    anyhow!("the collector sent nothing for {idle:?} during GET {target}")
+                })?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| anyhow!("GET {target} was cut short: {e}"))?;
+            if let Ok(data) = frame.into_data() {
+                sink.write_all(&data).context("writing the export")?;
+                written += data.len() as u64;
+            }
+        }
+        conn.abort();
+        Ok(written)
+    }
+
+    /// Connects (TLS when configured), sends the request, returns the response head with its
+    /// body unread and the connection task.
+    async fn open(
+        &self,
+        method: Method,
+        target: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(
+        hyper::Response<hyper::body::Incoming>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    )> {
         let base = &self.base;
         let tcp = tokio::net::TcpStream::connect((base.host.as_str(), base.port))
             .await
@@ -257,7 +330,10 @@ async fn exchange<S>(
     req: Request<Full<Bytes>>,
     method: &Method,
     target: &str,
-) -> anyhow::Result<Response>
+) -> anyhow::Result<(
+    hyper::Response<hyper::body::Incoming>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -271,15 +347,10 @@ where
         .send_request(req)
         .await
         .with_context(|| format!("{method} {target}"))?;
-    let status = resp.status();
-    let body = Limited::new(resp.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| anyhow!("reading the response to {method} {target}: {e}"))?
-        .to_bytes();
+    // Dropping the sender asks for no further request; the connection still delivers this
+    // response's body.
     drop(sender);
-    conn.abort();
-    Ok(Response { status, body })
+    Ok((resp, conn))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 
 mod audit;
 mod client;
+mod export;
 mod table;
 mod tokens;
 
@@ -46,6 +47,9 @@ Examples:
   driftwatch violations search --path '/etc/ssh/**'  which hosts changed something under /etc/ssh?
   driftwatch violations search --kind package_installed --since 24h
   driftwatch events --since 1h                       refused connections, impersonation attempts
+  driftwatch export --since 24h                      the day's events as a table
+  driftwatch export --format jsonl --since 7d --out events.jsonl   for the SIEM (ECS fields)
+  driftwatch export --format csv --kind violation --out drift.csv  for a spreadsheet
   driftwatch audit list --since 24h                  who changed what (the audit log)
   driftwatch audit verify --expect-head 812:9f3c…    check the audit log's hash chain here
   driftwatch api-token create --role auditor --name siem --ttl 90d > siem.token
@@ -87,7 +91,8 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "FILE")]
     pub token_file: Option<std::path::PathBuf>,
 
-    /// Output: aligned tables for people, or the API's JSON response unchanged.
+    /// Output: aligned tables for people, or the API's JSON response unchanged; `export` also
+    /// takes jsonl, csv and cef.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     pub format: Format,
 
@@ -103,6 +108,12 @@ pub struct Cli {
 pub enum Format {
     Table,
     Json,
+    /// JSON Lines with ECS-style fields (export only).
+    Jsonl,
+    /// CSV, formula-safe (export only).
+    Csv,
+    /// ArcSight CEF, one event per line (export only).
+    Cef,
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +156,15 @@ pub enum Command {
     /// Enrollment tokens for agents (admin role): create, list.
     #[command(subcommand, name = "enrollment-token")]
     EnrollmentToken(tokens::EnrollmentTokenCommand),
+    /// Export the fleet's events — violations opened and resolved, security events, audit
+    /// records — for a SIEM or a spreadsheet, oldest first.
+    ///
+    /// --format jsonl: one JSON object per line with ECS-style fields (@timestamp, event.*,
+    /// host.name, file.path, package.*, rule.name, labels.*, driftwatch.*); csv: one row per
+    /// event, cells safe from spreadsheet formula injection; cef: ArcSight CEF lines. Every
+    /// event has a stable event.id, so overlapping exports can be deduplicated. Without
+    /// --format: a table for people. Fields: docs/exports.md.
+    Export(export::ExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,7 +226,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let base = ApiBase::parse(&cli.api)?;
     let token = token(cli.token_file.as_deref())?;
     let client = Client::new(base.clone(), cli.ca_file.as_deref(), token, cli.timeout)?;
+    if matches!(cli.format, Format::Jsonl | Format::Csv | Format::Cef)
+        && !matches!(cli.command, Command::Export(_))
+    {
+        bail!(
+            "--format jsonl, csv and cef are for `driftwatch export`; listings take table or json"
+        );
+    }
     let out = match &cli.command {
+        Command::Export(args) => export::run(&client, cli.format, args).await?,
         Command::Audit(cmd) => return audit::run(&client, cli.format, cmd).await,
         Command::ApiToken(cmd) => return tokens::api_token(&client, cli.format, cmd).await,
         Command::EnrollmentToken(cmd) => {
@@ -227,8 +255,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let h = fetch(&client, &host_target).await?;
             let v = fetch(&client, &viol_target).await?;
             match cli.format {
-                // One JSON document: the two API responses under their endpoint names.
-                Format::Json => {
+                // One JSON document: the two API responses under their endpoint names. (The
+                // export formats were refused above.)
+                Format::Json | Format::Jsonl | Format::Csv | Format::Cef => {
                     let host: serde_json::Value = parse(&h)?;
                     let violations: serde_json::Value = parse(&v)?;
                     let mut s = serde_json::to_string_pretty(&serde_json::json!({
@@ -348,7 +377,7 @@ pub(crate) fn render<T: DeserializeOwned>(
     table: impl FnOnce(T) -> String,
 ) -> anyhow::Result<String> {
     Ok(match format {
-        Format::Json => {
+        Format::Json | Format::Jsonl | Format::Csv | Format::Cef => {
             let mut s = String::from_utf8_lossy(&resp.body).into_owned();
             if !s.ends_with('\n') {
                 s.push('\n');

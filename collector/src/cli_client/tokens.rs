@@ -72,7 +72,8 @@ async fn send(
 
 fn print_secret(format: Format, resp: &Response, secret: &str, note: String) -> anyhow::Result<()> {
     match format {
-        Format::Json => print!(
+        // The export formats are refused before any command runs.
+        Format::Json | Format::Jsonl | Format::Csv | Format::Cef => print!(
             "{}",
             render(format, resp, |_: serde_json::Value| String::new())?
         ),
@@ -140,7 +141,8 @@ pub async fn api_token(
             let path = format!("/api/v1/tokens/{}", super::percent_encode_segment(id));
             let resp = send(client, Method::DELETE, &path, None).await?;
             match format {
-                Format::Json => {
+                // The export formats are refused before any command runs.
+                Format::Json | Format::Jsonl | Format::Csv | Format::Cef => {
                     print!(
                         "{}",
                         render(format, &resp, |_: serde_json::Value| String::new())?

@@ -16,7 +16,7 @@
 mod access;
 mod audit;
 pub mod auth;
-mod convert;
+pub(crate) mod convert;
 mod error;
 pub mod params;
 
@@ -117,7 +117,8 @@ pub fn router(store: Arc<dyn Storage>, config: ApiConfig) -> Router {
         .route("/api/v1/hosts/{host_id}/violations", get(host_violations))
         .route("/api/v1/violations", get(search_violations))
         .route("/api/v1/security-events", get(security_events))
-        .merge(audit::auditor_routes());
+        .merge(audit::auditor_routes())
+        .merge(crate::export::http::auditor_routes());
     Router::new()
         .merge(auditor.route_layer(auth::require(Role::Auditor)))
         .merge(access::admin_routes().route_layer(auth::require(Role::Admin)))

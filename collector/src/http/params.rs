@@ -21,7 +21,7 @@ pub struct ParamError {
 }
 
 impl ParamError {
-    fn new(parameter: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(parameter: &str, message: impl Into<String>) -> Self {
         ParamError {
             parameter: parameter.to_string(),
             message: message.into(),
@@ -47,12 +47,12 @@ impl Default for Limits {
 
 /// The pairs of a query string with each name looked up at most once; what is left at the
 /// end is unknown.
-struct Pairs<'a> {
+pub(crate) struct Pairs<'a> {
     pairs: Vec<(&'a str, &'a str)>,
 }
 
 impl<'a> Pairs<'a> {
-    fn new(raw: &'a [(String, String)], allowed: &[&str]) -> Result<Self, ParamError> {
+    pub(crate) fn new(raw: &'a [(String, String)], allowed: &[&str]) -> Result<Self, ParamError> {
         let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(raw.len());
         for (name, value) in raw {
             if !allowed.contains(&name.as_str()) {
@@ -76,12 +76,12 @@ impl<'a> Pairs<'a> {
         Ok(Pairs { pairs })
     }
 
-    fn get(&self, name: &str) -> Option<&'a str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&'a str> {
         self.pairs.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
     }
 
     /// A non-empty value; an empty one (`?path=`) is an error rather than "any".
-    fn text(&self, name: &str) -> Result<Option<&'a str>, ParamError> {
+    pub(crate) fn text(&self, name: &str) -> Result<Option<&'a str>, ParamError> {
         match self.get(name) {
             Some("") => Err(ParamError::new(name, "empty value")),
             other => Ok(other),
@@ -177,7 +177,11 @@ fn parse_with_offset(s: &str) -> Option<std::time::SystemTime> {
     }
 }
 
-fn parse_time_param(name: &str, v: Option<&str>, now_ms: i64) -> Result<Option<i64>, ParamError> {
+pub(crate) fn parse_time_param(
+    name: &str,
+    v: Option<&str>,
+    now_ms: i64,
+) -> Result<Option<i64>, ParamError> {
     match v {
         None => Ok(None),
         Some(v) => parse_time(v, now_ms)

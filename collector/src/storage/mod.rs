@@ -21,12 +21,14 @@ use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 pub mod access;
 mod apply;
 pub mod audit;
+pub mod export;
 mod glob;
 pub mod postgres;
 pub mod sqlite;
 
 pub use access::{AccessStore, ApiToken, RevokeOutcome, Role};
 pub use audit::{AuditEntry, AuditRecord, AuditStore};
+pub use export::ExportStore;
 pub(crate) use glob::check_host_pattern;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -225,7 +227,9 @@ pub struct SecurityEvent {
 
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
-pub trait Storage: AuditStore + AccessStore + Send + Sync + std::fmt::Debug + 'static {
+pub trait Storage:
+    AuditStore + AccessStore + ExportStore + Send + Sync + std::fmt::Debug + 'static
+{
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;
 

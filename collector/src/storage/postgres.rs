@@ -25,6 +25,8 @@ use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 
+mod export;
+
 use super::apply::{self, HostState, OpenEntry, RowRef, to_i64, to_u64};
 use super::glob::{self, PathGlob};
 use super::{
@@ -41,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_initial.sql"),
     include_str!("migrations/postgres/0002_audit.sql"),
     include_str!("migrations/postgres/0006_access.sql"),
+    include_str!("migrations/postgres/0005_exports.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -24,6 +24,8 @@ use driftwatch_proto::v1::{DriftItem, ScanStatus};
 use prost::Message;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
+mod export;
+
 use super::apply::{self, HostState, OpenEntry, RowRef, to_i64, to_u64};
 use super::glob::{self, PathGlob};
 use super::{
@@ -40,6 +42,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_initial.sql"),
     include_str!("migrations/sqlite/0002_audit.sql"),
     include_str!("migrations/sqlite/0006_access.sql"),
+    include_str!("migrations/sqlite/0005_exports.sql"),
 ];
 
 /// The schema version this binary writes.
