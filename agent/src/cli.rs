@@ -77,6 +77,36 @@ pub enum Command {
     /// Run the agent daemon: scan on a schedule and stream drift to the collector (SIGHUP or
     /// SIGUSR1: scan now; SIGTERM/SIGINT: stop). Exit 64 on a configuration error
     Run(RunArgs),
+    /// Show what the agent daemon last saw (STATE_DIR/status.json): last scan and its counts,
+    /// spool depth, collector connection, certificate expiry. Exit 0 clean, 1 drift or a failed
+    /// or unfinished scan, 2 error, 3 the agent never ran
+    #[command(after_help = STATUS_EXIT)]
+    Status(StatusArgs),
+}
+
+const STATUS_EXIT: &str = "\
+Exit status:
+  0  the last scan was complete and found no drift
+  1  the last scan found drift or failed, or no scan has finished yet
+  2  status.json could not be read (permissions, a damaged file)
+  3  no status.json: the agent never ran with this state directory
+
+Needs no root when the state directory is readable (the packaged service keeps it 0755 with
+its identity and spool private).";
+
+/// Exit status of `status` when the agent never ran (like LSB's \"program is not running\").
+pub const EXIT_NEVER_RAN: u8 = 3;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The agent's state directory [default: state_dir of --config, else /var/lib/driftwatch]
+    #[arg(long, value_name = "DIR", env = "DRIFTWATCH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The daemon configuration whose state_dir to read (with its drop-ins)
+    #[arg(long, value_name = "FILE", default_value = crate::daemon::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
 }
 
 #[derive(Debug, Args)]
@@ -324,7 +354,42 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Policy(PolicyCommand::Show(a)) => policy_show(a),
         Command::Enroll(a) => enroll(a),
         Command::Run(a) => run_daemon(a),
+        Command::Status(a) => status(a),
     }
+}
+
+fn status(a: StatusArgs) -> Result<ExitCode> {
+    use crate::daemon::config::{DEFAULT_STATE_DIR, RawConfig};
+    use crate::daemon::status::{self, Outcome, ReadError};
+    let state_dir = match a.state_dir {
+        Some(d) => d,
+        // Only state_dir is wanted: a configuration that is otherwise incomplete still names it.
+        None if a.config.exists() => RawConfig::load(&a.config)?
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        None => PathBuf::from(DEFAULT_STATE_DIR),
+    };
+    let (view, value) = match status::read(&state_dir) {
+        Ok(v) => v,
+        Err(e @ ReadError::NeverRan { .. }) => {
+            eprintln!("driftwatch-agent: {e}");
+            return Ok(ExitCode::from(EXIT_NEVER_RAN));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = std::io::stdout().lock();
+    match a.format {
+        Format::Json => {
+            serde_json::to_writer_pretty(&mut out, &value)?;
+            writeln!(out)?;
+        }
+        Format::Text => out.write_all(view.render_text(crate::time::now_unix()).as_bytes())?,
+    }
+    out.flush()?;
+    Ok(ExitCode::from(match view.outcome() {
+        Outcome::Clean => EXIT_CLEAN,
+        Outcome::Attention => EXIT_DRIFT,
+    }))
 }
 
 /// Logging for the long-running commands: journald when started by systemd with its output

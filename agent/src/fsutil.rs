@@ -2,7 +2,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Replaces `path` with `data` so that a crash leaves either the old or the new file, never a
@@ -39,6 +39,9 @@ pub fn write_atomic_with(
             // blocked on.
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&tmp)?;
+        // The mode asked for, whatever the umask (the packaged unit runs with UMask=0077, and
+        // status.json must stay readable for `driftwatch-agent status` without root).
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
         fill(&mut f)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;

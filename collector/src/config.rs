@@ -3,8 +3,18 @@
 //! (addresses parsed, durations typed, limits non-zero, defaults filled in). Only
 //! [`Settings::from_raw`] turns one into the other, so a `Settings` value is always valid.
 //!
-//! This module reads one file and does nothing else: no directories are created, no database is
-//! opened.
+//! This module reads the configuration file, its drop-ins and nothing else: no directories
+//! are created, no database is opened.
+//!
+//! Drop-ins: every `*.toml` in the directory named after the file (`collector.toml` →
+//! `collector.d/`) is merged over it in lexical order of file names; a later file's key
+//! replaces an earlier one's, tables merge key by key. Each file is parsed on its own first,
+//! so an unknown key is named with its file.
+//!
+//! Key material: when systemd passes credentials (`LoadCredential=`, `$CREDENTIALS_DIRECTORY`),
+//! `ca_cert`, `ca_key`, `http_tls_cert` and `http_tls_key` are read from the credential named
+//! like the configured file (`ca-key.pem`) instead of its path, so a key can stay readable by
+//! root only.
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -198,14 +208,92 @@ impl RawConfig {
         })
     }
 
-    /// Reads and parses a configuration file.
+    /// Reads and parses a configuration file and its drop-ins ([`drop_in_dir`]).
     pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
+        let mut files = vec![path.to_path_buf()];
+        let dir = drop_in_dir(path);
+        let list_error = |source| ConfigError::Read {
+            path: dir.clone(),
             source,
-        })?;
-        RawConfig::parse(&text, path)
+        };
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                let mut drop_ins = Vec::new();
+                for e in entries {
+                    let p = e.map_err(list_error)?.path();
+                    let hidden = p
+                        .file_name()
+                        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+                    if p.extension().is_some_and(|x| x == "toml") && !hidden {
+                        drop_ins.push(p);
+                    }
+                }
+                drop_ins.sort();
+                files.extend(drop_ins);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(list_error(e)),
+        }
+        let mut merged = toml::Table::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).map_err(|source| ConfigError::Read {
+                path: f.clone(),
+                source,
+            })?;
+            // On its own first: an unknown key or a wrong type is reported with its file.
+            RawConfig::parse(&text, f)?;
+            let table: toml::Table =
+                text.parse()
+                    .map_err(|e: toml::de::Error| ConfigError::Parse {
+                        path: f.clone(),
+                        message: e.to_string().trim_end().to_string(),
+                    })?;
+            merge_tables(&mut merged, table);
+        }
+        toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse {
+                path: path.to_path_buf(),
+                message: format!("with its drop-ins: {}", e.to_string().trim_end()),
+            })
     }
+}
+
+/// The drop-in directory of a configuration file: `collector.toml` → `collector.d`, beside it.
+pub fn drop_in_dir(path: &Path) -> PathBuf {
+    path.with_extension("d")
+}
+
+/// Merges `over` into `base`: tables merge key by key, every other value (arrays too) is
+/// replaced.
+pub fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// `<credentials>/<file name of path>` when the service manager passed a credential of that
+/// name, else `path` itself.
+pub fn credential_or(path: &Path, credentials: Option<&Path>) -> PathBuf {
+    if let (Some(dir), Some(name)) = (credentials, path.file_name()) {
+        let c = dir.join(name);
+        if c.is_file() {
+            return c;
+        }
+    }
+    path.to_path_buf()
+}
+
+/// The credentials directory systemd gave this process (`$CREDENTIALS_DIRECTORY`), if any.
+pub fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
 }
 
 impl Settings {
@@ -336,13 +424,28 @@ impl Settings {
         })
     }
 
-    /// Reads, parses and validates a configuration file; `None` = every default.
+    /// Reads, parses and validates a configuration file and its drop-ins; `None` = every
+    /// default. Key files come from systemd credentials when there are ([`credential_or`]).
     pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
         let raw = match path {
             Some(p) => RawConfig::load(p)?,
             None => RawConfig::default(),
         };
-        Settings::from_raw(raw)
+        Ok(Settings::from_raw(raw)?.with_credentials(credentials_dir().as_deref()))
+    }
+
+    /// Points the key files at the credentials of the same names in `credentials`, where
+    /// there are such credentials.
+    pub fn with_credentials(mut self, credentials: Option<&Path>) -> Settings {
+        if let CaSource::Given { cert, key } = &mut self.ca {
+            *cert = credential_or(cert, credentials);
+            *key = credential_or(key, credentials);
+        }
+        if let HttpTls::Given { cert, key } = &mut self.http_tls {
+            *cert = credential_or(cert, credentials);
+            *key = credential_or(key, credentials);
+        }
+        self
     }
 
     /// Settings for an in-process collector (tests, load generators): state in `state_dir`,
@@ -562,6 +665,83 @@ mod tests {
         let s = settings(text).unwrap();
         assert_eq!(s.server_names, ["collector.example.com", "10.0.0.5"]);
         assert_eq!(s.heartbeat_interval.seconds(), 30);
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn drop_ins_merge_in_lexical_order() {
+        let t = tempfile::tempdir().unwrap();
+        let main = t.path().join("collector.toml");
+        write(&main, "heartbeat_interval = \"10s\"\nmax_connections = 5\n");
+        let d = t.path().join("collector.d");
+        write(&d.join("20-b.toml"), "heartbeat_interval = \"40s\"\n");
+        write(
+            &d.join("10-a.toml"),
+            "heartbeat_interval = \"20s\"\nserver_names = [\"a.example\"]\n",
+        );
+        write(&d.join("30-c.toml.dpkg-dist"), "bogus = 1\n");
+        write(&d.join(".hidden.toml"), "bogus = 1\n");
+        let s = Settings::from_raw(RawConfig::load(&main).unwrap()).unwrap();
+        assert_eq!(s.heartbeat_interval.seconds(), 40);
+        assert_eq!(s.max_connections.get(), 5);
+        assert_eq!(s.server_names, ["a.example"]);
+    }
+
+    #[test]
+    fn drop_in_unknown_key_names_its_file() {
+        let t = tempfile::tempdir().unwrap();
+        let main = t.path().join("collector.toml");
+        write(&main, "");
+        write(
+            &t.path().join("collector.d/50-x.toml"),
+            "grpc_listn = \"x\"\n",
+        );
+        let e = RawConfig::load(&main).unwrap_err().to_string();
+        assert!(e.contains("collector.d/50-x.toml"), "{e}");
+        assert!(e.contains("grpc_listn"), "{e}");
+    }
+
+    #[test]
+    fn key_files_come_from_credentials_when_passed() {
+        let t = tempfile::tempdir().unwrap();
+        write(&t.path().join("ca-key.pem"), "key");
+        let s = settings("ca_cert = \"/etc/dw/ca.pem\"\nca_key = \"/etc/dw/ca-key.pem\"\n")
+            .unwrap()
+            .with_credentials(Some(t.path()));
+        assert_eq!(
+            s.ca,
+            CaSource::Given {
+                cert: "/etc/dw/ca.pem".into(),
+                key: t.path().join("ca-key.pem"),
+            }
+        );
+        let s = settings("").unwrap().with_credentials(Some(t.path()));
+        assert!(matches!(s.ca, CaSource::Managed { .. }));
+        write(&t.path().join("api-key.pem"), "key");
+        let s = settings(
+            "http_listen = \"10.0.0.5:443\"\nhttp_tls_cert = \"/etc/dw/api-chain.pem\"\n\
+             http_tls_key = \"/etc/dw/api-key.pem\"\n",
+        )
+        .unwrap()
+        .with_credentials(Some(t.path()));
+        assert_eq!(
+            s.http_tls,
+            HttpTls::Given {
+                cert: "/etc/dw/api-chain.pem".into(),
+                key: t.path().join("api-key.pem"),
+            }
+        );
+    }
+
+    #[test]
+    fn packaged_default_parses() {
+        let text = include_str!("../../packaging/config/collector.toml");
+        let s = settings(text).unwrap();
+        assert_eq!(s, settings("").unwrap());
     }
 
     #[test]

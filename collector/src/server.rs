@@ -309,12 +309,14 @@ impl Server {
         let forwarder = forwarder.map(|f| f.spawn(stop_rx.clone()));
 
         notify_systemd(&[sd_notify::NotifyState::Ready]);
+        let watchdog = tokio::spawn(feed_watchdog());
         tracing::info!(%local_addr, %http_addr, "collector serving");
         let early = tokio::select! {
             r = &mut serve => Some(r),
             () = shutdown => None,
         };
         if let Some(result) = early {
+            watchdog.abort();
             let _ = stop_tx.send(true);
             ingest_tasks.finish(tuning.shutdown_grace).await;
             if let Some(f) = forwarder {
@@ -360,6 +362,7 @@ impl Server {
         {
             tracing::warn!(error = %e, "syslog forwarder task failed");
         }
+        watchdog.abort();
         tracing::info!("collector stopped");
         result
     }
@@ -405,6 +408,23 @@ pub async fn serve(
 fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Pings systemd's watchdog (`WatchdogSec=`) at a third of its interval for as long as the
+/// runtime schedules this task: a wedged runtime (every worker blocked) gets the collector
+/// restarted. Storage outages do not stop the pings: a restart would not cure them. Returns at
+/// once outside systemd or without a watchdog.
+async fn feed_watchdog() {
+    let mut usec = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let period = (Duration::from_micros(usec) / 3).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tick.tick().await;
+        notify_systemd(&[sd_notify::NotifyState::Watchdog]);
     }
 }
 

@@ -375,4 +375,5 @@ pub fn finding(path: &[u8], kind: &str, attrs: &[&str]) -> Finding {
 pub mod daemon;
 pub mod debian;
 pub mod fleet;
+pub mod nspawn;
 pub mod postgres;

@@ -3,6 +3,15 @@
 //! and typed (a parsed URL, `Duration`s, non-zero counts) → [`Inputs`], the files the settings
 //! name, read and checked once at start. Any failure is a [`ConfigError`]: the daemon exits 64
 //! so that systemd does not restart-loop on a bad configuration.
+//!
+//! Drop-ins: every `*.toml` in the directory next to the main file named after it
+//! (`agent.toml` → `agent.d/`) is merged over the main file in lexical order of file names
+//! ([`load_layered`]): a later file's key replaces an earlier one's, tables merge key by key.
+//! Each file is checked on its own first, so an unknown key is named with the file it is in.
+//!
+//! Key material: when systemd passes credentials (`LoadCredential=`, `$CREDENTIALS_DIRECTORY`),
+//! a trusted key file is read from the credential named like the file (`pipeline.pub`) instead
+//! of its configured path ([`credential_or`]).
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -124,6 +133,102 @@ impl RawConfig {
     pub fn parse(text: &str) -> Result<RawConfig, String> {
         toml::from_str(text).map_err(|e| e.to_string())
     }
+
+    /// Reads `path` and its drop-in directory ([`load_layered`]).
+    pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
+        let table = load_layered(path, |p, text| {
+            RawConfig::parse(text).map(|_| ()).map_err(|e| ConfigError {
+                path: p.to_path_buf(),
+                message: e,
+            })
+        })?;
+        toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError {
+                path: path.to_path_buf(),
+                message: format!("with its drop-ins: {e}"),
+            })
+    }
+}
+
+/// The drop-in directory of a configuration file: `agent.toml` → `agent.d`, beside it.
+pub fn drop_in_dir(path: &Path) -> PathBuf {
+    path.with_extension("d")
+}
+
+/// Reads the TOML file `path`, then every `*.toml` of [`drop_in_dir`] in lexical order of
+/// their names, and merges each over what came before ([`merge_tables`]). `check` sees each
+/// file's text first (to refuse unknown keys naming the file). A missing drop-in directory is
+/// no error; a missing main file is.
+pub fn load_layered(
+    path: &Path,
+    check: impl Fn(&Path, &str) -> Result<(), ConfigError>,
+) -> Result<toml::Table, ConfigError> {
+    let err = |p: &Path, message: String| ConfigError {
+        path: p.to_path_buf(),
+        message,
+    };
+    let mut files = vec![path.to_path_buf()];
+    let dir = drop_in_dir(path);
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            let mut drop_ins = Vec::new();
+            for e in entries {
+                let e = e.map_err(|e| err(&dir, format!("cannot list: {e}")))?;
+                let name = e.file_name();
+                let p = e.path();
+                if p.extension().is_some_and(|x| x == "toml")
+                    && !name.as_encoded_bytes().starts_with(b".")
+                {
+                    drop_ins.push(p);
+                }
+            }
+            drop_ins.sort();
+            files.extend(drop_ins);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(&dir, format!("cannot list: {e}"))),
+    }
+    let mut merged = toml::Table::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).map_err(|e| err(f, format!("cannot read: {e}")))?;
+        check(f, &text)?;
+        let table: toml::Table = text.parse().map_err(|e| err(f, format!("{e}")))?;
+        merge_tables(&mut merged, table);
+    }
+    Ok(merged)
+}
+
+/// Merges `over` into `base`: tables merge key by key, every other value (arrays too) is
+/// replaced.
+pub fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// `$CREDENTIALS_DIRECTORY/<file name of path>` when the service manager passed a credential
+/// of that name, else `path` itself.
+pub fn credential_or(path: &Path, credentials: Option<&Path>) -> PathBuf {
+    if let (Some(dir), Some(name)) = (credentials, path.file_name()) {
+        let c = dir.join(name);
+        if c.is_file() {
+            return c;
+        }
+    }
+    path.to_path_buf()
+}
+
+/// The credentials directory systemd gave this process, if any.
+pub fn credentials_dir() -> Option<PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
 }
 
 impl Settings {
@@ -184,18 +289,26 @@ impl Settings {
         })
     }
 
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file and its drop-ins.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let err = |message: String| ConfigError {
+        Settings::validate(RawConfig::load(path)?).map_err(|message| ConfigError {
             path: path.to_path_buf(),
             message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-        Settings::validate(RawConfig::parse(&text).map_err(err)?).map_err(err)
+        })
     }
 
-    /// Reads the trusted keys and the policy file.
+    /// Reads the trusted keys (from systemd credentials when there are: [`credential_or`])
+    /// and the policy file.
     pub fn inputs(&self, config_path: &Path) -> Result<Inputs, ConfigError> {
+        self.inputs_with(config_path, credentials_dir().as_deref())
+    }
+
+    /// [`Settings::inputs`] with the credentials directory given.
+    pub fn inputs_with(
+        &self,
+        config_path: &Path,
+        credentials: Option<&Path>,
+    ) -> Result<Inputs, ConfigError> {
         let err = |message: String| ConfigError {
             path: config_path.to_path_buf(),
             message,
@@ -203,7 +316,10 @@ impl Settings {
         let trusted_keys = self
             .trusted_keys
             .iter()
-            .map(|p| crate::keys::load_public(p).map_err(|e| err(format!("trusted_keys: {e}"))))
+            .map(|p| {
+                crate::keys::load_public(&credential_or(p, credentials))
+                    .map_err(|e| err(format!("trusted_keys: {e}")))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let policy = match &self.policy {
             None => PolicySource::Baseline,
@@ -295,6 +411,108 @@ mod tests {
         assert!(e.contains("https"), "{e}");
         let e = settings(&format!("{}threads = 0\n", minimal())).unwrap_err();
         assert!(e.contains("threads"), "{e}");
+    }
+
+    fn write(path: &Path, text: &str) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn drop_ins_merge_in_lexical_order() {
+        let t = tempfile::tempdir().unwrap();
+        let main = t.path().join("agent.toml");
+        write(
+            &main,
+            &format!("{}scan_interval = \"1h\"\nthreads = 2\n", minimal()),
+        );
+        let d = t.path().join("agent.d");
+        write(&d.join("20-late.toml"), "scan_interval = \"5m\"\n");
+        write(
+            &d.join("10-early.toml"),
+            "scan_interval = \"30m\"\nthreads = 3\n",
+        );
+        // Not drop-ins: other extensions, hidden files, leftovers of package upgrades.
+        write(&d.join("30-x.toml.dpkg-old"), "bogus = 1\n");
+        write(&d.join(".40-hidden.toml"), "bogus = 1\n");
+        write(&d.join("README"), "bogus = 1\n");
+        let s = Settings::load(&main).unwrap();
+        assert_eq!(s.scan_interval, Duration::from_secs(300));
+        assert_eq!(s.threads.get(), 3);
+        assert_eq!(s.collector.host(), "collector.example");
+    }
+
+    #[test]
+    fn drop_in_unknown_key_names_its_file() {
+        let t = tempfile::tempdir().unwrap();
+        let main = t.path().join("agent.toml");
+        write(&main, minimal());
+        write(
+            &t.path().join("agent.d/50-site.toml"),
+            "scan_intervall = \"5m\"\n",
+        );
+        let e = Settings::load(&main).unwrap_err();
+        assert!(e.path.ends_with("agent.d/50-site.toml"), "{e}");
+        assert!(e.message.contains("scan_intervall"), "{e}");
+    }
+
+    #[test]
+    fn drop_in_may_supply_required_keys() {
+        let t = tempfile::tempdir().unwrap();
+        let main = t.path().join("agent.toml");
+        write(&main, "# everything in agent.d\n");
+        write(&t.path().join("agent.d/00-fleet.toml"), minimal());
+        assert!(Settings::load(&main).is_ok());
+        std::fs::remove_file(t.path().join("agent.d/00-fleet.toml")).unwrap();
+        let e = Settings::load(&main).unwrap_err();
+        assert!(e.message.contains("collector is required"), "{e}");
+    }
+
+    #[test]
+    fn tables_merge_and_arrays_replace() {
+        let mut base: toml::Table = "a = [1, 2]\n[t]\nx = 1\ny = 2\n".parse().unwrap();
+        let over: toml::Table = "a = [3]\n[t]\ny = 5\nz = 6\n".parse().unwrap();
+        merge_tables(&mut base, over);
+        let want: toml::Table = "a = [3]\n[t]\nx = 1\ny = 5\nz = 6\n".parse().unwrap();
+        assert_eq!(base, want);
+    }
+
+    #[test]
+    fn trusted_keys_come_from_credentials_when_passed() {
+        let t = tempfile::tempdir().unwrap();
+        let (_, public, _) = crate::keys::generate(&t.path().join("k")).unwrap();
+        let creds = t.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::copy(&public, creds.join("pipeline.pub")).unwrap();
+        let s = settings(minimal()).unwrap();
+        // The configured /etc/driftwatch/pipeline.pub does not exist here: only the
+        // credential of the same name makes this work.
+        let cfg = t.path().join("agent.toml");
+        let inputs = s.inputs_with(&cfg, Some(&creds)).unwrap();
+        assert_eq!(inputs.trusted_keys.len(), 1);
+        let e = s.inputs_with(&cfg, None).unwrap_err();
+        assert!(e.message.contains("trusted_keys"), "{e}");
+        let other = t.path().join("empty");
+        std::fs::create_dir(&other).unwrap();
+        assert!(s.inputs_with(&cfg, Some(&other)).is_err());
+        assert_eq!(
+            credential_or(Path::new("/etc/x/pipeline.pub"), Some(&creds)),
+            creds.join("pipeline.pub")
+        );
+        assert_eq!(
+            credential_or(Path::new("/etc/x/other.pub"), Some(&creds)),
+            Path::new("/etc/x/other.pub")
+        );
+    }
+
+    #[test]
+    fn packaged_default_needs_only_the_collector() {
+        let text = include_str!("../../../packaging/config/agent.toml");
+        let e = settings(text).unwrap_err();
+        assert!(e.contains("collector is required"), "{e}");
+        let s = settings(&format!("{text}collector = \"https://c.example:7443\"\n")).unwrap();
+        assert_eq!(s.trusted_keys, [Path::new("/etc/driftwatch/pipeline.pub")]);
+        assert_eq!(s.state_dir, Path::new(DEFAULT_STATE_DIR));
     }
 
     #[test]
