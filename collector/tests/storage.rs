@@ -9,9 +9,10 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use driftwatch_collector::storage::audit::{ChainError, ChainVerifier};
 use driftwatch_collector::storage::{
-    ApplyOutcome, EnrollmentToken, HeartbeatRecord, HelloInfo, IssuedCertificate, ReportToApply,
-    SecurityEvent, Storage, StorageError, TokenError, ViolationQuery,
+    ApplyOutcome, AuditEntry, EnrollmentToken, HeartbeatRecord, HelloInfo, IssuedCertificate,
+    ReportToApply, SecurityEvent, Storage, StorageError, TokenError, ViolationQuery,
 };
 use driftwatch_proto::set::{file_key, item_hash, package_key, set_digest};
 use driftwatch_proto::v1::{
@@ -75,21 +76,23 @@ impl Fixture {
 
     /// Writes a schema version directly, as a newer collector would have.
     async fn set_schema_version(&self, v: i64) {
+        self.sql(&format!("UPDATE schema_version SET version = {v}"))
+            .await;
+    }
+
+    /// Runs SQL on the database behind the store's back (a newer collector, an attacker).
+    async fn sql(&self, statements: &str) {
         match self.kind {
             Kind::Sqlite => {
                 let c = rusqlite::Connection::open(&self.sqlite_path).unwrap();
-                c.execute("UPDATE schema_version SET version = ?1", [v])
-                    .unwrap();
+                c.execute_batch(statements).unwrap();
             }
             Kind::Postgres => {
                 let (client, conn) = tokio_postgres::connect(&self.pg_url, tokio_postgres::NoTls)
                     .await
                     .unwrap();
                 let task = tokio::spawn(conn);
-                client
-                    .execute("UPDATE schema_version SET version = $1", &[&v])
-                    .await
-                    .unwrap();
+                client.batch_execute(statements).await.unwrap();
                 drop(client);
                 let _ = task.await;
             }
@@ -153,6 +156,8 @@ conformance!(
     schema_too_new_is_refused,
     concurrent_first_opens_migrate_once,
     reopen_keeps_everything,
+    audit_appends_form_one_verifiable_chain,
+    audit_tampering_is_named_at_the_first_bad_record,
 );
 
 // --- helpers -------------------------------------------------------------------------------
@@ -1512,4 +1517,114 @@ async fn reopen_keeps_everything(f: Fixture) {
     assert_eq!(p.last_seq, 1);
     let r = agent.delta(vec![], vec![package_key("curl", "amd64")]);
     assert_eq!(apply1(s, "h", r, T0 + 3).await, APPLIED);
+}
+
+// --- audit log -----------------------------------------------------------------------------
+
+fn audit_entry(i: u32) -> AuditEntry {
+    AuditEntry::new(
+        T0 + i64::from(i),
+        "token:0123abcd",
+        "host.retired",
+        format!("web-{i}"),
+        serde_json::json!({ "reason": format!("decommissioned <{i}>\n|=") }),
+    )
+}
+
+/// Reads the whole log in pages of `page` and verifies it.
+async fn verify_audit(s: &dyn Storage, page: u32) -> Result<(u64, Vec<u64>), ChainError> {
+    let mut v = ChainVerifier::new();
+    let mut seqs = Vec::new();
+    let mut after = 0;
+    for _ in 0..10_000 {
+        let records = s.audit_records(after, page).await.unwrap();
+        let Some(last) = records.last() else { break };
+        after = last.seq;
+        for r in &records {
+            v.push(r)?;
+            seqs.push(r.seq);
+        }
+    }
+    v.finish()?;
+    Ok((v.count(), seqs))
+}
+
+async fn audit_appends_form_one_verifiable_chain(f: Fixture) {
+    let s = f.open().await;
+    assert_eq!(verify_audit(s.as_ref(), 3).await.unwrap().0, 0);
+    // Concurrent appends must still form one chain, without forks or gaps.
+    let appends = (1..=12).map(|i| {
+        let s = Arc::clone(&s);
+        tokio::spawn(async move { s.append_audit(audit_entry(i)).await.unwrap() })
+    });
+    let mut seqs = Vec::new();
+    for a in appends {
+        seqs.push(a.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=12).collect::<Vec<u64>>());
+    let (count, read) = verify_audit(s.as_ref(), 5).await.unwrap();
+    assert_eq!(count, 12);
+    assert_eq!(read, seqs);
+    // The stored record is what was appended, detail as compact JSON.
+    let first = s.audit_records(0, 1).await.unwrap().remove(0);
+    assert_eq!(first.actor, "token:0123abcd");
+    assert_eq!(first.action, "host.retired");
+    let detail: serde_json::Value = serde_json::from_str(&first.detail).unwrap();
+    assert!(
+        detail["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("decommissioned <")
+    );
+    // An entry over the limits is refused and appends nothing.
+    let mut big = audit_entry(99);
+    big.target = "x".repeat(5000);
+    assert!(matches!(
+        s.append_audit(big).await,
+        Err(StorageError::InvalidArgument(_))
+    ));
+    assert_eq!(verify_audit(s.as_ref(), 100).await.unwrap().0, 12);
+    // Kept across a reopen; the chain continues.
+    drop(s);
+    let s = f.open().await;
+    assert_eq!(s.append_audit(audit_entry(13)).await.unwrap(), 13);
+    assert_eq!(verify_audit(s.as_ref(), 4).await.unwrap().0, 13);
+}
+
+async fn audit_tampering_is_named_at_the_first_bad_record(f: Fixture) {
+    let f = &f;
+    let tampered = move |sql: &'static str| async move {
+        let s = f.open().await;
+        f.sql("DELETE FROM audit_log").await;
+        for i in 1..=5 {
+            s.append_audit(audit_entry(i)).await.unwrap();
+        }
+        verify_audit(s.as_ref(), 2).await.unwrap();
+        f.sql(sql).await;
+        verify_audit(s.as_ref(), 2).await.unwrap_err()
+    };
+    // Altered.
+    let e =
+        tampered("UPDATE audit_log SET detail = '{\"reason\":\"nothing to see\"}' WHERE seq = 3")
+            .await;
+    assert_eq!(e, ChainError::Hash { seq: 3 });
+    let e = tampered("UPDATE audit_log SET actor = 'token:ffffffff' WHERE seq = 1").await;
+    assert_eq!(e, ChainError::Hash { seq: 1 });
+    // Deleted.
+    let e = tampered("DELETE FROM audit_log WHERE seq = 2").await;
+    assert_eq!(e.seq(), Some(3));
+    // Deleted and renumbered to hide the gap.
+    let e = tampered(
+        "DELETE FROM audit_log WHERE seq = 2; UPDATE audit_log SET seq = seq - 1 WHERE seq > 2",
+    )
+    .await;
+    assert_eq!(e, ChainError::Link { seq: 2 });
+    // Reordered: records 2 and 4 swap places.
+    let e = tampered(
+        "UPDATE audit_log SET seq = 100 WHERE seq = 2; UPDATE audit_log SET seq = 2 WHERE seq = 4; \
+         UPDATE audit_log SET seq = 4 WHERE seq = 100",
+    )
+    .await;
+    assert_eq!(e, ChainError::Link { seq: 2 });
 }

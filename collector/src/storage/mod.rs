@@ -19,10 +19,12 @@ use std::pin::Pin;
 use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 
 mod apply;
+pub mod audit;
 mod glob;
 pub mod postgres;
 pub mod sqlite;
 
+pub use audit::{AuditEntry, AuditRecord, AuditStore};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -220,7 +222,7 @@ pub struct SecurityEvent {
 
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
-pub trait Storage: Send + Sync + std::fmt::Debug + 'static {
+pub trait Storage: AuditStore + Send + Sync + std::fmt::Debug + 'static {
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;
 
