@@ -20,11 +20,15 @@ use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 
 mod apply;
 pub mod audit;
+pub mod lifecycle;
 mod glob;
+pub mod registry;
 pub mod postgres;
 pub mod sqlite;
 
 pub use audit::{AuditEntry, AuditRecord, AuditStore};
+pub use lifecycle::{AckRequest, Acknowledgement, HostLifecycle, LifecycleStore, TransitionRecord};
+pub use registry::{RegisteredBaseline, RegistryStore};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -49,6 +53,10 @@ pub enum StorageError {
     /// A caller-supplied value the storage cannot use (a glob that does not compile).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The change conflicts with stored state (a baseline version not newer than the
+    /// registered one).
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error(transparent)]
     Token(#[from] TokenError),
 }
@@ -222,7 +230,7 @@ pub struct SecurityEvent {
 
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
-pub trait Storage: AuditStore + Send + Sync + std::fmt::Debug + 'static {
+pub trait Storage: AuditStore + LifecycleStore + RegistryStore + Send + Sync + std::fmt::Debug + 'static {
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;
 

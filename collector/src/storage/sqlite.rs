@@ -33,11 +33,13 @@ use super::{
 };
 
 pub(crate) mod audit;
+mod lifecycle;
 
 /// Migrations in order; migration `i` (0-based) brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_initial.sql"),
     include_str!("migrations/sqlite/0002_audit.sql"),
+    include_str!("migrations/sqlite/0003_lifecycle.sql"),
 ];
 
 /// The schema version this binary writes.
