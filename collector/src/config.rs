@@ -389,7 +389,10 @@ fn load_public_key(path: &Path) -> Result<[u8; 32], ConfigError> {
         ));
     }
     let der = SubjectPublicKeyInfoDer::from_pem_file(path).map_err(|e| {
-        invalid("trusted_keys", format!("cannot read {}: {e}", path.display()))
+        invalid(
+            "trusted_keys",
+            format!("cannot read {}: {e}", path.display()),
+        )
     })?;
     der.as_ref()
         .strip_prefix(&ED25519_SPKI_PREFIX[..])
@@ -593,22 +596,45 @@ mod tests {
         assert_eq!(d.flagging, crate::flagging::FlaggingPolicy::default());
 
         let not_a_key = dir.path().join("ca.pem");
-        std::fs::write(&not_a_key, "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
-            .unwrap();
+        std::fs::write(
+            &not_a_key,
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
         for (toml, key) in [
-            ("trusted_keys = [\"/nonexistent/k.pub\"]".to_string(), "trusted_keys"),
-            ("trusted_keys = [\"relative.pub\"]".to_string(), "trusted_keys"),
-            (format!("trusted_keys = [{:?}]", not_a_key.display().to_string()), "trusted_keys"),
-            ("reconcile_interval = \"1ms\"".to_string(), "reconcile_interval"),
+            (
+                "trusted_keys = [\"/nonexistent/k.pub\"]".to_string(),
+                "trusted_keys",
+            ),
+            (
+                "trusted_keys = [\"relative.pub\"]".to_string(),
+                "trusted_keys",
+            ),
+            (
+                format!("trusted_keys = [{:?}]", not_a_key.display().to_string()),
+                "trusted_keys",
+            ),
+            (
+                "reconcile_interval = \"1ms\"".to_string(),
+                "reconcile_interval",
+            ),
             ("image_defect_ratio = 1.5".to_string(), "image_defect_ratio"),
             ("image_defect_ratio = 0.0".to_string(), "image_defect_ratio"),
-            ("[flagging]\nseverity_at_least = \"loud\"".to_string(), "flagging.severity_at_least"),
-            ("[flagging]\ndrift_older_than = \"later\"".to_string(), "flagging.drift_older_than"),
+            (
+                "[flagging]\nseverity_at_least = \"loud\"".to_string(),
+                "flagging.severity_at_least",
+            ),
+            (
+                "[flagging]\ndrift_older_than = \"later\"".to_string(),
+                "flagging.drift_older_than",
+            ),
         ] {
             let e = settings(&toml).unwrap_err().to_string();
             assert!(e.starts_with(key), "{toml}: {e}");
         }
-        let e = settings("[flagging]\nseverity = \"high\"").unwrap_err().to_string();
+        let e = settings("[flagging]\nseverity = \"high\"")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("severity"), "{e}");
     }
 

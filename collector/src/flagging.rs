@@ -334,7 +334,10 @@ pub fn evaluate(policy: &FlaggingPolicy, facts: &HostFacts, now_ms: i64) -> Vec<
     }
     if policy.package_drift {
         let mut ev = Evidence::default();
-        for i in counted.iter().filter(|i| i.package.is_some() && i.path.is_none()) {
+        for i in counted
+            .iter()
+            .filter(|i| i.package.is_some() && i.path.is_none())
+        {
             ev.add(i);
         }
         if ev.items > 0 {
@@ -558,15 +561,25 @@ mod tests {
         assert_eq!(r[3].evidence.age_ms, Some(3 * H));
         assert_eq!(r[3].evidence.items, 1);
         assert_eq!(r[4].evidence.age_ms, Some(11 * 60_000));
-        assert_eq!(r[5].evidence.observed.as_deref(), Some(&"02".repeat(32)[..]));
-        assert_eq!(r[5].evidence.expected.as_deref(), Some(&"01".repeat(32)[..]));
+        assert_eq!(
+            r[5].evidence.observed.as_deref(),
+            Some(&"02".repeat(32)[..])
+        );
+        assert_eq!(
+            r[5].evidence.expected.as_deref(),
+            Some(&"01".repeat(32)[..])
+        );
         assert_eq!(r[6].evidence.observed.as_deref(), Some("0.9.7"));
 
         f.registered_root = None;
         let r = evaluate(&p, &f, NOW);
         assert!(codes(&r).contains(&"image_unregistered"), "{r:?}");
         assert_eq!(
-            r.iter().find(|r| r.code == "image_unregistered").unwrap().evidence.observed,
+            r.iter()
+                .find(|r| r.code == "image_unregistered")
+                .unwrap()
+                .evidence
+                .observed,
             Some("web".into())
         );
     }
@@ -644,12 +657,24 @@ mod tests {
     #[test]
     fn bad_values_name_their_key() {
         for (text, key) in [
-            ("severity_at_least = \"severe\"", "flagging.severity_at_least"),
-            ("unexplained_under = [\"etc/**\"]", "flagging.unexplained_under"),
-            ("unexplained_under = [\"/etc/[\"]", "flagging.unexplained_under"),
+            (
+                "severity_at_least = \"severe\"",
+                "flagging.severity_at_least",
+            ),
+            (
+                "unexplained_under = [\"etc/**\"]",
+                "flagging.unexplained_under",
+            ),
+            (
+                "unexplained_under = [\"/etc/[\"]",
+                "flagging.unexplained_under",
+            ),
             ("drift_older_than = \"soon\"", "flagging.drift_older_than"),
             ("drift_older_than = \"0s\"", "flagging.drift_older_than"),
-            ("silent_longer_than = \"-1m\"", "flagging.silent_longer_than"),
+            (
+                "silent_longer_than = \"-1m\"",
+                "flagging.silent_longer_than",
+            ),
             ("min_agent_version = \"\"", "flagging.min_agent_version"),
             ("min_agent_version = \"1 0\"", "flagging.min_agent_version"),
         ] {
@@ -657,6 +682,11 @@ mod tests {
             assert_eq!(e.key, key, "{text}: {e}");
         }
         assert!(toml::from_str::<RawFlagging>("severity = \"high\"").is_err());
-        assert_eq!(policy("severity_at_least = \"off\"").unwrap().severity_at_least, None);
+        assert_eq!(
+            policy("severity_at_least = \"off\"")
+                .unwrap()
+                .severity_at_least,
+            None
+        );
     }
 }

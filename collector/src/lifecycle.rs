@@ -267,10 +267,26 @@ mod tests {
             (L::Silent, assess(A::Flagged), ok(L::Flagged)),
             (L::Silent, assess(A::Silent), ok(L::Silent)),
             // A host awaiting its rebuild stays there whatever it reports.
-            (L::RebuildRequested, assess(A::Clean), ok(L::RebuildRequested)),
-            (L::RebuildRequested, assess(A::Drifted), ok(L::RebuildRequested)),
-            (L::RebuildRequested, assess(A::Flagged), ok(L::RebuildRequested)),
-            (L::RebuildRequested, assess(A::Silent), ok(L::RebuildRequested)),
+            (
+                L::RebuildRequested,
+                assess(A::Clean),
+                ok(L::RebuildRequested),
+            ),
+            (
+                L::RebuildRequested,
+                assess(A::Drifted),
+                ok(L::RebuildRequested),
+            ),
+            (
+                L::RebuildRequested,
+                assess(A::Flagged),
+                ok(L::RebuildRequested),
+            ),
+            (
+                L::RebuildRequested,
+                assess(A::Silent),
+                ok(L::RebuildRequested),
+            ),
             // Terminal states take no assessment.
             (L::Replaced, assess(A::Clean), no),
             (L::Replaced, assess(A::Flagged), no),

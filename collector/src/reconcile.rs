@@ -206,7 +206,9 @@ fn is_live(h: &HostSummary, state: Lifecycle) -> bool {
 fn state_of(snap: &Snapshot, host_id: &str, enrolled_ms: i64) -> (Lifecycle, i64) {
     snap.states
         .get(host_id)
-        .map_or((Lifecycle::Enrolled, enrolled_ms), |s| (s.state, s.since_ms))
+        .map_or((Lifecycle::Enrolled, enrolled_ms), |s| {
+            (s.state, s.since_ms)
+        })
 }
 
 /// The image members (live hosts on `image_id`) of a snapshot.
@@ -278,7 +280,9 @@ pub fn assess(snap: &Snapshot, policy: &Policy) -> Vec<Verdict> {
                 h,
                 rows,
                 &acks,
-                defects.get(h.hello.image_id.as_str()).unwrap_or(&no_defects),
+                defects
+                    .get(h.hello.image_id.as_str())
+                    .unwrap_or(&no_defects),
             );
             let facts = HostFacts {
                 agent_version: h.hello.agent_version.clone(),
@@ -361,7 +365,9 @@ fn match_successors(snap: &Snapshot) -> HashMap<String, String> {
         done.sort_by_key(|r| (r.since_ms, r.host_id.as_str()));
         for r in done {
             if let Some(c) = cands.iter().rev().find(|c| {
-                c.enrolled_ms <= r.since_ms && c.host_id != r.host_id && !used.contains(c.host_id.as_str())
+                c.enrolled_ms <= r.since_ms
+                    && c.host_id != r.host_id
+                    && !used.contains(c.host_id.as_str())
             }) {
                 used.insert(c.host_id.as_str());
             }
@@ -674,7 +680,13 @@ mod tests {
         for h in &hosts {
             snap.states.insert(
                 h.host_id.clone(),
-                state(&h.host_id, Lifecycle::Clean, NOW - 60_000, h.enrolled_ms, &h.hello.image_id),
+                state(
+                    &h.host_id,
+                    Lifecycle::Clean,
+                    NOW - 60_000,
+                    h.enrolled_ms,
+                    &h.hello.image_id,
+                ),
             );
         }
         snap.hosts = hosts;
@@ -691,7 +703,12 @@ mod tests {
         quiet.last_seen_ms = Some(NOW - 600_000);
         quiet.last_report_ms = Some(NOW - 600_000);
         let snap = snapshot(
-            vec![host("a", "web", 1), host("b", "web", 1), host("c", "web", 1), quiet],
+            vec![
+                host("a", "web", 1),
+                host("b", "web", 1),
+                host("c", "web", 1),
+                quiet,
+            ],
             vec![
                 violation("b", "/etc/motd", Severity::Low),
                 violation("c", "/etc/shadow", Severity::Critical),
@@ -707,7 +724,13 @@ mod tests {
         let planned = plan(&v, &Policy::default(), NOW);
         let moves: Vec<(&str, Lifecycle, &str)> = planned
             .iter()
-            .map(|p| (p.transition.host_id.as_str(), p.transition.to, p.audit.action.as_str()))
+            .map(|p| {
+                (
+                    p.transition.host_id.as_str(),
+                    p.transition.to,
+                    p.audit.action.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             moves,
@@ -718,8 +741,15 @@ mod tests {
             ]
         );
         let flagged = &planned[1];
-        assert!(flagged.transition.cause.starts_with("severity: "), "{}", flagged.transition.cause);
-        assert_eq!(flagged.audit.detail["reasons"], serde_json::json!(["severity"]));
+        assert!(
+            flagged.transition.cause.starts_with("severity: "),
+            "{}",
+            flagged.transition.cause
+        );
+        assert_eq!(
+            flagged.audit.detail["reasons"],
+            serde_json::json!(["severity"])
+        );
         assert_eq!(flagged.transition.actor, "collector");
     }
 
@@ -740,14 +770,20 @@ mod tests {
         });
         let out = assess(&snap, &Policy::default());
         assert_eq!(out[0].assessment, Some(Assessment::Drifted));
-        assert!(matches!(out[0].items[0].excluded, Some(Exclusion::Acknowledged { .. })));
+        assert!(matches!(
+            out[0].items[0].excluded,
+            Some(Exclusion::Acknowledged { .. })
+        ));
         // The same path changed again: the acknowledgement no longer covers it.
         let mut changed = v;
         if let Some(drift_item::Item::File(f)) = &mut changed.item.item {
             f.reason = "changed again".into();
         }
         snap.open.insert("c".into(), vec![changed]);
-        assert_eq!(assess(&snap, &Policy::default())[0].assessment, Some(Assessment::Flagged));
+        assert_eq!(
+            assess(&snap, &Policy::default())[0].assessment,
+            Some(Assessment::Flagged)
+        );
     }
 
     #[test]
@@ -788,8 +824,20 @@ mod tests {
         let t0 = NOW - 100_000;
         let mut snap = snapshot(vec![], vec![]);
         for s in [
-            state("old-1", Lifecycle::RebuildRequested, t0, t0 - 1_000_000, "web"),
-            state("old-2", Lifecycle::RebuildRequested, t0 + 1, t0 - 1_000_000, "web"),
+            state(
+                "old-1",
+                Lifecycle::RebuildRequested,
+                t0,
+                t0 - 1_000_000,
+                "web",
+            ),
+            state(
+                "old-2",
+                Lifecycle::RebuildRequested,
+                t0 + 1,
+                t0 - 1_000_000,
+                "web",
+            ),
             // Enrolled before the requests: not a successor.
             state("peer", Lifecycle::Clean, t0 - 500_000, t0 - 900_000, "web"),
             // Another role or image: not a successor.
@@ -800,7 +848,10 @@ mod tests {
         }
         snap.states.get_mut("db-new").unwrap().role = Some("db".into());
         let m = match_successors(&snap);
-        assert_eq!(m, HashMap::from([("old-1".to_string(), "new-1".to_string())]));
+        assert_eq!(
+            m,
+            HashMap::from([("old-1".to_string(), "new-1".to_string())])
+        );
 
         // Once old-1 is replaced, new-1 is taken: old-2 waits for a successor of its own.
         let s = snap.states.get_mut("old-1").unwrap();
@@ -832,7 +883,11 @@ mod tests {
         let p = plan(&[v], &Policy::default(), NOW);
         assert_eq!(p.len(), 1);
         assert_eq!(p[0].transition.to, Lifecycle::Replaced);
-        assert!(p[0].transition.cause.contains("new"), "{}", p[0].transition.cause);
+        assert!(
+            p[0].transition.cause.contains("new"),
+            "{}",
+            p[0].transition.cause
+        );
         assert_eq!(p[0].audit.action, "host.replaced");
         assert_eq!(p[0].audit.detail["successor"], "new");
     }

@@ -65,7 +65,9 @@ pub enum PushError {
     Signature(#[from] envelope::EnvelopeError),
     #[error("the collector has no trusted keys (set trusted_keys in its configuration)")]
     NoTrustedKeys,
-    #[error("baseline format version {0} is not supported (this collector reads {BASELINE_FORMAT_VERSION})")]
+    #[error(
+        "baseline format version {0} is not supported (this collector reads {BASELINE_FORMAT_VERSION})"
+    )]
     UnsupportedVersion(u32),
     #[error("content hash algorithm {0:?} is not supported")]
     UnsupportedAlgorithm(String),
@@ -118,8 +120,8 @@ pub fn verify_push(
     let signed =
         SignedHeader::decode(signed_header).map_err(|e| PushError::Malformed(e.to_string()))?;
     let key = envelope::verify(&signed, trusted)?;
-    let header =
-        Header::decode(signed.header.as_slice()).map_err(|e| PushError::Malformed(e.to_string()))?;
+    let header = Header::decode(signed.header.as_slice())
+        .map_err(|e| PushError::Malformed(e.to_string()))?;
     if header.format_version != BASELINE_FORMAT_VERSION {
         return Err(PushError::UnsupportedVersion(header.format_version));
     }
@@ -303,7 +305,9 @@ mod tests {
         let other = keypair();
         assert!(matches!(
             verify_push(&signed(&header("web", "1.0"), &other), &trusted, 0),
-            Err(PushError::Signature(envelope::EnvelopeError::UntrustedKey(_)))
+            Err(PushError::Signature(envelope::EnvelopeError::UntrustedKey(
+                _
+            )))
         ));
         let mut tampered = envelope::sign(header("web", "1.0").encode_to_vec(), &k);
         tampered.header[3] ^= 1;

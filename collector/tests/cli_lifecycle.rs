@@ -51,7 +51,8 @@ async fn serve_with(
 
 async fn driftwatch(addr: SocketAddr, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_driftwatch"));
-    cmd.args(args).env("DRIFTWATCH_API", format!("http://{addr}"));
+    cmd.args(args)
+        .env("DRIFTWATCH_API", format!("http://{addr}"));
     tokio::task::spawn_blocking(move || cmd.output().unwrap())
         .await
         .unwrap()
@@ -123,14 +124,30 @@ async fn explain_ack_retire_and_host_show() {
         )
         .await,
     );
-    assert!(out.starts_with("web-1: 2 item(s) acknowledged until "), "{out}");
+    assert!(
+        out.starts_with("web-1: 2 item(s) acknowledged until "),
+        "{out}"
+    );
     let out = stdout(&driftwatch(addr, &["hosts", "explain", "web-1"]).await);
     assert!(!out.contains("FLAGGED package_drift"), "{out}");
-    assert!(out.contains("acknowledged by local:loopback-api until "), "{out}");
+    assert!(
+        out.contains("acknowledged by local:loopback-api until "),
+        "{out}"
+    );
     let e = failure(
         &driftwatch(
             addr,
-            &["host", "ack", "web-1", "--path", "/nope", "--reason", "r", "--expires", "1d"],
+            &[
+                "host",
+                "ack",
+                "web-1",
+                "--path",
+                "/nope",
+                "--reason",
+                "r",
+                "--expires",
+                "1d",
+            ],
         )
         .await,
     );
@@ -180,8 +197,14 @@ async fn baseline_push_and_images() {
     let p = path.to_str().unwrap();
 
     let out = stdout(&driftwatch(addr, &["baseline", "push", p]).await);
-    assert!(out.starts_with("registered image web version 2026.11.1\n"), "{out}");
-    assert!(out.contains(&format!("root   {}", "ab".repeat(32))), "{out}");
+    assert!(
+        out.starts_with("registered image web version 2026.11.1\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("root   {}", "ab".repeat(32))),
+        "{out}"
+    );
     let e = failure(&driftwatch(addr, &["baseline", "push", p]).await);
     assert!(e.contains("not newer than the registered version"), "{e}");
     let junk = dir.path().join("junk");
@@ -192,7 +215,12 @@ async fn baseline_push_and_images() {
     let out = stdout(&driftwatch(addr, &["images"]).await);
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("IMAGE "), "{out}");
-    assert!(lines.iter().any(|l| l.starts_with("web ") && l.contains("2026.11.1")), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("web ") && l.contains("2026.11.1")),
+        "{out}"
+    );
     assert!(lines.iter().any(|l| l.starts_with("db ")), "{out}");
     let out = stdout(&driftwatch(addr, &["image", "show", "web"]).await);
     assert!(out.contains("registered: version 2026.11.1"), "{out}");

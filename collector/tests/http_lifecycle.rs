@@ -125,12 +125,19 @@ async fn explain_names_the_reasons_and_acknowledgements_silence_them() {
     assert_eq!(e["flagged"], true);
     assert_eq!(e["verdict"], "flagged");
     // Nothing is registered for image "web": with registered_root on, that is a reason too.
-    assert_eq!(codes(&e), ["severity", "package_drift", "image_unregistered"], "{e}");
+    assert_eq!(
+        codes(&e),
+        ["severity", "package_drift", "image_unregistered"],
+        "{e}"
+    );
     assert_eq!(
         e["reasons"][0]["evidence"]["paths"],
         json!([{"text": "/etc/ssh/sshd_config"}])
     );
-    assert_eq!(e["reasons"][1]["evidence"]["packages"], json!(["curl:amd64"]));
+    assert_eq!(
+        e["reasons"][1]["evidence"]["packages"],
+        json!(["curl:amd64"])
+    );
     assert_eq!(e["reasons"][2]["evidence"]["observed"], "web");
     assert_eq!(e["lifecycle"], "enrolled");
 
@@ -196,7 +203,11 @@ async fn explain_names_the_reasons_and_acknowledgements_silence_them() {
         ),
     ] {
         let (s, b) = post(addr, target, &body).await;
-        assert_eq!((s, b["error"]["code"].as_str().unwrap()), (status, code), "{body}: {b}");
+        assert_eq!(
+            (s, b["error"]["code"].as_str().unwrap()),
+            (status, code),
+            "{body}: {b}"
+        );
     }
     let (status, _) = get(addr, "/api/v1/hosts/nope/explain").await;
     assert_eq!(status, 404);
@@ -206,10 +217,17 @@ async fn explain_names_the_reasons_and_acknowledgements_silence_them() {
 async fn the_reconciler_records_transitions_the_api_shows() {
     let Fleet { store, .. } = fleet().await;
     let p = policy();
-    let n = reconcile::reconcile_once(&*store, &p, now_ms()).await.unwrap();
+    let n = reconcile::reconcile_once(&*store, &p, now_ms())
+        .await
+        .unwrap();
     assert!(n >= 3, "{n} transitions");
     // A second round right after changes nothing.
-    assert_eq!(reconcile::reconcile_once(&*store, &p, now_ms()).await.unwrap(), 0);
+    assert_eq!(
+        reconcile::reconcile_once(&*store, &p, now_ms())
+            .await
+            .unwrap(),
+        0
+    );
     let (addr, _stop) = serve_with(store.clone(), p, vec![]).await;
 
     let (_, list) = get(addr, "/api/v1/hosts").await;
@@ -217,7 +235,12 @@ async fn the_reconciler_records_transitions_the_api_shows() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|h| (h["host_id"].as_str().unwrap(), h["lifecycle"].as_str().unwrap()))
+        .map(|h| {
+            (
+                h["host_id"].as_str().unwrap(),
+                h["lifecycle"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         lifecycle,
@@ -235,16 +258,29 @@ async fn the_reconciler_records_transitions_the_api_shows() {
     assert_eq!(status, 200, "{t}");
     assert_eq!(t["lifecycle"], "flagged");
     let first = &t["transitions"][0];
-    assert_eq!((first["from"].as_str(), first["to"].as_str()), (Some("enrolled"), Some("flagged")));
+    assert_eq!(
+        (first["from"].as_str(), first["to"].as_str()),
+        (Some("enrolled"), Some("flagged"))
+    );
     assert_eq!(first["actor"], "collector");
-    assert!(first["cause"].as_str().unwrap().starts_with("severity: "), "{t}");
+    assert!(
+        first["cause"].as_str().unwrap().starts_with("severity: "),
+        "{t}"
+    );
     let (status, one) = get(addr, "/api/v1/hosts/web-1").await;
     assert_eq!(status, 200);
     assert_eq!(one["host"]["lifecycle"], "flagged");
     let (status, b) = get(addr, "/api/v1/hosts/web-1/transitions?limit=0").await;
-    assert_eq!((status, b["error"]["parameter"].as_str()), (400, Some("limit")));
+    assert_eq!(
+        (status, b["error"]["parameter"].as_str()),
+        (400, Some("limit"))
+    );
     let audit = store.audit_records(0, 100).await.unwrap();
-    assert!(audit.iter().any(|r| r.action == "host.flagged" && r.target == "web-1"));
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.action == "host.flagged" && r.target == "web-1")
+    );
 
     // An operator retires db-1: a transition with the reason, then no second time.
     let (status, r) = post(
@@ -256,23 +292,41 @@ async fn the_reconciler_records_transitions_the_api_shows() {
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["transition"]["from"], "flagged");
     assert_eq!(r["transition"]["to"], "retired");
-    assert!(r["transition"]["cause"].as_str().unwrap().contains("ticket 42"));
-    let (status, r) = post(addr, "/api/v1/hosts/db-1/retire", &json!({"reason": "again"})).await;
-    assert_eq!((status, r["error"]["code"].as_str()), (409, Some("conflict")), "{r}");
+    assert!(
+        r["transition"]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("ticket 42")
+    );
+    let (status, r) = post(
+        addr,
+        "/api/v1/hosts/db-1/retire",
+        &json!({"reason": "again"}),
+    )
+    .await;
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{r}"
+    );
     let (status, _) = post(addr, "/api/v1/hosts/web-1/retire", &json!({})).await;
     assert_eq!(status, 400);
     let (status, _) = post(addr, "/api/v1/hosts/web-1/retire", &json!({"reason": " "})).await;
     assert_eq!(status, 400);
     // Retired hosts are no longer assessed.
-    reconcile::reconcile_once(&*store, &policy(), now_ms()).await.unwrap();
+    reconcile::reconcile_once(&*store, &policy(), now_ms())
+        .await
+        .unwrap();
     let (_, t) = get(addr, "/api/v1/hosts/db-1/transitions").await;
     assert_eq!(t["lifecycle"], "retired");
-    assert!(store
-        .audit_records(0, 100)
-        .await
-        .unwrap()
-        .iter()
-        .any(|r| r.action == "host.retired" && r.actor == "local:loopback-api"));
+    assert!(
+        store
+            .audit_records(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.action == "host.retired" && r.actor == "local:loopback-api")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,13 +342,29 @@ async fn baselines_are_verified_versioned_and_group_hosts_by_image() {
     let (status, b) = push(signed_header(&pipeline, "web", "2026.11.1", 0xab)).await;
     assert_eq!(status, 200, "{b}");
     assert_eq!(b["baseline"]["root"], "ab".repeat(32));
-    assert_eq!(b["baseline"]["signer"], envelope::key_fingerprint(&raw_key(&pipeline)));
+    assert_eq!(
+        b["baseline"]["signer"],
+        envelope::key_fingerprint(&raw_key(&pipeline))
+    );
     assert_eq!(b["baseline"]["pushed_by"], "local:loopback-api");
     let (status, b) = push(signed_header(&pipeline, "web", "2026.11.1", 0xcd)).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (409, Some("conflict")), "{b}");
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{b}"
+    );
     let (status, b) = push(signed_header(&keypair(), "web", "2026.12.1", 0xcd)).await;
-    assert_eq!((status, b["error"]["code"].as_str()), (422, Some("invalid")), "{b}");
-    assert!(b["error"]["message"].as_str().unwrap().contains("not among the trusted keys"));
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (422, Some("invalid")),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not among the trusted keys")
+    );
     let (status, _) = push("not base64!".into()).await;
     assert_eq!(status, 400);
     let (status, _) = push(base64::engine::general_purpose::STANDARD.encode(b"junk")).await;
@@ -302,12 +372,14 @@ async fn baselines_are_verified_versioned_and_group_hosts_by_image() {
     // db's registered root is not what db-1 runs.
     let (status, _) = push(signed_header(&pipeline, "db", "1", 0x01)).await;
     assert_eq!(status, 200);
-    assert!(store
-        .audit_records(0, 100)
-        .await
-        .unwrap()
-        .iter()
-        .any(|r| r.action == "baseline.pushed" && r.target == "web"));
+    assert!(
+        store
+            .audit_records(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.action == "baseline.pushed" && r.target == "web")
+    );
 
     let (status, l) = get(addr, "/api/v1/images").await;
     assert_eq!(status, 200, "{l}");
@@ -385,7 +457,9 @@ async fn every_lifecycle_field_is_documented() {
     )
     .await;
     bodies.push(("ack", b));
-    reconcile::reconcile_once(&*store, &policy(), now_ms()).await.unwrap();
+    reconcile::reconcile_once(&*store, &policy(), now_ms())
+        .await
+        .unwrap();
     for target in [
         "/api/v1/hosts/web-1/transitions",
         "/api/v1/hosts/old-1/explain",
@@ -408,7 +482,10 @@ async fn every_lifecycle_field_is_documented() {
             }
         }
     }
-    assert!(missing.is_empty(), "fields missing from docs/api.md: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "fields missing from docs/api.md: {missing:?}"
+    );
 }
 
 /// `a.b[].c` paths of every field in a JSON value (raw-bytes objects as one field).
@@ -421,9 +498,9 @@ fn field_paths(v: &Value, prefix: &str, out: &mut std::collections::BTreeSet<Str
                 } else {
                     format!("{prefix}.{k}")
                 };
-                let raw_bytes = v
-                    .as_object()
-                    .is_some_and(|o| o.len() == 1 && (o.contains_key("text") || o.contains_key("bytes")));
+                let raw_bytes = v.as_object().is_some_and(|o| {
+                    o.len() == 1 && (o.contains_key("text") || o.contains_key("bytes"))
+                });
                 out.insert(p.clone());
                 if !raw_bytes {
                     field_paths(v, &p, out);
@@ -432,9 +509,9 @@ fn field_paths(v: &Value, prefix: &str, out: &mut std::collections::BTreeSet<Str
         }
         Value::Array(a) => {
             for v in a {
-                let raw_bytes = v
-                    .as_object()
-                    .is_some_and(|o| o.len() == 1 && (o.contains_key("text") || o.contains_key("bytes")));
+                let raw_bytes = v.as_object().is_some_and(|o| {
+                    o.len() == 1 && (o.contains_key("text") || o.contains_key("bytes"))
+                });
                 if !raw_bytes {
                     field_paths(v, &format!("{prefix}[]"), out);
                 }

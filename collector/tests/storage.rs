@@ -9,12 +9,12 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use driftwatch_collector::storage::audit::{ChainError, ChainVerifier};
 use driftwatch_collector::lifecycle::Lifecycle;
+use driftwatch_collector::storage::audit::{ChainError, ChainVerifier};
 use driftwatch_collector::storage::{
-    AckRequest, RegisteredBaseline, TransitionRecord,
-    ApplyOutcome, AuditEntry, EnrollmentToken, HeartbeatRecord, HelloInfo, IssuedCertificate,
-    ReportToApply, SecurityEvent, Storage, StorageError, TokenError, ViolationQuery,
+    AckRequest, ApplyOutcome, AuditEntry, EnrollmentToken, HeartbeatRecord, HelloInfo,
+    IssuedCertificate, RegisteredBaseline, ReportToApply, SecurityEvent, Storage, StorageError,
+    TokenError, TransitionRecord, ViolationQuery,
 };
 use driftwatch_proto::set::{file_key, item_hash, package_key, set_digest};
 use driftwatch_proto::v1::{
@@ -1674,27 +1674,64 @@ async fn lifecycle_transitions_are_compare_and_set_with_audit(f: Fixture) {
     assert_eq!(states.len(), 2);
     let web = states.iter().find(|h| h.host_id == "web-1").unwrap();
     assert_eq!(
-        (web.state, web.since_ms, web.role.as_deref(), web.enrolled_ms),
+        (
+            web.state,
+            web.since_ms,
+            web.role.as_deref(),
+            web.enrolled_ms
+        ),
         (Lifecycle::Enrolled, T0, Some("web"), T0)
     );
-    assert_eq!(states.iter().find(|h| h.host_id == "db-1").unwrap().role, None);
+    assert_eq!(
+        states.iter().find(|h| h.host_id == "db-1").unwrap().role,
+        None
+    );
 
     let t = transition("web-1", Lifecycle::Enrolled, Lifecycle::Clean, T0 + MINUTE);
-    assert!(s.record_transition(t, audit("host.state_changed", "web-1")).await.unwrap());
+    assert!(
+        s.record_transition(t, audit("host.state_changed", "web-1"))
+            .await
+            .unwrap()
+    );
     // Computed from a state the host has left: nothing written, no audit record.
-    let stale = transition("web-1", Lifecycle::Enrolled, Lifecycle::Drifted, T0 + 2 * MINUTE);
-    assert!(!s.record_transition(stale, audit("host.state_changed", "web-1")).await.unwrap());
-    let t = transition("web-1", Lifecycle::Clean, Lifecycle::Flagged, T0 + 3 * MINUTE);
-    assert!(s.record_transition(t, audit("host.flagged", "web-1")).await.unwrap());
+    let stale = transition(
+        "web-1",
+        Lifecycle::Enrolled,
+        Lifecycle::Drifted,
+        T0 + 2 * MINUTE,
+    );
+    assert!(
+        !s.record_transition(stale, audit("host.state_changed", "web-1"))
+            .await
+            .unwrap()
+    );
+    let t = transition(
+        "web-1",
+        Lifecycle::Clean,
+        Lifecycle::Flagged,
+        T0 + 3 * MINUTE,
+    );
+    assert!(
+        s.record_transition(t, audit("host.flagged", "web-1"))
+            .await
+            .unwrap()
+    );
     // A move the state machine refuses is refused whatever the stored state.
-    let bad = transition("web-1", Lifecycle::Flagged, Lifecycle::Replaced, T0 + 4 * MINUTE);
+    let bad = transition(
+        "web-1",
+        Lifecycle::Flagged,
+        Lifecycle::Replaced,
+        T0 + 4 * MINUTE,
+    );
     assert!(matches!(
-        s.record_transition(bad, audit("host.replaced", "web-1")).await,
+        s.record_transition(bad, audit("host.replaced", "web-1"))
+            .await,
         Err(StorageError::InvalidArgument(_))
     ));
     let unknown = transition("nope", Lifecycle::Enrolled, Lifecycle::Clean, T0);
     assert!(matches!(
-        s.record_transition(unknown, audit("host.state_changed", "nope")).await,
+        s.record_transition(unknown, audit("host.state_changed", "nope"))
+            .await,
         Err(StorageError::UnknownHost(_))
     ));
 
@@ -1705,7 +1742,10 @@ async fn lifecycle_transitions_are_compare_and_set_with_audit(f: Fixture) {
         .into_iter()
         .find(|h| h.host_id == "web-1")
         .unwrap();
-    assert_eq!((web.state, web.since_ms), (Lifecycle::Flagged, T0 + 3 * MINUTE));
+    assert_eq!(
+        (web.state, web.since_ms),
+        (Lifecycle::Flagged, T0 + 3 * MINUTE)
+    );
     let list = s.transitions("web-1", 0).await.unwrap();
     let moves: Vec<(Lifecycle, Lifecycle, i64)> =
         list.iter().map(|t| (t.from, t.to, t.at_ms)).collect();
@@ -1731,8 +1771,18 @@ async fn lifecycle_transitions_are_compare_and_set_with_audit(f: Fixture) {
     );
 
     // Two writers racing from the same state: exactly one wins.
-    let a = transition("web-1", Lifecycle::Flagged, Lifecycle::Retired, T0 + 5 * MINUTE);
-    let b = transition("web-1", Lifecycle::Flagged, Lifecycle::RebuildRequested, T0 + 5 * MINUTE);
+    let a = transition(
+        "web-1",
+        Lifecycle::Flagged,
+        Lifecycle::Retired,
+        T0 + 5 * MINUTE,
+    );
+    let b = transition(
+        "web-1",
+        Lifecycle::Flagged,
+        Lifecycle::RebuildRequested,
+        T0 + 5 * MINUTE,
+    );
     let (ra, rb) = tokio::join!(
         s.record_transition(a, audit("host.retired", "web-1")),
         s.record_transition(b, audit("rebuild.requested", "web-1")),
@@ -1781,9 +1831,19 @@ async fn acknowledgements_cover_the_named_open_items(f: Fixture) {
     assert_eq!(pkg_ack.package.as_deref(), Some("curl:amd64"));
     assert_eq!(pkg_ack.item_hash, item_hash(&curl));
     assert_eq!(s.acknowledgements(Some("h"), T0).await.unwrap().len(), 2);
-    assert!(s.acknowledgements(Some("other"), T0).await.unwrap().is_empty());
+    assert!(
+        s.acknowledgements(Some("other"), T0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     // Expired at its expiry.
-    assert!(s.acknowledgements(None, T0 + 60 * MINUTE).await.unwrap().is_empty());
+    assert!(
+        s.acknowledgements(None, T0 + 60 * MINUTE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A path with no open violation: refused, nothing written, no audit record.
     let before = audit_actions(s).await.len();
@@ -1801,7 +1861,8 @@ async fn acknowledgements_cover_the_named_open_items(f: Fixture) {
         },
     ] {
         assert!(matches!(
-            s.acknowledge(bad, audit("violation.acknowledged", "h")).await,
+            s.acknowledge(bad, audit("violation.acknowledged", "h"))
+                .await,
             Err(StorageError::InvalidArgument(_))
         ));
     }
@@ -1820,7 +1881,10 @@ async fn acknowledgements_cover_the_named_open_items(f: Fixture) {
     ));
     // all: every open item.
     let all = s
-        .acknowledge(req(vec![], vec![], true), audit("violation.acknowledged", "h"))
+        .acknowledge(
+            req(vec![], vec![], true),
+            audit("violation.acknowledged", "h"),
+        )
         .await
         .unwrap();
     assert_eq!(all.len(), 3);
@@ -1865,11 +1929,21 @@ async fn registry_refuses_versions_not_newer(f: Fixture) {
     let all = s.registered_baselines().await.unwrap();
     let order: Vec<(&str, &str, u8)> = all
         .iter()
-        .map(|b| (b.image_id.as_str(), b.image_version.as_str(), b.merkle_root[0]))
+        .map(|b| {
+            (
+                b.image_id.as_str(),
+                b.image_version.as_str(),
+                b.merkle_root[0],
+            )
+        })
         .collect();
     assert_eq!(
         order,
-        [("db", "1", 4), ("web", "2026.11.10", 3), ("web", "2026.11.9", 1)]
+        [
+            ("db", "1", 4),
+            ("web", "2026.11.10", 3),
+            ("web", "2026.11.9", 1)
+        ]
     );
     assert_eq!(all[1], registered("web", "2026.11.10", 3));
     assert_eq!(

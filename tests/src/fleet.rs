@@ -316,7 +316,16 @@ impl Agent {
         root: &Path,
         image: &Image,
     ) -> Agent {
-        Agent::enroll_labeled(collector, token, fingerprint, host_id, dir, root, image, &[])
+        Agent::enroll_labeled(
+            collector,
+            token,
+            fingerprint,
+            host_id,
+            dir,
+            root,
+            image,
+            &[],
+        )
     }
 
     /// Like [`Agent::enroll`], with enrollment labels (`["role=web"]`).
@@ -333,22 +342,26 @@ impl Agent {
     ) -> Agent {
         let state_dir = dir.join("state");
         fs::create_dir_all(&state_dir).expect("agent state dir");
-        let label_args = labels.iter().flat_map(|l| [OsStr::new("--label"), OsStr::new(l)]);
-        let r = crate::agent([
-            OsStr::new("enroll"),
-            OsStr::new("--collector"),
-            OsStr::new(&collector.grpc_url),
-            OsStr::new("--ca-fingerprint"),
-            OsStr::new(fingerprint),
-            OsStr::new("--token"),
-            OsStr::new(token),
-            OsStr::new("--host-id"),
-            OsStr::new(host_id),
-            OsStr::new("--state-dir"),
-            state_dir.as_os_str(),
-        ]
-        .into_iter()
-        .chain(label_args));
+        let label_args = labels
+            .iter()
+            .flat_map(|l| [OsStr::new("--label"), OsStr::new(l)]);
+        let r = crate::agent(
+            [
+                OsStr::new("enroll"),
+                OsStr::new("--collector"),
+                OsStr::new(&collector.grpc_url),
+                OsStr::new("--ca-fingerprint"),
+                OsStr::new(fingerprint),
+                OsStr::new("--token"),
+                OsStr::new(token),
+                OsStr::new("--host-id"),
+                OsStr::new(host_id),
+                OsStr::new("--state-dir"),
+                state_dir.as_os_str(),
+            ]
+            .into_iter()
+            .chain(label_args),
+        );
         assert_eq!(
             r.code,
             0,

@@ -10,8 +10,8 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use driftwatch_tests::fleet::{Agent, Collector, Image};
 use driftwatch_tests::daemon::wait_until;
+use driftwatch_tests::fleet::{Agent, Collector, Image};
 use driftwatch_tests::{binary, debian, require_root};
 use serde_json::Value;
 
@@ -86,11 +86,16 @@ fn a_drifted_host_and_a_host_off_the_registered_root_are_flagged_with_their_reas
     assert_eq!(pushed["baseline"]["image_id"], "test-image", "{pushed}");
     assert_eq!(root.len(), 64);
     // The same version again is refused; so is a baseline signed by an untrusted key.
-    let again = collector.cli(&["baseline", "push", &image_path]).unwrap_err();
+    let again = collector
+        .cli(&["baseline", "push", &image_path])
+        .unwrap_err();
     assert!(again.contains("not newer"), "{again}");
     let other = other_image.baseline.display().to_string();
     let untrusted = collector.cli(&["baseline", "push", &other]).unwrap_err();
-    assert!(untrusted.contains("not among the trusted keys"), "{untrusted}");
+    assert!(
+        untrusted.contains("not among the trusted keys"),
+        "{untrusted}"
+    );
 
     let token = collector.token(4);
     let fp = collector.ca_fingerprint();
@@ -174,13 +179,24 @@ fn a_drifted_host_and_a_host_off_the_registered_root_are_flagged_with_their_reas
     // The transition is stored with its cause, and shown by `host show`.
     let show = collector.cli(&["host", "show", "web-1"]).unwrap();
     let t = &show["transitions"]["transitions"][0];
-    assert_eq!((t["from"].as_str(), t["to"].as_str()), (Some("clean"), Some("flagged")), "{show}");
+    assert_eq!(
+        (t["from"].as_str(), t["to"].as_str()),
+        (Some("clean"), Some("flagged")),
+        "{show}"
+    );
     assert_eq!(t["actor"], "collector");
-    assert!(t["cause"].as_str().unwrap().starts_with("severity: "), "{t}");
+    assert!(
+        t["cause"].as_str().unwrap().starts_with("severity: "),
+        "{t}"
+    );
 
     // The image view: consensus web-0, web-2; outliers web-1 (drift) and web-odd (root).
     let img = collector.cli(&["image", "show", "test-image"]).unwrap();
-    assert_eq!(img["consensus"], serde_json::json!(["web-0", "web-2"]), "{img}");
+    assert_eq!(
+        img["consensus"],
+        serde_json::json!(["web-0", "web-2"]),
+        "{img}"
+    );
     let outliers: Vec<(&str, bool, bool)> = img["outliers"]
         .as_array()
         .unwrap()

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::Method;
 use hyper::body::Bytes;
 use hyper::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
-use hyper::Method;
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 

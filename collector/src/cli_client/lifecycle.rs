@@ -155,7 +155,10 @@ pub(super) async fn acknowledge(
     format: Format,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let path = format!("/api/v1/hosts/{}/violations/ack", percent_encode_segment(host));
+    let path = format!(
+        "/api/v1/hosts/{}/violations/ack",
+        percent_encode_segment(host)
+    );
     let req = lapi::AckRequest {
         paths: paths
             .iter()
@@ -280,7 +283,9 @@ pub(super) async fn image_show(
                 when(&b.pushed_at),
                 escape::text(&b.pushed_by)
             )),
-            None => out.push_str("registered: none (push its baseline with driftwatch baseline push)\n"),
+            None => {
+                out.push_str("registered: none (push its baseline with driftwatch baseline push)\n")
+            }
         }
         out.push_str(&format!(
             "hosts: {}, consensus: {}, outliers: {}\n",
@@ -335,7 +340,8 @@ pub(super) async fn image_show(
 /// The signed header record of a baseline file: the magic, then one length-delimited
 /// `SignedHeader` (`agent/src/baseline.rs`). Only this is sent: it is what the signature covers.
 pub fn read_signed_header(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut magic = [0u8; 8];
     f.read_exact(&mut magic)
         .ok()
@@ -356,7 +362,10 @@ pub fn read_signed_header(path: &Path) -> anyhow::Result<Vec<u8>> {
         }
     }
     if len > crate::registry::MAX_SIGNED_HEADER_BYTES as u64 {
-        bail!("{}: the header is larger than a baseline header may be", path.display());
+        bail!(
+            "{}: the header is larger than a baseline header may be",
+            path.display()
+        );
     }
     let mut buf = vec![0u8; len as usize];
     f.read_exact(&mut buf)

@@ -15,16 +15,14 @@ use axum::{Json, Router};
 use base64::Engine;
 
 use super::params::{self, ParamError};
-use super::{AppState, ApiError, Pairs, host_id, now_ms, pairs};
+use super::{ApiError, AppState, Pairs, host_id, now_ms, pairs};
 use crate::api::lifecycle as lapi;
 use crate::api::{RawBytes, SCHEMA, hex, rfc3339_ms};
 use crate::flagging::{Exclusion, Reason};
 use crate::lifecycle::{self, Event, Lifecycle};
 use crate::reconcile::{self, Verdict};
 use crate::registry;
-use crate::storage::{
-    AckRequest, AuditEntry, RegisteredBaseline, StorageError, TransitionRecord,
-};
+use crate::storage::{AckRequest, AuditEntry, RegisteredBaseline, StorageError, TransitionRecord};
 
 /// Longest reason accepted for an acknowledgement or a retirement.
 const MAX_REASON: usize = 1024;
@@ -168,7 +166,11 @@ fn summary(v: &Verdict) -> String {
         (_, false) => format!(
             "flagged for {} reason(s): {}; {drift}",
             v.reasons.len(),
-            v.reasons.iter().map(|r| r.code).collect::<Vec<_>>().join(", ")
+            v.reasons
+                .iter()
+                .map(|r| r.code)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         (_, true) => format!("not flagged: no rule of the flagging policy applies; {drift}"),
     }
@@ -282,8 +284,7 @@ async fn acknowledge(
         _ => {
             return Err(ParamError {
                 parameter: "expires_in".into(),
-                message: "give exactly one of expires_in (\"7d\") and expires_at (RFC 3339)"
-                    .into(),
+                message: "give exactly one of expires_in (\"7d\") and expires_at (RFC 3339)".into(),
             }
             .into());
         }
@@ -338,9 +339,8 @@ async fn retire(
     // then the move is retried from the new state (a few times at most).
     for _ in 0..5 {
         let (from, _) = current_state(&st, &id).await?;
-        lifecycle::next(from, Event::Retired).map_err(|_| {
-            StorageError::Conflict(format!("host {id:?} is already {from}"))
-        })?;
+        lifecycle::next(from, Event::Retired)
+            .map_err(|_| StorageError::Conflict(format!("host {id:?} is already {from}")))?;
         let now = now_ms();
         let t = TransitionRecord {
             host_id: id.clone(),

@@ -199,8 +199,10 @@ pub(crate) fn check_transition(t: &TransitionRecord) -> Result<(), StorageError>
 
 /// A stored state name back to the enum.
 pub(crate) fn parse_state(table: &'static str, s: &str) -> Result<Lifecycle, StorageError> {
-    s.parse().map_err(|e: crate::lifecycle::UnknownLifecycle| StorageError::Corrupt {
-        table,
-        detail: e.to_string(),
-    })
+    s.parse().map_err(
+        |e: crate::lifecycle::UnknownLifecycle| StorageError::Corrupt {
+            table,
+            detail: e.to_string(),
+        },
+    )
 }

@@ -20,16 +20,16 @@ use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 
 mod apply;
 pub mod audit;
-pub mod lifecycle;
 mod glob;
-pub mod registry;
+pub mod lifecycle;
 pub mod postgres;
+pub mod registry;
 pub mod sqlite;
 
 pub use audit::{AuditEntry, AuditRecord, AuditStore};
 pub use lifecycle::{AckRequest, Acknowledgement, HostLifecycle, LifecycleStore, TransitionRecord};
-pub use registry::{RegisteredBaseline, RegistryStore};
 pub use postgres::PgStore;
+pub use registry::{RegisteredBaseline, RegistryStore};
 pub use sqlite::SqliteStore;
 
 /// A boxed future, so `dyn Storage` works (`Arc<dyn Storage>` is shared by every task).
@@ -230,7 +230,9 @@ pub struct SecurityEvent {
 
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
-pub trait Storage: AuditStore + LifecycleStore + RegistryStore + Send + Sync + std::fmt::Debug + 'static {
+pub trait Storage:
+    AuditStore + LifecycleStore + RegistryStore + Send + Sync + std::fmt::Debug + 'static
+{
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;
 

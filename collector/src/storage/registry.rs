@@ -3,8 +3,8 @@
 //! its registered baseline; a push whose version is not newer is refused inside the same
 //! transaction that would record it, so two concurrent pushes cannot both win.
 
-use super::audit::AuditEntry;
 use super::StoreFuture;
+use super::audit::AuditEntry;
 
 /// One registered baseline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,9 +35,9 @@ pub trait RegistryStore: Send + Sync {
 /// returns, computed in Rust because SQL cannot order by the registry's version order).
 pub(crate) fn sort_newest_first(v: &mut [RegisteredBaseline]) {
     v.sort_by(|a, b| {
-        a.image_id.cmp(&b.image_id).then_with(|| {
-            crate::registry::compare_versions(&b.image_version, &a.image_version)
-        })
+        a.image_id
+            .cmp(&b.image_id)
+            .then_with(|| crate::registry::compare_versions(&b.image_version, &a.image_version))
     });
 }
 

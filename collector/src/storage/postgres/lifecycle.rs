@@ -95,7 +95,14 @@ impl LifecycleStore for PgStore {
             tx.execute(
                 "INSERT INTO host_transitions (host_pk, from_state, to_state, at_ms, cause, actor) \
                  VALUES ($1, $2, $3, $4, $5, $6)",
-                &[&pk, &t.from.name(), &t.to.name(), &t.at_ms, &t.cause, &t.actor],
+                &[
+                    &pk,
+                    &t.from.name(),
+                    &t.to.name(),
+                    &t.at_ms,
+                    &t.cause,
+                    &t.actor,
+                ],
             )
             .await
             .db()?;
@@ -188,8 +195,7 @@ impl LifecycleStore for PgStore {
             let keys: Vec<&[u8]> = acks.iter().map(|a| a.key.as_slice()).collect();
             let hashes: Vec<&[u8]> = acks.iter().map(|a| a.item_hash.as_slice()).collect();
             let paths: Vec<Option<&[u8]>> = acks.iter().map(|a| a.path.as_deref()).collect();
-            let packages: Vec<Option<&str>> =
-                acks.iter().map(|a| a.package.as_deref()).collect();
+            let packages: Vec<Option<&str>> = acks.iter().map(|a| a.package.as_deref()).collect();
             tx.execute(
                 "INSERT INTO violation_acks (host_pk, key, item_hash, path, package, reason, \
                  actor, at_ms, expires_ms) \
