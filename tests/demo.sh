@@ -91,6 +91,9 @@ fp=$("$dwc" ca show --config "$work/collector.toml" | sed -n 's/^sha256 fingerpr
 echo "collector CA fingerprint $fp"
 token=$("$dwc" token create --config "$work/collector.toml" --uses 2 --ttl 10m --host-pattern 'web-*' 2>/dev/null)
 export DRIFTWATCH_API=http://127.0.0.1:$http
+# The API needs a bearer token: an auditor's is enough to read (shown once, kept in the env).
+DRIFTWATCH_TOKEN=$("$dwc" api-token create --config "$work/collector.toml" --role auditor --name demo 2>/dev/null)
+export DRIFTWATCH_TOKEN
 
 step "fleet: two agents enroll with one token (CA pinned by fingerprint) and start reporting"
 for h in web-1 web-2; do

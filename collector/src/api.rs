@@ -278,6 +278,106 @@ pub struct Health {
     pub error: Option<String>,
 }
 
+/// One API token (never its secret): `GET /api/v1/tokens`, and inside the answers of
+/// `POST` and `DELETE`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenInfo {
+    pub id: String,
+    pub name: String,
+    /// `auditor`, `operator` or `admin`.
+    pub role: String,
+    /// `active`, `expired` or `revoked`.
+    pub state: String,
+    pub created_at: String,
+    /// The audit actor that made it.
+    pub created_by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+    /// Precise to a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
+}
+
+/// `GET /api/v1/tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenList {
+    pub schema: String,
+    pub generated_at: String,
+    pub tokens: Vec<ApiTokenInfo>,
+}
+
+/// `POST /api/v1/tokens` (201) and `DELETE /api/v1/tokens/{id}` (200; no `secret`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenAnswer {
+    pub schema: String,
+    pub token: ApiTokenInfo,
+    /// The whole token, `dwa_<id>_<secret>`: shown in this answer only, never again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// One enrollment token (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentTokenInfo {
+    pub id: String,
+    /// `active`, `expired` or `used_up`.
+    pub state: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub uses_left: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_pattern: Option<String>,
+}
+
+/// `GET /api/v1/enrollment-tokens`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentTokenList {
+    pub schema: String,
+    pub generated_at: String,
+    pub tokens: Vec<EnrollmentTokenInfo>,
+}
+
+/// `POST /api/v1/enrollment-tokens` (201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollmentTokenAnswer {
+    pub schema: String,
+    pub token: EnrollmentTokenInfo,
+    /// The whole token, `dwt_<id>_<secret>`, for `driftwatch-agent enroll --token`: shown in
+    /// this answer only.
+    pub secret: String,
+}
+
+/// `GET /api/v1/audit`: records in seq order, exactly as stored, so that a client can
+/// recompute every hash (`driftwatch audit verify`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditList {
+    pub schema: String,
+    pub generated_at: String,
+    pub limit: u32,
+    /// More records follow: ask again with `after` = the last `seq`.
+    pub truncated: bool,
+    pub records: Vec<AuditRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: u64,
+    pub at: String,
+    /// `at` in Unix milliseconds, as hashed.
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    /// The detail object as stored and hashed: a JSON text, not an object.
+    pub detail: String,
+    /// Hex SHA-256 of the previous record (zeros for record 1).
+    pub prev_hash: String,
+    /// Hex SHA-256 of this record (see docs/api.md for what it covers).
+    pub hash: String,
+}
+
 /// The body of every error response (4xx, 5xx).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -288,7 +388,8 @@ pub struct ErrorBody {
 pub struct ErrorDetail {
     /// The HTTP status code again, for logs that keep only the body.
     pub status: u16,
-    /// `bad_parameter`, `not_found`, `storage_unavailable`, `internal` or `timeout`.
+    /// `bad_parameter`, `unauthenticated`, `forbidden`, `not_found`, `conflict`, `invalid`,
+    /// `storage_unavailable`, `internal` or `timeout`.
     pub code: String,
     pub message: String,
     /// For `bad_parameter`: the query or path parameter at fault.

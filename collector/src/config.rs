@@ -28,6 +28,9 @@ pub struct RawConfig {
     pub database_url: Option<String>,
     pub grpc_listen: Option<String>,
     pub http_listen: Option<String>,
+    pub http_tls: Option<bool>,
+    pub http_tls_cert: Option<PathBuf>,
+    pub http_tls_key: Option<PathBuf>,
     pub server_names: Option<Vec<String>>,
     pub client_cert_lifetime: Option<String>,
     pub heartbeat_interval: Option<String>,
@@ -85,6 +88,24 @@ pub enum CaSource {
     Given { cert: PathBuf, key: PathBuf },
 }
 
+/// How the HTTP API is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpTls {
+    /// Plain HTTP: only allowed on a loopback address.
+    Off,
+    /// TLS with a server certificate the collector CA issues at every start for
+    /// `server_names` (clients trust the CA: `driftwatch --ca-file`).
+    CollectorCa,
+    /// TLS with an operator-provided certificate chain and key (PEM files).
+    Given { cert: PathBuf, key: PathBuf },
+}
+
+impl HttpTls {
+    pub fn enabled(&self) -> bool {
+        !matches!(self, HttpTls::Off)
+    }
+}
+
 /// Timing and batching knobs that are not configuration-file keys: their defaults are the
 /// contract with the agents, and tests (and load generators) shorten them in-process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,8 +149,10 @@ pub struct Settings {
     pub state_dir: PathBuf,
     pub database: Database,
     pub grpc_listen: SocketAddr,
-    /// The HTTP JSON API's address (served from issue 5 on; carried here already).
+    /// The HTTP JSON API's address.
     pub http_listen: SocketAddr,
+    /// TLS for the HTTP API (required beyond loopback).
+    pub http_tls: HttpTls,
     /// DNS names and IP addresses in the server certificate.
     pub server_names: Vec<String>,
     pub client_cert_lifetime: Duration,
@@ -222,9 +245,31 @@ impl Settings {
         };
         let grpc_listen = parse_addr("grpc_listen", raw.grpc_listen, DEFAULT_GRPC_LISTEN)?;
         let http_listen = parse_addr("http_listen", raw.http_listen, DEFAULT_HTTP_LISTEN)?;
-        // Until the API has access control (bearer tokens and roles), only this machine may ask.
-        crate::http::check_listen_addr(http_listen)
-            .map_err(|e| invalid("http_listen", e.to_string()))?;
+        // Bearer tokens never cross a network in the clear: TLS by default beyond loopback,
+        // and plain HTTP there is refused.
+        let tls_on = raw
+            .http_tls
+            .unwrap_or(!crate::http::is_loopback(http_listen));
+        crate::http::check_listen_addr(http_listen, tls_on)
+            .map_err(|e| invalid("http_tls", e.to_string()))?;
+        let http_tls = match (tls_on, raw.http_tls_cert, raw.http_tls_key) {
+            (false, None, None) => HttpTls::Off,
+            (false, _, _) => {
+                return Err(invalid(
+                    "http_tls",
+                    "is false, but http_tls_cert/http_tls_key are set (remove them or set \
+                     http_tls = true)",
+                ));
+            }
+            (true, None, None) => HttpTls::CollectorCa,
+            (true, Some(cert), Some(key)) => HttpTls::Given { cert, key },
+            (true, Some(_), None) => {
+                return Err(invalid("http_tls_key", "is required with http_tls_cert"));
+            }
+            (true, None, Some(_)) => {
+                return Err(invalid("http_tls_cert", "is required with http_tls_key"));
+            }
+        };
         let server_names = match raw.server_names {
             Some(names) => {
                 if names.is_empty() {
@@ -325,6 +370,7 @@ impl Settings {
             database,
             grpc_listen,
             http_listen,
+            http_tls,
             server_names,
             client_cert_lifetime,
             heartbeat_interval: NonZeroU32Seconds(heartbeat_interval),
@@ -353,6 +399,7 @@ impl Settings {
             database: Database::Sqlite(state_dir.join("collector.db")),
             grpc_listen: loopback,
             http_listen: loopback,
+            http_tls: HttpTls::Off,
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             client_cert_lifetime: DEFAULT_CLIENT_CERT_LIFETIME,
             heartbeat_interval: NonZeroU32Seconds(
@@ -474,6 +521,7 @@ mod tests {
         );
         assert_eq!(s.grpc_listen.to_string(), "0.0.0.0:7443");
         assert_eq!(s.http_listen.to_string(), "127.0.0.1:7480");
+        assert_eq!(s.http_tls, HttpTls::Off);
         assert!(s.server_names.starts_with(&[
             "localhost".into(),
             "127.0.0.1".into(),
@@ -524,6 +572,29 @@ mod tests {
     }
 
     #[test]
+    fn http_tls_defaults_on_beyond_loopback() {
+        let s = settings("http_listen = \"0.0.0.0:7480\"").unwrap();
+        assert_eq!(s.http_tls, HttpTls::CollectorCa);
+        let s = settings("http_listen = \"[::1]:7480\"\nhttp_tls = true").unwrap();
+        assert_eq!(s.http_tls, HttpTls::CollectorCa);
+        let s = settings(
+            "http_listen = \"10.0.0.5:443\"\nhttp_tls_cert = \"/c.pem\"\nhttp_tls_key = \"/k.pem\"",
+        )
+        .unwrap();
+        assert_eq!(
+            s.http_tls,
+            HttpTls::Given {
+                cert: "/c.pem".into(),
+                key: "/k.pem".into()
+            }
+        );
+        let e = settings("http_listen = \"10.0.0.5:80\"\nhttp_tls = false")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must use TLS"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = settings("grpc_listn = \"0.0.0.0:1\"")
             .unwrap_err()
@@ -546,6 +617,16 @@ mod tests {
             ("server_names = [\"bad name\"]", "server_names"),
             ("ca_cert = \"/x.pem\"", "ca_key"),
             ("state_dir = \"relative\"", "state_dir"),
+            (
+                "http_listen = \"0.0.0.0:7480\"\nhttp_tls = false",
+                "http_tls",
+            ),
+            ("http_tls = false\nhttp_tls_cert = \"/c\"", "http_tls"),
+            ("http_tls = true\nhttp_tls_cert = \"/c\"", "http_tls_key"),
+            (
+                "http_tls_key = \"/k\"\nhttp_listen = \"[::]:1\"",
+                "http_tls_cert",
+            ),
         ] {
             let e = settings(toml).unwrap_err().to_string();
             assert!(e.starts_with(key), "{toml}: {e}");

@@ -19,8 +19,8 @@ use crate::ca::{CertificateAuthority, unix_ms};
 use crate::revocation::Revocations;
 use crate::rpc_error::RpcError;
 use crate::security;
-use crate::storage::{Storage, StorageError};
-use crate::token::Token;
+use crate::storage::{AuditEntry, Storage, StorageError};
+use crate::token::{Token, TokenKind};
 
 /// Most labels per host.
 const MAX_LABELS: usize = 64;
@@ -52,7 +52,7 @@ impl EnrollmentService {
     }
 
     async fn enroll_checked(&self, r: EnrollRequest) -> Result<EnrollResponse, RpcError> {
-        let token = Token::parse(&r.token)?;
+        let token = Token::parse(TokenKind::Enrollment, &r.token)?;
         host_id::validate(&r.host_id)?;
         let labels = check_labels(r.labels)?;
         let now = SystemTime::now();
@@ -65,8 +65,19 @@ impl EnrollmentService {
             .store
             .consume_enrollment_token(token.sha256(), &r.host_id, unix_ms(now))
             .await?;
+        let audit = AuditEntry::new(
+            unix_ms(now),
+            format!("host:{}", r.host_id),
+            "host.enrolled",
+            r.host_id.clone(),
+            serde_json::json!({
+                "token_id": used.id,
+                "labels": labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+                "certificate_serial": crate::api::hex(&issued.record.serial),
+            }),
+        );
         self.store
-            .enroll_host(labels, issued.record.clone())
+            .enroll_host(labels, issued.record.clone(), audit)
             .await?;
         tracing::info!(host = r.host_id, token = used.id, "host enrolled");
         // A host id enrolling again starts a new lifecycle; the enrollment itself stands even

@@ -30,7 +30,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::ca::{CaError, CertificateAuthority};
-use crate::config::Settings;
+use crate::config::{HttpTls, Settings};
 use crate::enroll::EnrollmentService;
 use crate::http::ApiConfig;
 use crate::ingest::IngestService;
@@ -55,6 +55,8 @@ pub enum ServeError {
     },
     #[error("storage: {0}")]
     Storage(#[from] StorageError),
+    #[error("HTTP API TLS: {0}")]
+    HttpTls(String),
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
@@ -71,6 +73,8 @@ pub struct Server {
     local_addr: SocketAddr,
     http_listener: tokio::net::TcpListener,
     http_addr: SocketAddr,
+    /// `None`: plain HTTP (loopback only).
+    http_tls: Option<Arc<rustls::ServerConfig>>,
     tls: Arc<rustls::ServerConfig>,
     stats: Arc<TlsStats>,
 }
@@ -82,10 +86,16 @@ impl Server {
         let ca_source = settings.ca.clone();
         let names = settings.server_names.clone();
         // Key generation and a few small file writes: off the async workers.
-        let (ca, identity) = tokio::task::spawn_blocking(move || {
+        let want_api_cert = settings.http_tls == HttpTls::CollectorCa;
+        let (ca, identity, api_identity) = tokio::task::spawn_blocking(move || {
             let ca = CertificateAuthority::open(&ca_source)?;
             let identity = ca.issue_server(&names)?;
-            Ok::<_, CaError>((ca, identity))
+            let api_identity = if want_api_cert {
+                Some(ca.issue_server(&names)?)
+            } else {
+                None
+            };
+            Ok::<_, CaError>((ca, identity, api_identity))
         })
         .await
         .map_err(|e| CaError::Invalid {
@@ -93,6 +103,18 @@ impl Server {
             detail: format!("CA task failed: {e}"),
         })??;
         let tls = tls::server_config(&ca, identity)?;
+        let http_tls = match (&settings.http_tls, api_identity) {
+            (HttpTls::Off, _) => None,
+            (HttpTls::CollectorCa, Some(id)) => Some(tls::http_server_config(id)?),
+            (HttpTls::Given { cert, key }, _) => {
+                Some(tls::http_server_config(load_identity(cert, key)?)?)
+            }
+            (HttpTls::CollectorCa, None) => {
+                return Err(ServeError::HttpTls("no API certificate was issued".into()));
+            }
+        };
+        crate::http::check_listen_addr(settings.http_listen, http_tls.is_some())
+            .map_err(|e| ServeError::HttpTls(e.to_string()))?;
         let addr = settings.grpc_listen;
         let listener = tls::bind(addr).map_err(|source| ServeError::Bind { addr, source })?;
         let local_addr = listener
@@ -126,6 +148,7 @@ impl Server {
             local_addr,
             http_listener,
             http_addr,
+            http_tls,
             tls,
             stats: Arc::new(TlsStats::default()),
         })
@@ -136,7 +159,7 @@ impl Server {
         self.local_addr
     }
 
-    /// The address the HTTP JSON API is bound to (loopback).
+    /// The address the HTTP JSON API is bound to.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -161,6 +184,7 @@ impl Server {
             local_addr,
             http_listener,
             http_addr,
+            http_tls,
             tls,
             stats,
         } = self;
@@ -255,16 +279,26 @@ impl Server {
         });
         let reconciler = crate::reconcile::spawn(store.clone(), policy.clone(), stop_rx.clone());
         let mut stop_for_http = stop_rx.clone();
-        let http = tokio::spawn(crate::http::serve_router(
-            http_listener,
-            crate::http::router_with(
-                store.clone(),
-                api_config,
-                policy,
-                Arc::new(settings.trusted_keys.clone()),
-            ),
-            async move { stop_requested(&mut stop_for_http).await },
-        ));
+        let http_stop = async move { stop_requested(&mut stop_for_http).await };
+        let router = crate::http::router_with(
+            store.clone(),
+            api_config,
+            policy,
+            Arc::new(settings.trusted_keys.clone()),
+        );
+        let http = match http_tls {
+            None => tokio::spawn(crate::http::serve_router(http_listener, router, http_stop)),
+            Some(config) => tokio::spawn(crate::http::serve_tls_router(
+                http_listener,
+                router,
+                config,
+                AcceptOptions {
+                    max_connections: settings.max_connections.get(),
+                    handshake_timeout: tuning.handshake_timeout,
+                },
+                http_stop,
+            )),
+        };
 
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tracing::info!(%local_addr, %http_addr, "collector serving");
@@ -317,6 +351,32 @@ impl Server {
         tracing::info!("collector stopped");
         result
     }
+}
+
+/// An operator-provided certificate chain (PEM, leaf first) and private key (PEM).
+fn load_identity(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<crate::ca::ServerIdentity, ServeError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| ServeError::HttpTls(format!("{}: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(ServeError::HttpTls(format!(
+            "{}: no certificate in it",
+            cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| ServeError::HttpTls(format!("{}: {e}", key.display())))?;
+    Ok(crate::ca::ServerIdentity {
+        chain,
+        key,
+        // Not ours to renew; rustls checks nothing here and clients check the dates.
+        not_after_ms: i64::MAX,
+    })
 }
 
 /// Binds and serves until `shutdown` resolves: [`Server::bind`] then [`Server::run`].

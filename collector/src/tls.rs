@@ -82,6 +82,19 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// The rustls server configuration of the HTTP API: ring, TLS 1.3 only (like the gRPC port;
+/// every maintained HTTP client speaks it, and a reverse proxy can serve older ones), ALPN
+/// `http/1.1`, no client certificates (callers authenticate with bearer tokens).
+pub fn http_server_config(identity: ServerIdentity) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// Binds the listening socket. Accepted sockets inherit `SO_KEEPALIVE` from it, so a peer
 /// that vanished without a FIN is eventually noticed even between HTTP/2 pings.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -103,6 +116,13 @@ pub struct TlsConnection {
     stream: TlsStream<TcpStream>,
     info: PeerInfo,
     _permit: OwnedSemaphorePermit,
+}
+
+impl TlsConnection {
+    /// The peer's address.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.info.remote_addr
+    }
 }
 
 impl Connected for TlsConnection {

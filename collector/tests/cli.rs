@@ -9,13 +9,20 @@ use std::net::SocketAddr;
 use std::process::Output;
 
 use driftwatch_collector::http::ApiConfig;
-use fleet_fixture::{fleet, serve};
+use driftwatch_collector::storage::Role;
+use fleet_fixture::{api_token, fleet, serve};
 
 /// Runs `driftwatch ARGS` with `DRIFTWATCH_API` pointing at `addr` (off the async workers:
 /// the server runs on them).
 async fn driftwatch(addr: Option<SocketAddr>, args: &[&str]) -> Output {
+    driftwatch_as(Role::Auditor, addr, args).await
+}
+
+/// [`driftwatch`] with the fixture's token of `role`.
+async fn driftwatch_as(role: Role, addr: Option<SocketAddr>, args: &[&str]) -> Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_driftwatch"));
     cmd.args(args);
+    cmd.env("DRIFTWATCH_TOKEN", api_token(role));
     match addr {
         Some(a) => cmd.env("DRIFTWATCH_API", format!("http://{a}")),
         None => cmd.env_remove("DRIFTWATCH_API"),
@@ -238,16 +245,112 @@ async fn unreachable_collector_is_an_error() {
 
     let o = driftwatch(None, &["--api", "https://127.0.0.1:1", "hosts"]).await;
     assert_eq!(o.status.code(), Some(2));
-    assert!(
-        String::from_utf8(o.stderr)
-            .unwrap()
-            .contains("https is not supported yet")
-    );
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert!(err.contains("needs --ca-file"), "{err}");
 
     let o = driftwatch(None, &["--help"]).await;
     let help = stdout(&o);
-    assert!(
-        help.contains("DRIFTWATCH_API") && help.contains("Exit status"),
-        "{help}"
+    for want in [
+        "DRIFTWATCH_API",
+        "DRIFTWATCH_CA_FILE",
+        "DRIFTWATCH_TOKEN",
+        "--token-file",
+        "Exit status",
+        "audit verify",
+    ] {
+        assert!(help.contains(want), "{want} missing from:\n{help}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_managed_by_admins_through_the_cli() {
+    let f = fleet().await;
+    let (addr, _stop) = serve(f.store.clone(), ApiConfig::default()).await;
+    let a = Some(addr);
+    // An auditor may not.
+    let o = driftwatch(
+        a,
+        &["api-token", "create", "--role", "auditor", "--name", "x"],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.contains("needs the admin role"), "{err}");
+    // An admin creates one: only the token on stdout, usable at once.
+    let args = [
+        "api-token",
+        "create",
+        "--role",
+        "auditor",
+        "--name",
+        "siem\u{1b}x",
+    ];
+    let o = driftwatch_as(Role::Admin, a, &args).await;
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a control character in the name is refused"
     );
+    let o = driftwatch_as(
+        Role::Admin,
+        a,
+        &[
+            "api-token",
+            "create",
+            "--role",
+            "auditor",
+            "--name",
+            "siem",
+            "--ttl",
+            "90d",
+        ],
+    )
+    .await;
+    let token = stdout(&o).trim().to_string();
+    assert!(token.starts_with("dwa_") && token.len() == 56, "{token}");
+    let id = token[4..12].to_string();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_driftwatch"));
+    cmd.args(["--api", &format!("http://{addr}"), "hosts"])
+        .env("DRIFTWATCH_TOKEN", &token);
+    let o = tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap();
+    assert!(stdout(&o).contains("web-1"));
+    let o = driftwatch_as(Role::Admin, a, &["api-token", "list"]).await;
+    let out = stdout(&o);
+    assert!(
+        out.contains(&id) && out.contains("siem") && out.contains("token:000000c3"),
+        "{out}"
+    );
+    assert!(!out.contains(&token[13..]));
+    let o = driftwatch_as(Role::Admin, a, &["api-token", "revoke", &id]).await;
+    assert!(stdout(&o).contains("revoked"));
+    let o = driftwatch_as(Role::Admin, a, &["api-token", "revoke", &id]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already revoked"));
+    // Enrollment tokens.
+    let o = driftwatch_as(
+        Role::Admin,
+        a,
+        &[
+            "enrollment-token",
+            "create",
+            "--uses",
+            "3",
+            "--host-pattern",
+            "web-*",
+        ],
+    )
+    .await;
+    let t = stdout(&o).trim().to_string();
+    assert!(t.starts_with("dwt_"), "{t}");
+    let o = driftwatch_as(Role::Admin, a, &["enrollment-token", "list"]).await;
+    let out = stdout(&o);
+    assert!(out.contains(&t[4..12]) && out.contains("web-*"), "{out}");
+    // Every change is in the audit log, which an auditor reads.
+    let o = driftwatch(a, &["audit", "list", "--since", "1h"]).await;
+    let out = stdout(&o);
+    for action in ["api_token.created", "api_token.revoked", "token.created"] {
+        assert!(out.contains(action), "{action} missing:\n{out}");
+    }
 }

@@ -154,7 +154,10 @@ async fn enrollment_refusals_are_clear_and_recorded() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
-    let unknown = driftwatch_collector::token::Token::generate().unwrap();
+    let unknown = driftwatch_collector::token::Token::generate(
+        driftwatch_collector::token::TokenKind::Enrollment,
+    )
+    .unwrap();
     let e = try_enroll(&c, unknown.reveal(), "a-4", csr(&key))
         .await
         .unwrap_err();
@@ -240,6 +243,27 @@ async fn impersonation_is_refused_and_recorded() {
     let ev = events.iter().find(|e| e.kind == "impersonation").unwrap();
     assert_eq!(ev.peer_host_id.as_deref(), Some("host-a"));
     assert!(ev.detail.contains("host-b"), "{ev:?}");
+    // The enrollments and the refusal are in the audit log, each from its own transaction.
+    let audit = c.store.audit_records(0, 100).await.unwrap();
+    let enrolled = audit
+        .iter()
+        .find(|r| r.action == "host.enrolled" && r.target == "host-a")
+        .expect("host.enrolled record");
+    assert_eq!(enrolled.actor, "host:host-a");
+    assert!(
+        enrolled.detail.contains("\"token_id\""),
+        "{}",
+        enrolled.detail
+    );
+    let refused = audit
+        .iter()
+        .find(|r| r.action == "security.impersonation_refused")
+        .expect("security.impersonation_refused record");
+    assert_eq!(
+        (refused.actor.as_str(), refused.target.as_str()),
+        ("collector", "host-a")
+    );
+    assert!(refused.detail.contains("host-b"), "{}", refused.detail);
 
     let msgs = b_stream.report(full_report(1, 1, vec![])).await.unwrap();
     assert!(matches!(&msgs[..], [Msg::Ack(a)] if a.seq == 1));
@@ -422,7 +446,17 @@ async fn revoked_host_is_cut_off() {
 
     assert!(
         c.store
-            .revoke_host("revoked", unix_ms(SystemTime::now()))
+            .revoke_host(
+                "revoked",
+                unix_ms(SystemTime::now()),
+                driftwatch_collector::storage::AuditEntry::new(
+                    unix_ms(SystemTime::now()),
+                    "local:test",
+                    "host.revoked",
+                    "revoked",
+                    serde_json::json!({}),
+                ),
+            )
             .await
             .unwrap()
             >= 1

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use base64::Engine;
 use driftwatch_collector::http::ApiConfig;
-use fleet_fixture::{BINARY_PATH, HOSTILE_PATH, fleet, get, serve};
+use driftwatch_collector::storage::Role;
+use fleet_fixture::{BINARY_PATH, HOSTILE_PATH, api_token, fleet, get, request, serve};
 use serde_json::{Value, json};
 
 fn hosts_by_id(v: &Value) -> std::collections::BTreeMap<String, Value> {
@@ -459,6 +460,37 @@ async fn every_response_field_is_documented() {
         let (_, body) = get(addr, target).await;
         field_paths(&body, "", &mut fields);
     }
+    // The admin endpoints, each answer's fields.
+    let admin = api_token(Role::Admin);
+    let created = request(
+        addr,
+        "POST",
+        "/api/v1/tokens",
+        Some(&admin),
+        Some(r#"{"name":"doc","role":"auditor","ttl":"1h"}"#),
+    )
+    .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let id = created.body["token"]["id"].as_str().unwrap().to_string();
+    for (method, target, body) in [
+        ("GET", "/api/v1/audit".to_string(), None),
+        (
+            "POST",
+            "/api/v1/enrollment-tokens".into(),
+            Some(r#"{"host_pattern":"web-*"}"#),
+        ),
+        ("GET", "/api/v1/enrollment-tokens".into(), None),
+        ("GET", "/api/v1/tokens".into(), None),
+        ("DELETE", format!("/api/v1/tokens/{id}"), None),
+        ("GET", "/api/v1/tokens".into(), None),
+    ] {
+        let a = request(addr, method, &target, Some(&admin), body).await;
+        assert!(a.status < 300, "{method} {target}: {}", a.body);
+        field_paths(&a.body, "", &mut fields);
+    }
+    field_paths(&created.body, "", &mut fields);
+    let refused = request(addr, "GET", "/api/v1/hosts", None, None).await;
+    field_paths(&refused.body, "", &mut fields);
     let undocumented: Vec<String> = fields
         .into_iter()
         // `host` of /hosts/{id} is documented as `hosts[]`.

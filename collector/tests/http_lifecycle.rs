@@ -13,7 +13,7 @@ use base64::Engine;
 use driftwatch_collector::flagging::{FlaggingPolicy, RawFlagging};
 use driftwatch_collector::http::{self, ApiConfig};
 use driftwatch_collector::reconcile::{self, Policy};
-use driftwatch_collector::storage::Storage;
+use driftwatch_collector::storage::{Role, Storage};
 use driftwatch_proto::v1::Header;
 use driftwatch_proto::{BASELINE_FORMAT_VERSION, HASH_ALGORITHM, envelope};
 use fleet_fixture::{Fleet, fleet, get, now_ms};
@@ -70,7 +70,9 @@ async fn post(addr: SocketAddr, target: &str, body: &Value) -> (u16, Value) {
     s.write_all(
         format!(
             "POST {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Authorization: Bearer {}\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            fleet_fixture::api_token(Role::Admin),
             body.len()
         )
         .as_bytes(),
@@ -161,7 +163,7 @@ async fn explain_names_the_reasons_and_acknowledgements_silence_them() {
     assert_eq!(not_counted.len(), 2, "{e}");
     assert!(not_counted.iter().all(|n| n["why"] == "acknowledged"
         && n["reason"] == "hardening rollout CHG-7"
-        && n["acknowledged_by"] == "local:loopback-api"));
+        && n["acknowledged_by"].as_str().unwrap().starts_with("token:")));
 
     // Refusals: each names what is wrong.
     for (target, body, status, code) in [
@@ -325,7 +327,7 @@ async fn the_reconciler_records_transitions_the_api_shows() {
             .await
             .unwrap()
             .iter()
-            .any(|r| r.action == "host.retired" && r.actor == "local:loopback-api")
+            .any(|r| r.action == "host.retired" && r.actor.starts_with("token:"))
     );
 }
 
@@ -346,7 +348,12 @@ async fn baselines_are_verified_versioned_and_group_hosts_by_image() {
         b["baseline"]["signer"],
         envelope::key_fingerprint(&raw_key(&pipeline))
     );
-    assert_eq!(b["baseline"]["pushed_by"], "local:loopback-api");
+    assert!(
+        b["baseline"]["pushed_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("token:")
+    );
     let (status, b) = push(signed_header(&pipeline, "web", "2026.11.1", 0xcd)).await;
     assert_eq!(
         (status, b["error"]["code"].as_str()),

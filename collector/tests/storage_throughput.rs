@@ -137,6 +137,13 @@ async fn bench(name: &str, store: Arc<dyn Storage>) {
                     not_after_ms: i64::MAX,
                     issued_ms: 0,
                 },
+                driftwatch_collector::storage::AuditEntry::new(
+                    0,
+                    "local:bench",
+                    "host.enrolled",
+                    a.host.clone(),
+                    serde_json::json!({}),
+                ),
             )
             .await
             .unwrap();

@@ -25,6 +25,8 @@ pub struct Collector {
     pub grpc_url: String,
     /// `http://127.0.0.1:PORT`, for the `driftwatch` CLI.
     pub api: String,
+    /// An admin API token (`dwa_…`) the `driftwatch` CLI uses.
+    pub api_token: String,
     pub daemon: Option<Daemon>,
     /// The binary `start` runs (the normal one, or one built with the `failpoints` feature).
     pub exe: PathBuf,
@@ -69,9 +71,14 @@ impl Collector {
             config,
             grpc_url: format!("https://127.0.0.1:{grpc}"),
             api: format!("http://127.0.0.1:{http}"),
+            api_token: String::new(),
             daemon: None,
             exe,
         };
+        // Made on the database before the server starts, as an operator bootstraps one.
+        let out = c.admin(&["api-token", "create", "--role", "admin", "--name", "tests"]);
+        c.api_token = out.trim().to_string();
+        assert!(c.api_token.starts_with("dwa_"), "no API token in {out:?}");
         c.restart(&[]);
         c
     }
@@ -153,7 +160,8 @@ impl Collector {
     pub fn cli(&self, args: &[&str]) -> Result<serde_json::Value, String> {
         let mut cmd = Command::new(binary("driftwatch"));
         cmd.args(["--api", &self.api, "--format", "json", "--timeout", "10s"])
-            .args(args);
+            .args(args)
+            .env("DRIFTWATCH_TOKEN", &self.api_token);
         let r = run_with_limit(cmd, CLI_LIMIT);
         if r.code != 0 {
             return Err(format!("driftwatch {args:?} exit {}: {}", r.code, r.stderr));

@@ -1,6 +1,6 @@
 //! `driftwatch-collector`: parses arguments, sets up logging, runs the command on a tokio
 //! runtime and maps the outcome to an exit code (0 ok, 64 configuration error, 1 anything
-//! else). Everything else is library code (`driftwatch_collector::cli`).
+//! else; `audit verify`: 1 chain broken, 2 could not verify). Everything else is library code (`driftwatch_collector::cli`).
 
 use std::process::ExitCode;
 
@@ -30,6 +30,14 @@ fn main() -> ExitCode {
         Err(Failure::Config(e)) => {
             eprintln!("driftwatch-collector: configuration: {e}");
             ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::ChainBroken(e)) => {
+            eprintln!("driftwatch-collector: audit log BROKEN: {e}");
+            ExitCode::FAILURE
+        }
+        Err(Failure::VerifyTrouble(e)) => {
+            eprintln!("driftwatch-collector: {e:#}");
+            ExitCode::from(2)
         }
         Err(Failure::Other(e)) => {
             eprintln!("driftwatch-collector: {e:#}");

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use base64::Engine;
 use driftwatch_proto::escape;
 
-use super::client::{self, ApiBase, Response};
+use super::client::{Client, Response};
 use super::table::Table;
 use super::{Format, fetch, parse, percent_encode_segment, render, when};
 use crate::api::RawBytes;
@@ -17,13 +17,18 @@ use crate::api::lifecycle as lapi;
 
 /// POST a JSON body, a non-2xx answer turned into an error carrying the API's message.
 async fn send(
-    base: &ApiBase,
+    client: &Client,
     path: &str,
     body: &impl serde::Serialize,
-    timeout: Duration,
 ) -> anyhow::Result<Response> {
-    let target = base.target(path, &[]);
-    let resp = client::post(base, &target, serde_json::to_vec(body)?, timeout).await?;
+    let target = client.base().target(path, &[]);
+    let resp = client
+        .send(
+            hyper::Method::POST,
+            &target,
+            Some(serde_json::to_vec(body)?),
+        )
+        .await?;
     if !resp.status.is_success() {
         bail!("collector refused POST {target}: {}", resp.error_message());
     }
@@ -39,17 +44,12 @@ fn age(seconds: u64) -> String {
 }
 
 /// `driftwatch hosts explain HOST`.
-pub(super) async fn explain(
-    base: &ApiBase,
-    host: &str,
-    format: Format,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let target = base.target(
+pub(super) async fn explain(client: &Client, host: &str, format: Format) -> anyhow::Result<String> {
+    let target = client.base().target(
         &format!("/api/v1/hosts/{}/explain", percent_encode_segment(host)),
         &[],
     );
-    let resp = fetch(base, &target, timeout).await?;
+    let resp = fetch(client, &target).await?;
     render(format, &resp, |e: lapi::Explanation| explain_text(&e))
 }
 
@@ -115,20 +115,18 @@ fn explain_text(e: &lapi::Explanation) -> String {
 
 /// `driftwatch host retire HOST --reason R`.
 pub(super) async fn retire(
-    base: &ApiBase,
+    client: &Client,
     host: &str,
     reason: &str,
     format: Format,
-    timeout: Duration,
 ) -> anyhow::Result<String> {
     let path = format!("/api/v1/hosts/{}/retire", percent_encode_segment(host));
     let resp = send(
-        base,
+        client,
         &path,
         &lapi::RetireRequest {
             reason: reason.into(),
         },
-        timeout,
     )
     .await?;
     render(format, &resp, |r: lapi::RetireResult| {
@@ -145,7 +143,7 @@ pub(super) async fn retire(
 /// `driftwatch host ack HOST …`.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn acknowledge(
-    base: &ApiBase,
+    client: &Client,
     host: &str,
     paths: &[String],
     packages: &[String],
@@ -153,7 +151,6 @@ pub(super) async fn acknowledge(
     reason: &str,
     expires: &str,
     format: Format,
-    timeout: Duration,
 ) -> anyhow::Result<String> {
     let path = format!(
         "/api/v1/hosts/{}/violations/ack",
@@ -170,7 +167,7 @@ pub(super) async fn acknowledge(
         expires_in: Some(expires.into()),
         expires_at: None,
     };
-    let resp = send(base, &path, &req, timeout).await?;
+    let resp = send(client, &path, &req).await?;
     render(format, &resp, |r: lapi::AckResult| {
         let mut out = format!(
             "{}: {} item(s) acknowledged until {}\n",
@@ -216,25 +213,17 @@ pub(super) fn transitions_text(l: &lapi::TransitionList) -> String {
 }
 
 /// The transitions of a host (for `host show`).
-pub(super) async fn transitions(
-    base: &ApiBase,
-    host: &str,
-    timeout: Duration,
-) -> anyhow::Result<Response> {
-    let target = base.target(
+pub(super) async fn transitions(client: &Client, host: &str) -> anyhow::Result<Response> {
+    let target = client.base().target(
         &format!("/api/v1/hosts/{}/transitions", percent_encode_segment(host)),
         &[("limit", Some("20".into()))],
     );
-    fetch(base, &target, timeout).await
+    fetch(client, &target).await
 }
 
 /// `driftwatch images`.
-pub(super) async fn images(
-    base: &ApiBase,
-    format: Format,
-    timeout: Duration,
-) -> anyhow::Result<String> {
-    let resp = fetch(base, &base.target("/api/v1/images", &[]), timeout).await?;
+pub(super) async fn images(client: &Client, format: Format) -> anyhow::Result<String> {
+    let resp = fetch(client, &client.base().target("/api/v1/images", &[])).await?;
     render(format, &resp, |l: lapi::ImageList| {
         let mut t = Table::new(vec![
             "IMAGE",
@@ -262,16 +251,15 @@ pub(super) async fn images(
 
 /// `driftwatch image show ID`.
 pub(super) async fn image_show(
-    base: &ApiBase,
+    client: &Client,
     id: &str,
     format: Format,
-    timeout: Duration,
 ) -> anyhow::Result<String> {
-    let target = base.target(
+    let target = client.base().target(
         &format!("/api/v1/images/{}", percent_encode_segment(id)),
         &[],
     );
-    let resp = fetch(base, &target, timeout).await?;
+    let resp = fetch(client, &target).await?;
     render(format, &resp, |d: lapi::ImageDetail| {
         let mut out = format!("image {}\n", escape::text(&d.image_id));
         match &d.registered {
@@ -375,16 +363,15 @@ pub fn read_signed_header(path: &Path) -> anyhow::Result<Vec<u8>> {
 
 /// `driftwatch baseline push FILE`.
 pub(super) async fn baseline_push(
-    base: &ApiBase,
+    client: &Client,
     file: &Path,
     format: Format,
-    timeout: Duration,
 ) -> anyhow::Result<String> {
     let header = read_signed_header(file)?;
     let req = lapi::BaselinePush {
         signed_header: base64::engine::general_purpose::STANDARD.encode(header),
     };
-    let resp = send(base, "/api/v1/baselines", &req, timeout).await?;
+    let resp = send(client, "/api/v1/baselines", &req).await?;
     render(format, &resp, |r: lapi::BaselinePushed| {
         let b = &r.baseline;
         format!(

@@ -4,12 +4,18 @@
 //! What it owns: the command line, the HTTP requests and the rendering. What it must never do:
 //! print anything a host reported without escaping it (`driftwatch_proto::escape`): host ids, paths,
 //! package names, before/after values and reasons all come from agents, and a compromised one
-//! chooses them. It changes collector state only through the API's POST endpoints
-//! (acknowledgements, retirements, baseline pushes), which the collector audits.
+//! chooses them. Only the token, acknowledgement, retirement and baseline commands change
+//! collector state (operator or admin role, audited by the collector).
+//!
+//! Access: a bearer API token from `--token-file` or `DRIFTWATCH_TOKEN` (never a command-line
+//! argument, which other users could read in the process list), sent with every request;
+//! `https://` URLs trust only `--ca-file`.
 
+mod audit;
 mod client;
 mod lifecycle;
 mod table;
+mod tokens;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,7 +25,7 @@ use clap::builder::PossibleValuesParser;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::de::DeserializeOwned;
 
-use self::client::{ApiBase, Response};
+use self::client::{ApiBase, Client, Response};
 use self::table::Table;
 use crate::api::{self, RawBytes};
 use crate::host_state::HostState;
@@ -47,14 +53,23 @@ Examples:
   driftwatch images                                  hosts by image: consensus, outliers, defects
   driftwatch image show web                          one image: registered root, outliers
   driftwatch baseline push image.dwb                 register a signed baseline (admin)
+  driftwatch audit list --since 24h                  who changed what (the audit log)
+  driftwatch audit verify --expect-head 812:9f3c…    check the audit log's hash chain here
+  driftwatch api-token create --role auditor --name siem --ttl 90d > siem.token
+  driftwatch enrollment-token create --uses 10 --host-pattern 'web-*'
+  DRIFTWATCH_TOKEN=$(cat ~/.dw-token) driftwatch --api https://collector:7480 \
+      --ca-file /etc/driftwatch/collector-ca.pem hosts
   driftwatch --format json hosts | jq '.hosts[] | select(.state != \"clean\") | .host_id'
 
-Exit status: 0 success (whether or not drift was found), 2 error.";
+Exit status: 0 success (whether or not drift was found), 2 error; audit verify: 1 when the
+chain is broken.";
 
-/// Read the fleet's drift state from a driftwatch collector.
+/// Read the fleet's drift state and audit log from a driftwatch collector, and manage its tokens.
 ///
-/// Talks to the collector's HTTP JSON API (schema driftwatch.api.v1, see docs/api.md), which
-/// listens on loopback only: run it on the collector's machine or through an SSH tunnel.
+/// Talks to the collector's HTTP JSON API (schema driftwatch.api.v1, see docs/api.md) with a
+/// bearer API token (made by an admin: driftwatch-collector api-token create). The API serves
+/// plain HTTP on loopback, and HTTPS (TLS 1.3) elsewhere: pass the collector CA with
+/// --ca-file.
 /// Everything a host reported is escaped for the terminal (\n, \x1b, \xff, \u{202e}); use
 /// --format json for the exact bytes.
 #[derive(Debug, Parser)]
@@ -69,6 +84,15 @@ pub struct Cli {
         value_name = "URL"
     )]
     pub api: String,
+
+    /// CA certificate(s) (PEM) to trust for an https:// API URL: the collector CA
+    /// (`driftwatch-collector ca show`), or the issuer of the configured http_tls_cert.
+    #[arg(long, global = true, env = "DRIFTWATCH_CA_FILE", value_name = "PEM")]
+    pub ca_file: Option<std::path::PathBuf>,
+
+    /// File holding the API token (dwa_…). Or set DRIFTWATCH_TOKEN to the token itself.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 
     /// Output: aligned tables for people, or the API's JSON response unchanged.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
@@ -131,6 +155,15 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<u32>,
     },
+    /// The audit log: who changed what, and whether the record is intact.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
+    /// API tokens (admin role): create, list, revoke.
+    #[command(subcommand, name = "api-token")]
+    ApiToken(tokens::ApiTokenCommand),
+    /// Enrollment tokens for agents (admin role): create, list.
+    #[command(subcommand, name = "enrollment-token")]
+    EnrollmentToken(tokens::EnrollmentTokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,20 +285,27 @@ pub enum ViolationsCommand {
 /// unreachable, a refused request) are returned for `main` to print.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let base = ApiBase::parse(&cli.api)?;
+    let token = token(cli.token_file.as_deref())?;
+    let client = Client::new(base.clone(), cli.ca_file.as_deref(), token, cli.timeout)?;
     let out = match &cli.command {
+        Command::Audit(cmd) => return audit::run(&client, cli.format, cmd).await,
+        Command::ApiToken(cmd) => return tokens::api_token(&client, cli.format, cmd).await,
+        Command::EnrollmentToken(cmd) => {
+            return tokens::enrollment_token(&client, cli.format, cmd).await;
+        }
         Command::Hosts {
             command: Some(HostsCommand::Explain { host }),
             ..
-        } => lifecycle::explain(&base, host, cli.format, cli.timeout).await?,
-        Command::Images => lifecycle::images(&base, cli.format, cli.timeout).await?,
+        } => lifecycle::explain(&client, host, cli.format).await?,
+        Command::Images => lifecycle::images(&client, cli.format).await?,
         Command::Image(ImageCommand::Show { image }) => {
-            lifecycle::image_show(&base, image, cli.format, cli.timeout).await?
+            lifecycle::image_show(&client, image, cli.format).await?
         }
         Command::Baseline(BaselineCommand::Push { file }) => {
-            lifecycle::baseline_push(&base, file, cli.format, cli.timeout).await?
+            lifecycle::baseline_push(&client, file, cli.format).await?
         }
         Command::Host(HostCommand::Retire { host, reason }) => {
-            lifecycle::retire(&base, host, reason, cli.format, cli.timeout).await?
+            lifecycle::retire(&client, host, reason, cli.format).await?
         }
         Command::Host(HostCommand::Ack {
             host,
@@ -276,15 +316,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             expires,
         }) => {
             lifecycle::acknowledge(
-                &base,
-                host,
-                paths,
-                packages,
-                *all,
-                reason,
-                expires,
-                cli.format,
-                cli.timeout,
+                &client, host, paths, packages, *all, reason, expires, cli.format,
             )
             .await?
         }
@@ -293,7 +325,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: None,
         } => {
             let target = base.target("/api/v1/hosts", &[("state", state.clone())]);
-            let resp = fetch(&base, &target, cli.timeout).await?;
+            let resp = fetch(&client, &target).await?;
             render(cli.format, &resp, |l: api::HostList| hosts_table(&l))?
         }
         Command::Host(HostCommand::Show { host, resolved }) => {
@@ -303,9 +335,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &format!("/api/v1/hosts/{id}/violations"),
                 &[("include_resolved", resolved.then(|| "true".to_string()))],
             );
-            let h = fetch(&base, &host_target, cli.timeout).await?;
-            let v = fetch(&base, &viol_target, cli.timeout).await?;
-            let t = lifecycle::transitions(&base, host, cli.timeout).await?;
+            let h = fetch(&client, &host_target).await?;
+            let v = fetch(&client, &viol_target).await?;
+            let t = lifecycle::transitions(&client, host).await?;
             match cli.format {
                 // One JSON document: the two API responses under their endpoint names.
                 Format::Json => {
@@ -364,7 +396,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ("limit", limit.map(|n| n.to_string())),
                 ],
             );
-            let resp = fetch(&base, &target, cli.timeout).await?;
+            let resp = fetch(&client, &target).await?;
             render(cli.format, &resp, |l: api::ViolationList| {
                 violation_rows(&l, true)
             })?
@@ -377,7 +409,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     ("limit", limit.map(|n| n.to_string())),
                 ],
             );
-            let resp = fetch(&base, &target, cli.timeout).await?;
+            let resp = fetch(&client, &target).await?;
             render(cli.format, &resp, |l: api::SecurityEventList| {
                 events_table(&l)
             })?
@@ -387,20 +419,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::from(EXIT_OK))
 }
 
+/// The API token: from `--token-file`, else `DRIFTWATCH_TOKEN`, else none (the API then
+/// answers 401, and the error says how to get one).
+fn token(file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let text = match file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the token file {}", f.display()))?,
+        None => match std::env::var("DRIFTWATCH_TOKEN") {
+            Ok(t) => t,
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            Err(e) => bail!("DRIFTWATCH_TOKEN: {e}"),
+        },
+    };
+    let t = text.trim();
+    if t.is_empty() {
+        bail!("the API token is empty");
+    }
+    // Checked here so that a typo is not sent to the server, and a header can carry it.
+    crate::token::Token::parse(crate::token::TokenKind::Api, t)?;
+    Ok(Some(t.to_string()))
+}
+
 /// GET, with a non-2xx answer turned into an error carrying the API's message.
-async fn fetch(base: &ApiBase, target: &str, timeout: Duration) -> anyhow::Result<Response> {
-    let resp = client::get(base, target, timeout).await?;
+async fn fetch(client: &Client, target: &str) -> anyhow::Result<Response> {
+    let resp = client.get(target).await?;
+    if resp.status == hyper::StatusCode::UNAUTHORIZED {
+        bail!(
+            "collector refused GET {target}: {} (give a token with --token-file or \
+             DRIFTWATCH_TOKEN; an admin makes one with driftwatch-collector api-token create)",
+            resp.error_message()
+        );
+    }
     if !resp.status.is_success() {
         bail!("collector refused GET {target}: {}", resp.error_message());
     }
     Ok(resp)
 }
 
-fn parse<T: DeserializeOwned>(resp: &Response) -> anyhow::Result<T> {
+pub(crate) fn parse<T: DeserializeOwned>(resp: &Response) -> anyhow::Result<T> {
     serde_json::from_slice(&resp.body).context("the collector's answer is not driftwatch.api.v1")
 }
 
-fn render<T: DeserializeOwned>(
+pub(crate) fn render<T: DeserializeOwned>(
     format: Format,
     resp: &Response,
     table: impl FnOnce(T) -> String,
@@ -419,7 +479,7 @@ fn render<T: DeserializeOwned>(
 
 /// A host id as one path segment. Valid host ids need no encoding; anything else is encoded
 /// so it cannot change the request's path.
-fn percent_encode_segment(s: &str) -> String {
+pub(crate) fn percent_encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -432,7 +492,7 @@ fn percent_encode_segment(s: &str) -> String {
 }
 
 /// `2026-11-26T08:26:56.123Z` → `2026-11-26 08:26:56Z`: seconds are enough on a screen.
-fn when(t: &str) -> String {
+pub(crate) fn when(t: &str) -> String {
     let b = t.as_bytes();
     if t.len() == 24 && b[10] == b'T' && b[19] == b'.' && t.ends_with('Z') {
         format!("{} {}Z", &t[..10], &t[11..19])
@@ -441,7 +501,7 @@ fn when(t: &str) -> String {
     }
 }
 
-fn when_opt(t: &Option<String>) -> String {
+pub(crate) fn when_opt(t: &Option<String>) -> String {
     t.as_deref().map_or_else(|| "-".to_string(), when)
 }
 

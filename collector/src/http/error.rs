@@ -5,6 +5,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use super::auth::{AuthError, Role};
 use super::params::ParamError;
 use crate::api::{ErrorBody, ErrorDetail};
 use crate::storage::StorageError;
@@ -23,6 +24,25 @@ pub enum ApiError {
     Push(#[from] crate::registry::PushError),
     #[error("no such endpoint {0:?} (the API is under /api/v1/)")]
     UnknownEndpoint(String),
+    #[error("{0} is not a method of this endpoint")]
+    MethodNotAllowed(String),
+    #[error(transparent)]
+    Unauthenticated(#[from] AuthError),
+    #[error("this needs the {needed} role; API token {token_id} has the {has} role")]
+    Forbidden {
+        needed: Role,
+        token_id: String,
+        has: Role,
+    },
+    /// A request body that is not what the endpoint takes (syntax, unknown field, bad value).
+    #[error("{0}")]
+    Invalid(String),
+    /// Something other than a host that is not there (a token id).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request conflicts with the current state (revoking a revoked token).
+    #[error("{0}")]
+    Conflict(String),
     #[error("request took longer than {0:?}")]
     Timeout(std::time::Duration),
     #[error(transparent)]
@@ -36,9 +56,15 @@ impl ApiError {
         match self {
             ApiError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
             ApiError::Push(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
-            ApiError::UnknownHost(_) | ApiError::UnknownImage(_) | ApiError::UnknownEndpoint(_) => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
+            ApiError::UnknownHost(_)
+            | ApiError::UnknownImage(_)
+            | ApiError::UnknownEndpoint(_)
+            | ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Storage(e) => match e {
                 // The database is down or refused: retrying later may work.
@@ -54,7 +80,7 @@ impl ApiError {
                 StorageError::SchemaTooNew { .. } | StorageError::Corrupt { .. } => {
                     (StatusCode::INTERNAL_SERVER_ERROR, "internal")
                 }
-                // Reads never consume tokens: seeing one here is a bug.
+                // The API never consumes enrollment tokens: seeing one here is a bug.
                 StorageError::Token(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
         }
@@ -90,7 +116,25 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(error = %self, "HTTP API request failed");
         }
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        // RFC 6750 §3: how to authenticate, and whether the token presented was the problem.
+        let challenge = match &self {
+            ApiError::Unauthenticated(a) if a.token_presented() => {
+                Some("Bearer realm=\"driftwatch\", error=\"invalid_token\"")
+            }
+            ApiError::Unauthenticated(_) => Some("Bearer realm=\"driftwatch\""),
+            ApiError::Forbidden { .. } => {
+                Some("Bearer realm=\"driftwatch\", error=\"insufficient_scope\"")
+            }
+            _ => None,
+        };
+        if let Some(c) = challenge {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static(c),
+            );
+        }
+        resp
     }
 }
 
@@ -145,6 +189,29 @@ mod tests {
                 500,
                 "internal",
             ),
+            (AuthError::Missing.into(), 401, "unauthenticated"),
+            (
+                AuthError::Revoked("0123abcd".into()).into(),
+                401,
+                "unauthenticated",
+            ),
+            (
+                ApiError::Forbidden {
+                    needed: Role::Admin,
+                    token_id: "0123abcd".into(),
+                    has: Role::Operator,
+                },
+                403,
+                "forbidden",
+            ),
+            (ApiError::Invalid("x".into()), 422, "invalid"),
+            (
+                ApiError::MethodNotAllowed("PUT".into()),
+                405,
+                "method_not_allowed",
+            ),
+            (ApiError::Conflict("x".into()), 409, "conflict"),
+            (ApiError::NotFound("x".into()), 404, "not_found"),
             (
                 ApiError::Timeout(std::time::Duration::from_secs(1)),
                 503,

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 
+use super::auth::{AuthError, Caller};
 use super::params::{self, ParamError};
 use super::{ApiError, AppState, Pairs, host_id, now_ms, pairs};
 use crate::api::lifecycle as lapi;
@@ -51,21 +52,21 @@ pub(crate) fn admin_routes() -> Router<AppState> {
     Router::new().route("/api/v1/baselines", post(push_baseline))
 }
 
-/// Who is calling, as the audit log names them. The access layer puts an `Actor` into the
-/// request's extensions; without one (the loopback-only API before access control) the
-/// caller is the local machine's API user.
+/// Who is calling, as the audit log names them (`token:<id>`): from the [`Caller`] the
+/// authentication layer put into the request. A request without one never reaches a handler
+/// of these routes; if it did, it is refused as unauthenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Actor(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for Actor {
-    type Rejection = std::convert::Infallible;
+    type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(parts
+        parts
             .extensions
-            .get::<Actor>()
-            .cloned()
-            .unwrap_or_else(|| Actor("local:loopback-api".into())))
+            .get::<Caller>()
+            .map(|c| Actor(c.actor()))
+            .ok_or(ApiError::Unauthenticated(AuthError::Missing))
     }
 }
 

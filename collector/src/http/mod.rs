@@ -1,17 +1,21 @@
-//! The read-only HTTP JSON API for people and their tools (schema `driftwatch.api.v1`,
-//! `docs/api.md`): the fleet overview, one host, its violations with before/after, a
-//! fleet-wide violation search, security events and a health check.
+//! The HTTP JSON API for people and their tools (schema `driftwatch.api.v1`, `docs/api.md`):
+//! the fleet overview, one host, its violations with before/after, a fleet-wide violation
+//! search, security events, the audit log, API and enrollment tokens, and a health check.
 //!
-//! What this module owns: routing, parameter parsing (`params`), the mapping of storage values
-//! to API values (`convert`) and of errors to statuses (`error`). What it must never do: write
-//! anything (every handler only calls read methods of [`Storage`]), decide fleet policy beyond
-//! the display state (`crate::host_state`), or listen anywhere but loopback — there is no access
-//! control until issue 5, so [`check_listen_addr`] refuses other addresses and [`serve`]
-//! checks its listener again.
+//! What this module owns: routing by role (`auth`: every route but `/healthz` needs a bearer
+//! token; each route group requires a role), parameter parsing (`params`), the mapping of
+//! storage values to API values (`convert`) and of errors to statuses (`error`), and the
+//! listener (plain HTTP on loopback, TLS anywhere). What it must never do: change state
+//! without an audit record in the same transaction, decide fleet policy beyond the display
+//! state (`crate::host_state`), or listen beyond loopback without TLS ([`check_listen_addr`],
+//! and [`serve`] checks its listener again).
 //!
-//! The lead wires [`serve`] into `driftwatch-collector serve` with the configured
-//! `http_listen` (after [`check_listen_addr`]) and the shared store.
+//! `driftwatch-collector serve` runs [`serve`] or [`serve_tls`] with the configured
+//! `http_listen` beside the gRPC port (`crate::server`).
 
+mod access;
+mod audit;
+pub mod auth;
 pub(crate) mod convert;
 mod error;
 mod lifecycle;
@@ -37,8 +41,9 @@ use params::{EventFilter, HostFilter, HostViolations, Limits, ParamError, Violat
 use crate::api::{self, SCHEMA, rfc3339_ms};
 use crate::host_state::{self, DEFAULT_SILENT_AFTER};
 use crate::storage::{Storage, ViolationQuery, ViolationRecord};
+use auth::Role;
 
-/// The default `http_listen` (contract: loopback only until issue 5).
+/// The default `http_listen`: loopback, where plain HTTP is allowed.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
 
 /// Tunables of the API, from the collector's configuration.
@@ -63,50 +68,56 @@ impl Default for ApiConfig {
     }
 }
 
-/// `http_listen` is not a loopback address.
+/// `http_listen` is not a loopback address and TLS is off.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "http_listen {0} is not a loopback address: the HTTP API has no access control yet, so it \
-     only listens on 127.0.0.1 or ::1 (reach it from elsewhere through an SSH tunnel or a \
-     reverse proxy that authenticates)"
+    "http_listen {0} is not a loopback address, so the API must use TLS there: bearer tokens \
+     never cross a network in the clear (set http_tls = true, the default for such addresses, \
+     or listen on 127.0.0.1 or ::1)"
 )]
-pub struct NonLoopbackListen(pub SocketAddr);
+pub struct PlainNonLoopback(pub SocketAddr);
 
-/// Refuses a non-loopback listen address. For the config validation (exit 64 on failure) and
-/// for [`serve`].
-pub fn check_listen_addr(addr: SocketAddr) -> Result<(), NonLoopbackListen> {
-    let loopback = match addr {
+/// Whether `addr` is a loopback address (IPv4-mapped loopback included).
+pub fn is_loopback(addr: SocketAddr) -> bool {
+    match addr {
         SocketAddr::V4(a) => a.ip().is_loopback(),
         SocketAddr::V6(a) => {
             a.ip().is_loopback() || a.ip().to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
         }
-    };
-    if loopback {
-        Ok(())
-    } else {
-        Err(NonLoopbackListen(addr))
     }
 }
 
-#[derive(Debug, Clone)]
-pub(crate) struct AppState {
-    store: Arc<dyn Storage>,
-    config: ApiConfig,
-    /// The flagging policy and thresholds `explain` and the image views judge by (the
-    /// reconciler's).
-    policy: Arc<crate::reconcile::Policy>,
-    /// Raw Ed25519 keys a pushed baseline must be signed with.
-    trusted_keys: Arc<Vec<[u8; 32]>>,
+/// Refuses plain HTTP on a non-loopback address. For the config validation (exit 64 on
+/// failure) and for [`serve`].
+pub fn check_listen_addr(addr: SocketAddr, tls: bool) -> Result<(), PlainNonLoopback> {
+    if tls || is_loopback(addr) {
+        Ok(())
+    } else {
+        Err(PlainNonLoopback(addr))
+    }
 }
 
-/// The API's routes over `store`, with the default flagging policy and no trusted keys
-/// (baseline pushes refused). Every response is JSON, errors included.
+/// What every handler shares. Features add fields; none are reordered.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    pub(crate) store: Arc<dyn Storage>,
+    pub(crate) config: ApiConfig,
+    /// The flagging policy and thresholds `explain` and the image views judge by (the
+    /// reconciler's).
+    pub(crate) policy: Arc<crate::reconcile::Policy>,
+    /// Raw Ed25519 keys a pushed baseline must be signed with.
+    pub(crate) trusted_keys: Arc<Vec<[u8; 32]>>,
+}
+
+/// The API's routes over `store`. Every response is JSON, errors included. Every route but
+/// `/healthz` needs a bearer token (unknown paths too: 401 before 404); each group needs its
+/// role.
 pub fn router(store: Arc<dyn Storage>, config: ApiConfig) -> Router {
     router_with(store, config, Arc::default(), Arc::default())
 }
 
-/// The API's routes over `store`, judging hosts by `policy` and accepting baselines signed by
-/// one of `trusted_keys`.
+/// [`router`], judging hosts by `policy` and accepting baselines signed by one of
+/// `trusted_keys`.
 pub fn router_with(
     store: Arc<dyn Storage>,
     config: ApiConfig,
@@ -114,24 +125,31 @@ pub fn router_with(
     trusted_keys: Arc<Vec<[u8; 32]>>,
 ) -> Router {
     let state = AppState {
-        store,
+        store: store.clone(),
         config,
         policy,
         trusted_keys,
     };
-    // Role groups (auditor < operator < admin); the access layer adds `auth::require` per
-    // group.
-    Router::new()
-        .merge(lifecycle::auditor_routes())
-        .merge(lifecycle::operator_routes())
-        .merge(lifecycle::admin_routes())
-        .route("/healthz", get(healthz))
+    let auditor = Router::new()
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{host_id}", get(one_host))
         .route("/api/v1/hosts/{host_id}/violations", get(host_violations))
         .route("/api/v1/violations", get(search_violations))
         .route("/api/v1/security-events", get(security_events))
+        .merge(audit::auditor_routes())
+        .merge(lifecycle::auditor_routes());
+    let admin = access::admin_routes().merge(lifecycle::admin_routes());
+    Router::new()
+        .merge(auditor.route_layer(auth::require(Role::Auditor)))
+        .merge(lifecycle::operator_routes().route_layer(auth::require(Role::Operator)))
+        .merge(admin.route_layer(auth::require(Role::Admin)))
+        .route("/healthz", get(healthz))
+        .method_not_allowed_fallback(wrong_method)
         .fallback(unknown_endpoint)
+        .layer(middleware::from_fn_with_state(
+            auth::Authenticator::new(store),
+            auth::authenticate,
+        ))
         .layer(middleware::from_fn_with_state(
             config.request_timeout,
             time_limit,
@@ -139,8 +157,9 @@ pub fn router_with(
         .with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown` completes, then lets in-flight requests
-/// finish. Refuses a listener that is not on loopback (see [`check_listen_addr`]).
+/// Serves the API over plain HTTP on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish. Refuses a listener that is not on loopback (see
+/// [`check_listen_addr`]; use [`serve_tls`] there).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     store: Arc<dyn Storage>,
@@ -157,15 +176,90 @@ pub async fn serve_router(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
-    check_listen_addr(addr)
+    check_listen_addr(addr, false)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    tracing::info!(%addr, "HTTP API listening");
+    tracing::info!(%addr, "HTTP API listening (plain HTTP, loopback)");
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
 
-fn now_ms() -> i64 {
+/// Serves the API over TLS (`tls`: [`crate::tls::http_server_config`]) on `listener`, on any
+/// address, until `shutdown` completes. Handshakes run on their own tasks (at most
+/// `max_connections` connections, each handshake within `handshake_timeout`), so a slow
+/// client cannot stall the accept loop.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Storage>,
+    config: ApiConfig,
+    tls: Arc<rustls::ServerConfig>,
+    options: crate::tls::AcceptOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_tls_router(listener, router(store, config), tls, options, shutdown).await
+}
+
+/// Serves `router` (from [`router_with`]) like [`serve_tls`].
+pub async fn serve_tls_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    tls: Arc<rustls::ServerConfig>,
+    options: crate::tls::AcceptOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Small: the accept loop's semaphore is what bounds connections.
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(16);
+    let stats = Arc::new(crate::tls::TlsStats::default());
+    let accept = tokio::spawn(crate::tls::accept_loop(
+        listener, tls, options, conn_tx, stats, stop_rx,
+    ));
+    tracing::info!(%addr, "HTTP API listening (TLS)");
+    let result = axum::serve(
+        TlsListener {
+            incoming: conn_rx,
+            addr,
+        },
+        router,
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await;
+    let _ = accept.await;
+    result
+}
+
+/// Handshaken TLS connections from [`crate::tls::accept_loop`], as axum's listener.
+struct TlsListener {
+    incoming: tokio::sync::mpsc::Receiver<crate::tls::TlsConnection>,
+    addr: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = crate::tls::TlsConnection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.incoming.recv().await {
+            Some(conn) => {
+                let peer = conn.remote_addr();
+                (conn, peer)
+            }
+            // The accept loop stopped (shutdown): no more connections; graceful shutdown
+            // ends the server.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.addr)
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -180,10 +274,10 @@ async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> 
     }
 }
 
-type Pairs = Vec<(String, String)>;
+pub(crate) type Pairs = Vec<(String, String)>;
 
 /// The query string as name/value pairs; a malformed one is a 400 like any bad parameter.
-fn pairs(q: Result<Query<Pairs>, QueryRejection>) -> Result<Pairs, ApiError> {
+pub(crate) fn pairs(q: Result<Query<Pairs>, QueryRejection>) -> Result<Pairs, ApiError> {
     q.map(|Query(p)| p).map_err(|e| {
         ApiError::BadParameter(ParamError {
             parameter: "(query string)".into(),
@@ -199,6 +293,10 @@ fn host_id(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
             message: e.body_text(),
         })
     })
+}
+
+async fn wrong_method(method: axum::http::Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.to_string())
 }
 
 async fn unknown_endpoint(uri: Uri) -> ApiError {
@@ -389,14 +487,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_loopback_listens() {
+    fn plain_http_only_on_loopback() {
         for ok in [
             "127.0.0.1:7480",
             "127.1.2.3:1",
             "[::1]:7480",
             "[::ffff:127.0.0.1]:80",
         ] {
-            assert!(check_listen_addr(ok.parse().unwrap()).is_ok(), "{ok}");
+            assert!(
+                check_listen_addr(ok.parse().unwrap(), false).is_ok(),
+                "{ok}"
+            );
+            assert!(check_listen_addr(ok.parse().unwrap(), true).is_ok(), "{ok}");
         }
         for bad in [
             "0.0.0.0:7480",
@@ -404,9 +506,13 @@ mod tests {
             "[::]:7480",
             "[2001:db8::1]:80",
         ] {
-            let err = check_listen_addr(bad.parse().unwrap()).unwrap_err();
-            assert!(err.to_string().contains("not a loopback address"), "{err}");
+            let err = check_listen_addr(bad.parse().unwrap(), false).unwrap_err();
+            assert!(err.to_string().contains("must use TLS"), "{err}");
+            assert!(
+                check_listen_addr(bad.parse().unwrap(), true).is_ok(),
+                "{bad}"
+            );
         }
-        assert!(check_listen_addr(DEFAULT_LISTEN.parse().unwrap()).is_ok());
+        assert!(check_listen_addr(DEFAULT_LISTEN.parse().unwrap(), false).is_ok());
     }
 }

@@ -397,6 +397,30 @@ pub fn parse_limit_only(raw: &[(String, String)], limits: Limits) -> Result<u32,
     parse_limit(p.get("limit"), limits)
 }
 
+/// `GET /api/v1/audit`: records after a seq, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Records with a greater seq; 0 = from the start.
+    pub after: u64,
+    pub limit: u32,
+}
+
+impl AuditFilter {
+    pub fn parse(raw: &[(String, String)], limits: Limits) -> Result<Self, ParamError> {
+        let p = Pairs::new(raw, &["after", "limit"])?;
+        let after = match p.text("after")? {
+            None => 0,
+            Some(v) => v.parse::<u64>().map_err(|_| {
+                ParamError::new("after", format!("{v:?} is not a record number (0 or more)"))
+            })?,
+        };
+        Ok(AuditFilter {
+            after,
+            limit: parse_limit(p.get("limit"), limits)?,
+        })
+    }
+}
+
 /// No parameters accepted.
 pub fn parse_none(raw: &[(String, String)]) -> Result<(), ParamError> {
     Pairs::new(raw, &[]).map(|_| ())

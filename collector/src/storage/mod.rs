@@ -18,6 +18,7 @@ use std::pin::Pin;
 
 use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 
+pub mod access;
 mod apply;
 pub mod audit;
 mod glob;
@@ -26,7 +27,9 @@ pub mod postgres;
 pub mod registry;
 pub mod sqlite;
 
+pub use access::{AccessStore, ApiToken, RevokeOutcome, Role};
 pub use audit::{AuditEntry, AuditRecord, AuditStore};
+pub(crate) use glob::check_host_pattern;
 pub use lifecycle::{AckRequest, Acknowledgement, HostLifecycle, LifecycleStore, TransitionRecord};
 pub use postgres::PgStore;
 pub use registry::{RegisteredBaseline, RegistryStore};
@@ -231,14 +234,19 @@ pub struct SecurityEvent {
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
 pub trait Storage:
-    AuditStore + LifecycleStore + RegistryStore + Send + Sync + std::fmt::Debug + 'static
+    AuditStore + AccessStore + LifecycleStore + RegistryStore + Send + Sync + std::fmt::Debug + 'static
 {
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;
 
     // --- enrollment -----------------------------------------------------------------------
 
-    fn create_enrollment_token(&self, token: EnrollmentToken) -> StoreFuture<'_, ()>;
+    /// Stores a new token and appends `audit` (`token.created`) in the same transaction.
+    fn create_enrollment_token(
+        &self,
+        token: EnrollmentToken,
+        audit: AuditEntry,
+    ) -> StoreFuture<'_, ()>;
     fn list_enrollment_tokens(&self) -> StoreFuture<'_, Vec<EnrollmentToken>>;
     /// Atomically checks the token (exists, unexpired at `now_ms`, uses left, `host_id`
     /// matching its host pattern — a glob over the host id) and takes one use. Two concurrent
@@ -249,16 +257,19 @@ pub trait Storage:
         host_id: &str,
         now_ms: i64,
     ) -> StoreFuture<'_, EnrollmentToken>;
-    /// Creates the host (or updates its labels if it exists) and records its certificate.
+    /// Creates the host (or updates its labels if it exists), records its certificate and
+    /// appends `audit` (`host.enrolled`) in the same transaction.
     fn enroll_host(
         &self,
         labels: Vec<(String, String)>,
         certificate: IssuedCertificate,
+        audit: AuditEntry,
     ) -> StoreFuture<'_, ()>;
     /// Records a renewed certificate of an existing host.
     fn record_certificate(&self, certificate: IssuedCertificate) -> StoreFuture<'_, ()>;
-    /// Revokes every certificate of a host; returns how many were revoked.
-    fn revoke_host(&self, host_id: &str, now_ms: i64) -> StoreFuture<'_, u64>;
+    /// Revokes every certificate of a host and appends `audit` (`host.revoked`) in the same
+    /// transaction; returns how many were revoked.
+    fn revoke_host(&self, host_id: &str, now_ms: i64, audit: AuditEntry) -> StoreFuture<'_, u64>;
     /// Serials of every revoked certificate that has not expired at `now_ms` (the ingest
     /// caches this set and refreshes it at least every 30 s).
     fn revoked_serials(&self, now_ms: i64) -> StoreFuture<'_, Vec<Vec<u8>>>;
@@ -282,7 +293,9 @@ pub trait Storage:
     fn apply_reports(&self, batch: Vec<ReportToApply>) -> StoreFuture<'_, Vec<ApplyOutcome>>;
     /// Writes a batch of heartbeats (last seen, last scan).
     fn record_heartbeats(&self, batch: Vec<HeartbeatRecord>) -> StoreFuture<'_, ()>;
-    fn record_security_event(&self, event: SecurityEvent) -> StoreFuture<'_, ()>;
+    /// Records a refusal and appends `audit` (`security.*`) in the same transaction.
+    fn record_security_event(&self, event: SecurityEvent, audit: AuditEntry)
+    -> StoreFuture<'_, ()>;
 
     // --- reads ----------------------------------------------------------------------------
 

@@ -28,11 +28,12 @@ use tokio_postgres::{Client, NoTls, Row, Statement, Transaction};
 use super::apply::{self, HostState, OpenEntry, RowRef, to_i64, to_u64};
 use super::glob::{self, PathGlob};
 use super::{
-    ApplyOutcome, DEFAULT_SEARCH_LIMIT, EnrollmentToken, HeartbeatRecord, HelloInfo, HostSummary,
-    IssuedCertificate, ReportToApply, SecurityEvent, Storage, StorageError, StoreFuture,
-    StreamPosition, TokenError, ViolationQuery, ViolationRecord,
+    ApplyOutcome, AuditEntry, DEFAULT_SEARCH_LIMIT, EnrollmentToken, HeartbeatRecord, HelloInfo,
+    HostSummary, IssuedCertificate, ReportToApply, SecurityEvent, Storage, StorageError,
+    StoreFuture, StreamPosition, TokenError, ViolationQuery, ViolationRecord,
 };
 
+mod access;
 pub(crate) mod audit;
 mod lifecycle;
 
@@ -40,6 +41,7 @@ mod lifecycle;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_initial.sql"),
     include_str!("migrations/postgres/0002_audit.sql"),
+    include_str!("migrations/postgres/0006_access.sql"),
     include_str!("migrations/postgres/0003_lifecycle.sql"),
 ];
 
@@ -857,7 +859,11 @@ impl Storage for PgStore {
         "postgres"
     }
 
-    fn create_enrollment_token(&self, token: EnrollmentToken) -> StoreFuture<'_, ()> {
+    fn create_enrollment_token(
+        &self,
+        token: EnrollmentToken,
+        audit: AuditEntry,
+    ) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             if let Some(p) = &token.host_pattern {
                 glob::check_host_pattern(p)?;
@@ -879,6 +885,7 @@ impl Storage for PgStore {
             )
             .await
             .db()?;
+            audit::append_tx(&tx, &audit).await?;
             tx.commit().await.db()
         })
     }
@@ -939,6 +946,7 @@ impl Storage for PgStore {
         &self,
         labels: Vec<(String, String)>,
         certificate: IssuedCertificate,
+        audit: AuditEntry,
     ) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let mut w = self.writer().await?;
@@ -969,6 +977,7 @@ impl Storage for PgStore {
             .await
             .db()?;
             insert_certificate(&tx, pk, &certificate).await?;
+            audit::append_tx(&tx, &audit).await?;
             tx.commit().await.db()
         })
     }
@@ -983,7 +992,7 @@ impl Storage for PgStore {
         })
     }
 
-    fn revoke_host(&self, host_id: &str, now_ms: i64) -> StoreFuture<'_, u64> {
+    fn revoke_host(&self, host_id: &str, now_ms: i64, audit: AuditEntry) -> StoreFuture<'_, u64> {
         let host_id = host_id.to_owned();
         Box::pin(async move {
             let mut w = self.writer().await?;
@@ -997,6 +1006,7 @@ impl Storage for PgStore {
                 )
                 .await
                 .db()?;
+            audit::append_tx(&tx, &audit).await?;
             tx.commit().await.db()?;
             Ok(n)
         })
@@ -1117,24 +1127,28 @@ impl Storage for PgStore {
         })
     }
 
-    fn record_security_event(&self, event: SecurityEvent) -> StoreFuture<'_, ()> {
+    fn record_security_event(
+        &self,
+        event: SecurityEvent,
+        audit: AuditEntry,
+    ) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            let w = self.writer().await?;
-            // A single statement is its own transaction.
-            w.client
-                .execute(
-                    "INSERT INTO security_events (at_ms, kind, peer_host_id, detail) \
-                     VALUES ($1, $2, $3, $4)",
-                    &[
-                        &event.at_ms,
-                        &event.kind,
-                        &event.peer_host_id,
-                        &event.detail,
-                    ],
-                )
-                .await
-                .db()?;
-            Ok(())
+            let mut w = self.writer().await?;
+            let tx = w.client.transaction().await.db()?;
+            tx.execute(
+                "INSERT INTO security_events (at_ms, kind, peer_host_id, detail) \
+                 VALUES ($1, $2, $3, $4)",
+                &[
+                    &event.at_ms,
+                    &event.kind,
+                    &event.peer_host_id,
+                    &event.detail,
+                ],
+            )
+            .await
+            .db()?;
+            audit::append_tx(&tx, &audit).await?;
+            tx.commit().await.db()
         })
     }
 

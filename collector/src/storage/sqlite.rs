@@ -27,11 +27,12 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use super::apply::{self, HostState, OpenEntry, RowRef, to_i64, to_u64};
 use super::glob::{self, PathGlob};
 use super::{
-    ApplyOutcome, DEFAULT_SEARCH_LIMIT, EnrollmentToken, HeartbeatRecord, HelloInfo, HostSummary,
-    IssuedCertificate, ReportToApply, SecurityEvent, Storage, StorageError, StoreFuture,
-    StreamPosition, TokenError, ViolationQuery, ViolationRecord,
+    ApplyOutcome, AuditEntry, DEFAULT_SEARCH_LIMIT, EnrollmentToken, HeartbeatRecord, HelloInfo,
+    HostSummary, IssuedCertificate, ReportToApply, SecurityEvent, Storage, StorageError,
+    StoreFuture, StreamPosition, TokenError, ViolationQuery, ViolationRecord,
 };
 
+mod access;
 pub(crate) mod audit;
 mod lifecycle;
 
@@ -39,6 +40,7 @@ mod lifecycle;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_initial.sql"),
     include_str!("migrations/sqlite/0002_audit.sql"),
+    include_str!("migrations/sqlite/0006_access.sql"),
     include_str!("migrations/sqlite/0003_lifecycle.sql"),
 ];
 
@@ -697,7 +699,11 @@ impl Storage for SqliteStore {
         "sqlite"
     }
 
-    fn create_enrollment_token(&self, token: EnrollmentToken) -> StoreFuture<'_, ()> {
+    fn create_enrollment_token(
+        &self,
+        token: EnrollmentToken,
+        audit: AuditEntry,
+    ) -> StoreFuture<'_, ()> {
         self.write(move |tx| {
             if let Some(p) = &token.host_pattern {
                 glob::check_host_pattern(p)?;
@@ -715,6 +721,7 @@ impl Storage for SqliteStore {
                 token.host_pattern
             ])
             .db()?;
+            audit::append_tx(tx, &audit)?;
             Ok(())
         })
     }
@@ -768,6 +775,7 @@ impl Storage for SqliteStore {
         &self,
         labels: Vec<(String, String)>,
         certificate: IssuedCertificate,
+        audit: AuditEntry,
     ) -> StoreFuture<'_, ()> {
         self.write(move |tx| {
             tx.prepare_cached(
@@ -792,7 +800,9 @@ impl Storage for SqliteStore {
             for (k, v) in &labels {
                 insert.execute(params![pk, k, v]).db()?;
             }
-            insert_certificate(tx, pk, &certificate)
+            insert_certificate(tx, pk, &certificate)?;
+            audit::append_tx(tx, &audit)?;
+            Ok(())
         })
     }
 
@@ -803,7 +813,7 @@ impl Storage for SqliteStore {
         })
     }
 
-    fn revoke_host(&self, host_id: &str, now_ms: i64) -> StoreFuture<'_, u64> {
+    fn revoke_host(&self, host_id: &str, now_ms: i64, audit: AuditEntry) -> StoreFuture<'_, u64> {
         let host_id = host_id.to_owned();
         self.write(move |tx| {
             let pk = host_pk(tx, &host_id)?;
@@ -814,6 +824,7 @@ impl Storage for SqliteStore {
                 .db()?
                 .execute(params![pk, now_ms])
                 .db()?;
+            audit::append_tx(tx, &audit)?;
             Ok(n as u64)
         })
     }
@@ -912,7 +923,11 @@ impl Storage for SqliteStore {
         })
     }
 
-    fn record_security_event(&self, event: SecurityEvent) -> StoreFuture<'_, ()> {
+    fn record_security_event(
+        &self,
+        event: SecurityEvent,
+        audit: AuditEntry,
+    ) -> StoreFuture<'_, ()> {
         self.write(move |tx| {
             tx.prepare_cached(
                 "INSERT INTO security_events (at_ms, kind, peer_host_id, detail) \
@@ -926,6 +941,7 @@ impl Storage for SqliteStore {
                 event.detail
             ])
             .db()?;
+            audit::append_tx(tx, &audit)?;
             Ok(())
         })
     }

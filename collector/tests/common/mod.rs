@@ -10,7 +10,7 @@ use driftwatch_collector::config::Settings;
 use driftwatch_collector::server::{ServeError, Server};
 use driftwatch_collector::storage::{SqliteStore, Storage};
 use driftwatch_collector::tls::TlsStats;
-use driftwatch_collector::token::Token;
+use driftwatch_collector::token::{Token, TokenKind};
 use driftwatch_proto::v1::enrollment_client::EnrollmentClient;
 use driftwatch_proto::v1::ingest_client::IngestClient;
 use driftwatch_proto::v1::{
@@ -94,16 +94,20 @@ impl TestCollector {
 
     /// A token valid for `ttl` with `uses` uses.
     pub async fn token(&self, ttl: Duration, uses: u32, pattern: Option<&str>) -> String {
-        let token = Token::generate().unwrap();
+        let token = Token::generate(TokenKind::Enrollment).unwrap();
         let now = unix_ms(SystemTime::now());
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap();
         self.store
-            .create_enrollment_token(token.record(
-                now,
-                now + ttl_ms,
-                uses,
-                pattern.map(String::from),
-            ))
+            .create_enrollment_token(
+                token.record(now, now + ttl_ms, uses, pattern.map(String::from)),
+                driftwatch_collector::storage::AuditEntry::new(
+                    now,
+                    "local:test",
+                    "token.created",
+                    token.id(),
+                    serde_json::json!({}),
+                ),
+            )
             .await
             .unwrap();
         token.reveal().to_string()

@@ -8,11 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use base64::Engine;
 use driftwatch_collector::http::{self, ApiConfig};
 use driftwatch_collector::storage::{
-    HeartbeatRecord, HelloInfo, IssuedCertificate, ReportToApply, SecurityEvent, SqliteStore,
-    Storage,
+    ApiToken, AuditEntry, HeartbeatRecord, HelloInfo, IssuedCertificate, ReportToApply, Role,
+    SecurityEvent, SqliteStore, Storage,
 };
+use driftwatch_collector::token::{Token, TokenKind};
 use driftwatch_proto::set::{file_key, item_hash, package_key, set_digest};
 use driftwatch_proto::v1::{
     AttributeChange, DriftItem, PackageDrift, PackageDriftKind, Report, ScanStatus, Severity,
@@ -154,9 +156,58 @@ async fn enroll(s: &dyn Storage, host: &str, labels: &[(&str, &str)], at: i64) {
             not_after_ms: at + 30 * DAY,
             issued_ms: at,
         },
+        AuditEntry::new(
+            at,
+            format!("host:{host}"),
+            "host.enrolled",
+            host,
+            serde_json::json!({}),
+        ),
     )
     .await
     .unwrap();
+}
+
+/// The fixture's API token of `role` (a fixed string, so helpers need no fleet handle).
+pub fn api_token(role: Role) -> String {
+    let (id, fill) = match role {
+        Role::Auditor => ("000000a1", 1u8),
+        Role::Operator => ("000000b2", 2),
+        Role::Admin => ("000000c3", 3),
+    };
+    format!(
+        "dwa_{id}_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([fill; 32])
+    )
+}
+
+/// Stores the three [`api_token`]s.
+pub async fn add_api_tokens(s: &dyn Storage, now: i64) {
+    for role in Role::ALL {
+        let t = Token::parse(TokenKind::Api, &api_token(role)).unwrap();
+        s.create_api_token(
+            ApiToken {
+                id: t.id().into(),
+                name: format!("fixture {role}"),
+                role,
+                secret_sha256: t.sha256(),
+                created_ms: now - DAY,
+                expires_ms: None,
+                revoked_ms: None,
+                last_used_ms: None,
+                created_by: "local:test".into(),
+            },
+            AuditEntry::new(
+                now - DAY,
+                "local:test",
+                "api_token.created",
+                t.id(),
+                serde_json::json!({ "role": role.name() }),
+            ),
+        )
+        .await
+        .unwrap();
+    }
 }
 
 async fn hello(s: &dyn Storage, host: &str, image: &str, version: &str, at: i64) {
@@ -282,18 +333,40 @@ pub async fn fleet() -> Fleet {
     hello(s, "gone-1", "web", "2026.11.1", now - HOUR).await;
     let r = Agent::default().report(true, vec![], vec![]);
     apply(s, "gone-1", r, now - HOUR).await;
-    s.revoke_host("gone-1", now - MINUTE).await.unwrap();
+    s.revoke_host(
+        "gone-1",
+        now - MINUTE,
+        AuditEntry::new(
+            now - MINUTE,
+            "local:test",
+            "host.revoked",
+            "gone-1",
+            serde_json::json!({}),
+        ),
+    )
+    .await
+    .unwrap();
 
     enroll(s, "new-1", &[], now - MINUTE).await;
 
-    s.record_security_event(SecurityEvent {
-        at_ms: now - 20 * MINUTE,
-        kind: "impersonation".into(),
-        peer_host_id: Some("web-1".into()),
-        detail: "Hello.host_id \"db-1\"\x1b[2J differs from the certificate".into(),
-    })
+    s.record_security_event(
+        SecurityEvent {
+            at_ms: now - 20 * MINUTE,
+            kind: "impersonation".into(),
+            peer_host_id: Some("web-1".into()),
+            detail: "Hello.host_id \"db-1\"\x1b[2J differs from the certificate".into(),
+        },
+        AuditEntry::new(
+            now - 20 * MINUTE,
+            "collector",
+            "security.impersonation_refused",
+            "web-1",
+            serde_json::json!({ "detail": "Hello.host_id \"db-1\"\x1b[2J" }),
+        ),
+    )
     .await
     .unwrap();
+    add_api_tokens(s, now).await;
 
     Fleet {
         _dir: dir,
@@ -316,14 +389,54 @@ pub async fn serve(
     (addr, tx)
 }
 
-/// A plain HTTP/1.1 GET (independent of the CLI's client): status and body.
+/// A plain HTTP/1.1 GET as the fixture's auditor (independent of the CLI's client): status
+/// and body.
 pub async fn get(addr: SocketAddr, target: &str) -> (u16, serde_json::Value) {
+    let r = request(addr, "GET", target, Some(&api_token(Role::Auditor)), None).await;
+    (r.status, r.body)
+}
+
+/// An answer of [`request`].
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    /// Header lines, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One plain HTTP/1.1 request with an optional bearer token and JSON body.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> Answer {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        format!("GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .unwrap();
+    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() || method == "POST" {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    head.push_str(body);
+    s.write_all(head.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
         .await
@@ -332,11 +445,21 @@ pub async fn get(addr: SocketAddr, target: &str) -> (u16, serde_json::Value) {
     let text = String::from_utf8(raw).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
     let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
     assert!(
         head.to_ascii_lowercase()
             .contains("content-type: application/json"),
-        "{head}"
+        "{method} {target}: {head}"
     );
     let json = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
-    (status, json)
+    Answer {
+        status,
+        headers,
+        body: json,
+    }
 }
