@@ -1900,7 +1900,7 @@ fn transition(host: &str, from: Lifecycle, to: Lifecycle, at: i64) -> Transition
     }
 }
 
-async fn audit_actions(s: &dyn Storage) -> Vec<String> {
+async fn action_names(s: &dyn Storage) -> Vec<String> {
     s.audit_records(0, 1000)
         .await
         .unwrap()
@@ -1920,7 +1920,7 @@ async fn lifecycle_transitions_are_compare_and_set_with_audit(f: Fixture) {
     .await
     .unwrap();
     enroll(s, "db-1").await;
-    let enrolled = audit_actions(s).await.len();
+    let enrolled = action_names(s).await.len();
     let states = s.lifecycle_states().await.unwrap();
     assert_eq!(states.len(), 2);
     let web = states.iter().find(|h| h.host_id == "web-1").unwrap();
@@ -2017,7 +2017,7 @@ async fn lifecycle_transitions_are_compare_and_set_with_audit(f: Fixture) {
     ));
     // One audit record per recorded transition, in the same chain.
     assert_eq!(
-        audit_actions(s).await[enrolled..],
+        action_names(s).await[enrolled..],
         ["host.state_changed", "host.flagged"]
     );
 
@@ -2097,7 +2097,7 @@ async fn acknowledgements_cover_the_named_open_items(f: Fixture) {
     );
 
     // A path with no open violation: refused, nothing written, no audit record.
-    let before = audit_actions(s).await.len();
+    let before = action_names(s).await.len();
     for bad in [
         req(vec![b"/etc/passwd".to_vec()], vec![], false),
         req(vec![b"/etc/motd".to_vec()], vec!["vim"], false),
@@ -2117,7 +2117,7 @@ async fn acknowledgements_cover_the_named_open_items(f: Fixture) {
             Err(StorageError::InvalidArgument(_))
         ));
     }
-    assert_eq!(audit_actions(s).await.len(), before);
+    assert_eq!(action_names(s).await.len(), before);
     assert_eq!(s.acknowledgements(None, T0).await.unwrap().len(), 2);
     assert!(matches!(
         s.acknowledge(
@@ -2139,7 +2139,7 @@ async fn acknowledgements_cover_the_named_open_items(f: Fixture) {
         .await
         .unwrap();
     assert_eq!(all.len(), 3);
-    let acked = audit_actions(s).await;
+    let acked = action_names(s).await;
     assert_eq!(
         acked
             .iter()
@@ -2203,7 +2203,7 @@ async fn registry_refuses_versions_not_newer(f: Fixture) {
     );
     assert_eq!(all[1], registered("web", "2026.11.10", 3));
     assert_eq!(
-        audit_actions(s).await,
+        action_names(s).await,
         ["baseline.pushed", "baseline.pushed", "baseline.pushed"]
     );
     // Concurrent pushes of the same new version: one wins.
