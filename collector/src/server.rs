@@ -283,19 +283,27 @@ impl Server {
             silent_after: 3 * settings.heartbeat_interval.as_duration(),
             ..ApiConfig::default()
         };
+        // The reconciler judges hosts by the same policy `explain` shows.
+        let policy = Arc::new(crate::reconcile::Policy {
+            flagging: settings.flagging.clone(),
+            silent_after: api_config.silent_after,
+            image_defect_ratio: settings.image_defect_ratio.0,
+            interval: settings.reconcile_interval,
+        });
+        let reconciler = crate::reconcile::spawn(store.clone(), policy.clone(), stop_rx.clone());
         let mut stop_for_http = stop_rx.clone();
         let http_stop = async move { stop_requested(&mut stop_for_http).await };
+        let router = crate::http::router_with(
+            store.clone(),
+            api_config,
+            policy,
+            Arc::new(settings.trusted_keys.clone()),
+        );
         let http = match http_tls {
-            None => tokio::spawn(crate::http::serve(
+            None => tokio::spawn(crate::http::serve_router(http_listener, router, http_stop)),
+            Some(config) => tokio::spawn(crate::http::serve_tls_router(
                 http_listener,
-                store.clone(),
-                api_config,
-                http_stop,
-            )),
-            Some(config) => tokio::spawn(crate::http::serve_tls(
-                http_listener,
-                store.clone(),
-                api_config,
+                router,
                 config,
                 AcceptOptions {
                     max_connections: settings.max_connections.get(),
@@ -318,6 +326,7 @@ impl Server {
         if let Some(result) = early {
             watchdog.abort();
             let _ = stop_tx.send(true);
+            let _ = reconciler.await;
             ingest_tasks.finish(tuning.shutdown_grace).await;
             if let Some(f) = forwarder {
                 let _ = f.await;
@@ -352,6 +361,9 @@ impl Server {
         drop(serve);
         let _ = accept.await;
         ingest_tasks.finish(tuning.shutdown_grace).await;
+        if let Err(e) = reconciler.await {
+            tracing::warn!(error = %e, "reconciler task failed");
+        }
         match http.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP API ended with an error"),

@@ -4,8 +4,8 @@
 //! What it owns: the command line, the HTTP requests and the rendering. What it must never do:
 //! print anything a host reported without escaping it (`driftwatch_proto::escape`): host ids, paths,
 //! package names, before/after values and reasons all come from agents, and a compromised one
-//! chooses them. Only the token commands change collector state (admin role, audited by the
-//! collector).
+//! chooses them. Only the token, acknowledgement, retirement and baseline commands change
+//! collector state (operator or admin role, audited by the collector).
 //!
 //! Access: a bearer API token from `--token-file` or `DRIFTWATCH_TOKEN` (never a command-line
 //! argument, which other users could read in the process list), sent with every request;
@@ -14,6 +14,7 @@
 mod audit;
 mod client;
 mod export;
+mod lifecycle;
 mod table;
 mod tokens;
 
@@ -50,6 +51,12 @@ Examples:
   driftwatch export --since 24h                      the day's events as a table
   driftwatch export --format jsonl --since 7d --out events.jsonl   for the SIEM (ECS fields)
   driftwatch export --format csv --kind violation --out drift.csv  for a spreadsheet
+  driftwatch hosts explain web-1                     why web-1 is (or is not) flagged, with evidence
+  driftwatch host ack web-1 --path /etc/motd --reason 'banner change CHG-42' --expires 7d
+  driftwatch host retire web-1 --reason 'decommissioned'
+  driftwatch images                                  hosts by image: consensus, outliers, defects
+  driftwatch image show web                          one image: registered root, outliers
+  driftwatch baseline push image.dwb                 register a signed baseline (admin)
   driftwatch audit list --since 24h                  who changed what (the audit log)
   driftwatch audit verify --expect-head 812:9f3c…    check the audit log's hash chain here
   driftwatch api-token create --role auditor --name siem --ttl 90d > siem.token
@@ -125,11 +132,23 @@ pub enum Command {
     /// silent (no heartbeat for longer than the collector's threshold); revoked; never-reported
     /// (enrolled, no report yet). When several apply, the first of revoked, never-reported,
     /// silent, drifted, incomplete is shown.
+    #[command(args_conflicts_with_subcommands = true)]
     Hosts {
         /// Only hosts in this state.
         #[arg(long, value_parser = PossibleValuesParser::new(HostState::ALL.map(HostState::name)))]
         state: Option<String>,
+        #[command(subcommand)]
+        command: Option<HostsCommand>,
     },
+    /// Images: their registered baselines and their hosts (consensus, outliers, likely image
+    /// defects).
+    Images,
+    /// One image.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Signed baselines in the collector's image registry.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
     /// One host.
     #[command(subcommand)]
     Host(HostCommand),
@@ -168,6 +187,39 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum HostsCommand {
+    /// Why a host is or is not flagged by the collector's flagging policy: each reason with
+    /// its evidence (paths, packages, roots, ages), and the open items that do not count
+    /// (acknowledged, or a likely defect of its image).
+    Explain {
+        /// The host id.
+        host: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// An image's registered baseline and versions, its hosts on the registered root
+    /// (consensus), the others (outliers: another root, or drift), and paths drifted on most of
+    /// its hosts (likely image defects rather than snowflakes).
+    Show {
+        /// The image id (as in its baseline).
+        image: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BaselineCommand {
+    /// Register a signed baseline for its image id (admin). Sends the file's signed header
+    /// (image id, version, Merkle root, signature); the collector verifies the signature
+    /// against its trusted keys and refuses a version not newer than the registered one.
+    Push {
+        /// The baseline file (`driftwatch-agent baseline create --out FILE`).
+        file: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HostCommand {
     /// A host's state, image, timings and violations, each with every changed attribute
     /// before and after.
@@ -177,6 +229,35 @@ pub enum HostCommand {
         /// Also show resolved violations (drift that went away), with when it was resolved.
         #[arg(long)]
         resolved: bool,
+    },
+    /// Retire a host (operator): it leaves the fleet's lifecycle for good (replaced and retired
+    /// hosts are no longer assessed). Its certificate stays valid: revoke it with
+    /// `driftwatch-collector host revoke`.
+    Retire {
+        host: String,
+        /// Why (recorded in the transition and the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Acknowledge open violations of a host (operator): they stop counting toward flagging
+    /// until the acknowledgement expires, or until the item changes again.
+    Ack {
+        host: String,
+        /// An open violation's exact path (repeatable).
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// An open package drift's package name (repeatable).
+        #[arg(long = "package", value_name = "NAME")]
+        packages: Vec<String>,
+        /// Every open violation of the host.
+        #[arg(long)]
+        all: bool,
+        /// Why (recorded with the acknowledgement and in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// How long it holds (e.g. 7d, 12h; at most 365d).
+        #[arg(long, value_name = "DURATION")]
+        expires: String,
     },
 }
 
@@ -240,7 +321,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::EnrollmentToken(cmd) => {
             return tokens::enrollment_token(&client, cli.format, cmd).await;
         }
-        Command::Hosts { state } => {
+        Command::Hosts {
+            command: Some(HostsCommand::Explain { host }),
+            ..
+        } => lifecycle::explain(&client, host, cli.format).await?,
+        Command::Images => lifecycle::images(&client, cli.format).await?,
+        Command::Image(ImageCommand::Show { image }) => {
+            lifecycle::image_show(&client, image, cli.format).await?
+        }
+        Command::Baseline(BaselineCommand::Push { file }) => {
+            lifecycle::baseline_push(&client, file, cli.format).await?
+        }
+        Command::Host(HostCommand::Retire { host, reason }) => {
+            lifecycle::retire(&client, host, reason, cli.format).await?
+        }
+        Command::Host(HostCommand::Ack {
+            host,
+            paths,
+            packages,
+            all,
+            reason,
+            expires,
+        }) => {
+            lifecycle::acknowledge(
+                &client, host, paths, packages, *all, reason, expires, cli.format,
+            )
+            .await?
+        }
+        Command::Hosts {
+            state,
+            command: None,
+        } => {
             let target = base.target("/api/v1/hosts", &[("state", state.clone())]);
             let resp = fetch(&client, &target).await?;
             render(cli.format, &resp, |l: api::HostList| hosts_table(&l))?
@@ -254,15 +365,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let h = fetch(&client, &host_target).await?;
             let v = fetch(&client, &viol_target).await?;
+            let t = lifecycle::transitions(&client, host).await?;
             match cli.format {
                 // One JSON document: the two API responses under their endpoint names. (The
                 // export formats were refused above.)
                 Format::Json | Format::Jsonl | Format::Csv | Format::Cef => {
                     let host: serde_json::Value = parse(&h)?;
                     let violations: serde_json::Value = parse(&v)?;
+                    let transitions: serde_json::Value = parse(&t)?;
                     let mut s = serde_json::to_string_pretty(&serde_json::json!({
                         "host": host,
                         "violations": violations,
+                        "transitions": transitions,
                     }))?;
                     s.push('\n');
                     s
@@ -278,7 +392,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             &b.path,
                         ))
                     });
-                    host_show(&h.host, &v)
+                    let mut out = host_show(&h.host, &v);
+                    out.push_str(&lifecycle::transitions_text(&lifecycle::parse_transitions(
+                        &t,
+                    )?));
+                    out
                 }
             }
         }

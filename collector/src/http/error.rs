@@ -17,6 +17,11 @@ pub enum ApiError {
     BadParameter(#[from] ParamError),
     #[error("no such host {0:?}")]
     UnknownHost(String),
+    #[error("no such image {0:?} (no host reports it and no baseline is registered for it)")]
+    UnknownImage(String),
+    /// A pushed baseline that does not verify (signature, format, expiry).
+    #[error("baseline refused: {0}")]
+    Push(#[from] crate::registry::PushError),
     #[error("no such endpoint {0:?} (the API is under /api/v1/)")]
     UnknownEndpoint(String),
     #[error("{0} is not a method of this endpoint")]
@@ -50,9 +55,11 @@ impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
-            ApiError::UnknownHost(_) | ApiError::UnknownEndpoint(_) | ApiError::NotFound(_) => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
+            ApiError::Push(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ApiError::UnknownHost(_)
+            | ApiError::UnknownImage(_)
+            | ApiError::UnknownEndpoint(_)
+            | ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthenticated"),
             ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
@@ -67,6 +74,8 @@ impl ApiError {
                 StorageError::UnknownHost(_) => (StatusCode::NOT_FOUND, "not_found"),
                 // A value the parameter parsing let through but storage refused.
                 StorageError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
+                // A change the stored state refuses (an older baseline version).
+                StorageError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
                 // Deployment or data problems no retry fixes.
                 StorageError::SchemaTooNew { .. } | StorageError::Corrupt { .. } => {
                     (StatusCode::INTERNAL_SERVER_ERROR, "internal")

@@ -18,6 +18,7 @@ mod audit;
 pub mod auth;
 pub(crate) mod convert;
 mod error;
+mod lifecycle;
 pub mod params;
 
 use std::future::Future;
@@ -101,15 +102,33 @@ pub fn check_listen_addr(addr: SocketAddr, tls: bool) -> Result<(), PlainNonLoop
 pub(crate) struct AppState {
     pub(crate) store: Arc<dyn Storage>,
     pub(crate) config: ApiConfig,
+    /// The flagging policy and thresholds `explain` and the image views judge by (the
+    /// reconciler's).
+    pub(crate) policy: Arc<crate::reconcile::Policy>,
+    /// Raw Ed25519 keys a pushed baseline must be signed with.
+    pub(crate) trusted_keys: Arc<Vec<[u8; 32]>>,
 }
 
 /// The API's routes over `store`. Every response is JSON, errors included. Every route but
 /// `/healthz` needs a bearer token (unknown paths too: 401 before 404); each group needs its
 /// role.
 pub fn router(store: Arc<dyn Storage>, config: ApiConfig) -> Router {
+    router_with(store, config, Arc::default(), Arc::default())
+}
+
+/// [`router`], judging hosts by `policy` and accepting baselines signed by one of
+/// `trusted_keys`.
+pub fn router_with(
+    store: Arc<dyn Storage>,
+    config: ApiConfig,
+    policy: Arc<crate::reconcile::Policy>,
+    trusted_keys: Arc<Vec<[u8; 32]>>,
+) -> Router {
     let state = AppState {
         store: store.clone(),
         config,
+        policy,
+        trusted_keys,
     };
     let auditor = Router::new()
         .route("/api/v1/hosts", get(list_hosts))
@@ -118,10 +137,13 @@ pub fn router(store: Arc<dyn Storage>, config: ApiConfig) -> Router {
         .route("/api/v1/violations", get(search_violations))
         .route("/api/v1/security-events", get(security_events))
         .merge(audit::auditor_routes())
-        .merge(crate::export::http::auditor_routes());
+        .merge(crate::export::http::auditor_routes())
+        .merge(lifecycle::auditor_routes());
+    let admin = access::admin_routes().merge(lifecycle::admin_routes());
     Router::new()
         .merge(auditor.route_layer(auth::require(Role::Auditor)))
-        .merge(access::admin_routes().route_layer(auth::require(Role::Admin)))
+        .merge(lifecycle::operator_routes().route_layer(auth::require(Role::Operator)))
+        .merge(admin.route_layer(auth::require(Role::Admin)))
         .route("/healthz", get(healthz))
         .method_not_allowed_fallback(wrong_method)
         .fallback(unknown_endpoint)
@@ -145,11 +167,20 @@ pub async fn serve(
     config: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_router(listener, router(store, config), shutdown).await
+}
+
+/// Serves `router` (from [`router_with`]) like [`serve`].
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     check_listen_addr(addr, false)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     tracing::info!(%addr, "HTTP API listening (plain HTTP, loopback)");
-    axum::serve(listener, router(store, config))
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -162,6 +193,17 @@ pub async fn serve_tls(
     listener: tokio::net::TcpListener,
     store: Arc<dyn Storage>,
     config: ApiConfig,
+    tls: Arc<rustls::ServerConfig>,
+    options: crate::tls::AcceptOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_tls_router(listener, router(store, config), tls, options, shutdown).await
+}
+
+/// Serves `router` (from [`router_with`]) like [`serve_tls`].
+pub async fn serve_tls_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
     tls: Arc<rustls::ServerConfig>,
     options: crate::tls::AcceptOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -180,7 +222,7 @@ pub async fn serve_tls(
             incoming: conn_rx,
             addr,
         },
-        router(store, config),
+        router,
     )
     .with_graceful_shutdown(async move {
         shutdown.await;
@@ -289,6 +331,7 @@ async fn list_hosts(
 ) -> Result<Json<api::HostList>, ApiError> {
     let filter = HostFilter::parse(&pairs(q)?)?;
     let hosts = st.store.list_hosts().await?;
+    let lifecycles = lifecycle_names(&st).await?;
     let now = now_ms();
     let silent_after = st.config.silent_after;
     let hosts = hosts
@@ -298,7 +341,11 @@ async fn list_hosts(
                 .state
                 .is_none_or(|want| host_state::derive(h, now, silent_after) == want)
         })
-        .map(|h| convert::host(h, now, silent_after))
+        .map(|h| {
+            let mut out = convert::host(h, now, silent_after);
+            out.lifecycle = lifecycle_of(&lifecycles, &h.host_id);
+            out
+        })
         .collect();
     Ok(Json(api::HostList {
         schema: SCHEMA.into(),
@@ -316,13 +363,40 @@ async fn one_host(
     let id = host_id(id)?;
     params::parse_none(&pairs(q)?)?;
     let host = st.store.host(&id).await?.ok_or(ApiError::UnknownHost(id))?;
+    let lifecycles = lifecycle_names(&st).await?;
     let now = now_ms();
+    let mut out = convert::host(&host, now, st.config.silent_after);
+    out.lifecycle = lifecycle_of(&lifecycles, &host.host_id);
     Ok(Json(api::HostDetail {
         schema: SCHEMA.into(),
         generated_at: rfc3339_ms(now),
         silent_after_seconds: st.config.silent_after.as_secs(),
-        host: convert::host(&host, now, st.config.silent_after),
+        host: out,
     }))
+}
+
+/// Host id → lifecycle state, for the host list and detail.
+async fn lifecycle_names(
+    st: &AppState,
+) -> Result<std::collections::HashMap<String, crate::lifecycle::Lifecycle>, ApiError> {
+    Ok(st
+        .store
+        .lifecycle_states()
+        .await?
+        .into_iter()
+        .map(|s| (s.host_id, s.state))
+        .collect())
+}
+
+fn lifecycle_of(
+    m: &std::collections::HashMap<String, crate::lifecycle::Lifecycle>,
+    host_id: &str,
+) -> String {
+    m.get(host_id)
+        .copied()
+        .unwrap_or(crate::lifecycle::Lifecycle::Enrolled)
+        .name()
+        .to_string()
 }
 
 async fn host_violations(

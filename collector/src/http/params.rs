@@ -395,6 +395,12 @@ impl EventFilter {
     }
 }
 
+/// Only `limit` accepted.
+pub fn parse_limit_only(raw: &[(String, String)], limits: Limits) -> Result<u32, ParamError> {
+    let p = Pairs::new(raw, &["limit"])?;
+    parse_limit(p.get("limit"), limits)
+}
+
 /// `GET /api/v1/audit`: records after a seq, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuditFilter {

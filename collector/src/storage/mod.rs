@@ -23,14 +23,18 @@ mod apply;
 pub mod audit;
 pub mod export;
 mod glob;
+pub mod lifecycle;
 pub mod postgres;
+pub mod registry;
 pub mod sqlite;
 
 pub use access::{AccessStore, ApiToken, RevokeOutcome, Role};
 pub use audit::{AuditEntry, AuditRecord, AuditStore};
 pub use export::ExportStore;
 pub(crate) use glob::check_host_pattern;
+pub use lifecycle::{AckRequest, Acknowledgement, HostLifecycle, LifecycleStore, TransitionRecord};
 pub use postgres::PgStore;
+pub use registry::{RegisteredBaseline, RegistryStore};
 pub use sqlite::SqliteStore;
 
 /// A boxed future, so `dyn Storage` works (`Arc<dyn Storage>` is shared by every task).
@@ -54,6 +58,10 @@ pub enum StorageError {
     /// A caller-supplied value the storage cannot use (a glob that does not compile).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The change conflicts with stored state (a baseline version not newer than the
+    /// registered one).
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error(transparent)]
     Token(#[from] TokenError),
 }
@@ -228,7 +236,15 @@ pub struct SecurityEvent {
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
 pub trait Storage:
-    AuditStore + AccessStore + ExportStore + Send + Sync + std::fmt::Debug + 'static
+    AuditStore
+    + AccessStore
+    + ExportStore
+    + LifecycleStore
+    + RegistryStore
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
 {
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;

@@ -37,6 +37,7 @@ use super::{
 
 mod access;
 pub(crate) mod audit;
+mod lifecycle;
 
 /// Migrations in order; migration `i` (0-based) brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -44,6 +45,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0002_audit.sql"),
     include_str!("migrations/postgres/0006_access.sql"),
     include_str!("migrations/postgres/0005_exports.sql"),
+    include_str!("migrations/postgres/0003_lifecycle.sql"),
 ];
 
 /// The schema version this binary writes.

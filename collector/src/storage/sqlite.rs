@@ -36,6 +36,7 @@ use super::{
 
 mod access;
 pub(crate) mod audit;
+mod lifecycle;
 
 /// Migrations in order; migration `i` (0-based) brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -43,6 +44,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0002_audit.sql"),
     include_str!("migrations/sqlite/0006_access.sql"),
     include_str!("migrations/sqlite/0005_exports.sql"),
+    include_str!("migrations/sqlite/0003_lifecycle.sql"),
 ];
 
 /// The schema version this binary writes.
