@@ -34,6 +34,8 @@ pub struct RawConfig {
     pub max_message_bytes: Option<u64>,
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
+    /// `[actions]`: rebuild triggers (see `crate::actions::config`).
+    pub actions: Option<crate::actions::config::RawActions>,
 }
 
 /// Why a configuration was refused. The binary exits 64 on any of these.
@@ -51,7 +53,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
@@ -131,6 +133,8 @@ pub struct Settings {
     pub max_message_bytes: NonZeroUsize,
     pub ca: CaSource,
     pub tuning: Tuning,
+    /// Rebuild actions; `None` (no `[actions]` section): the collector triggers no rebuilds.
+    pub actions: Option<crate::actions::config::ActionSettings>,
 }
 
 /// A whole number of seconds, at least one (the unit of `Welcome.heartbeat_interval_seconds`).
@@ -267,6 +271,10 @@ impl Settings {
             (Some(_), None) => return Err(invalid("ca_key", "is required with ca_cert")),
             (None, Some(_)) => return Err(invalid("ca_cert", "is required with ca_key")),
         };
+        let actions = raw
+            .actions
+            .map(crate::actions::config::ActionSettings::from_raw)
+            .transpose()?;
         Ok(Settings {
             state_dir,
             database,
@@ -279,6 +287,7 @@ impl Settings {
             max_message_bytes,
             ca,
             tuning: Tuning::default(),
+            actions,
         })
     }
 
@@ -311,6 +320,7 @@ impl Settings {
                 dir: state_dir.join("ca"),
             },
             tuning: Tuning::default(),
+            actions: None,
         }
     }
 }
@@ -329,7 +339,7 @@ fn parse_addr(
     })
 }
 
-fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+pub(crate) fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s).map_err(|e| invalid(key, format!("{s:?}: {e} (e.g. \"30d\")")))
 }
 

@@ -59,6 +59,9 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The `[actions]` secret or CA file could not be used.
+    #[error("configuration: {0}")]
+    Actions(crate::config::ConfigError),
 }
 
 /// A collector bound to its port, not yet serving.
@@ -254,6 +257,15 @@ impl Server {
             async move { stop_requested(&mut stop_for_http).await },
         ));
 
+        // Rebuild actions, when configured: one task, stopped with everything else.
+        let dispatcher = match settings.actions.clone() {
+            Some(actions) => Some(
+                crate::actions::spawn(store.clone(), actions, stop_rx.clone())
+                    .map_err(ServeError::Actions)?,
+            ),
+            None => None,
+        };
+
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         tracing::info!(%local_addr, %http_addr, "collector serving");
         let early = tokio::select! {
@@ -263,6 +275,7 @@ impl Server {
         if let Some(result) = early {
             let _ = stop_tx.send(true);
             ingest_tasks.finish(tuning.shutdown_grace).await;
+            finish_dispatcher(dispatcher, &settings).await;
             return result.map_err(ServeError::from);
         }
 
@@ -293,6 +306,7 @@ impl Server {
         drop(serve);
         let _ = accept.await;
         ingest_tasks.finish(tuning.shutdown_grace).await;
+        finish_dispatcher(dispatcher, &settings).await;
         match http.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP API ended with an error"),
@@ -300,6 +314,21 @@ impl Server {
         }
         tracing::info!("collector stopped");
         result
+    }
+}
+
+/// Waits for the rebuild dispatcher's current round (its deliveries are bounded by the action
+/// timeout) so no attempt is left half-recorded; gives up after the grace period plus that
+/// timeout.
+async fn finish_dispatcher(task: Option<tokio::task::JoinHandle<()>>, settings: &Settings) {
+    let Some(task) = task else { return };
+    let limit = settings.tuning.shutdown_grace
+        + settings
+            .actions
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.timeout);
+    if tokio::time::timeout(limit, task).await.is_err() {
+        tracing::warn!("the rebuild dispatcher did not stop in time");
     }
 }
 

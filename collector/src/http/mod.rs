@@ -12,7 +12,7 @@
 //! The lead wires [`serve`] into `driftwatch-collector serve` with the configured
 //! `http_listen` (after [`check_listen_addr`]) and the shared store.
 
-mod convert;
+pub(crate) mod convert;
 mod error;
 pub mod params;
 

@@ -18,12 +18,14 @@ use std::pin::Pin;
 
 use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 
+pub mod actions;
 mod apply;
 pub mod audit;
 mod glob;
 pub mod postgres;
 pub mod sqlite;
 
+pub use actions::ActionStore;
 pub use audit::{AuditEntry, AuditRecord, AuditStore};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
@@ -222,7 +224,7 @@ pub struct SecurityEvent {
 
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
-pub trait Storage: AuditStore + Send + Sync + std::fmt::Debug + 'static {
+pub trait Storage: AuditStore + ActionStore + Send + Sync + std::fmt::Debug + 'static {
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;
 

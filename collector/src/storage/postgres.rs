@@ -33,12 +33,14 @@ use super::{
     StreamPosition, TokenError, ViolationQuery, ViolationRecord,
 };
 
+mod actions;
 pub(crate) mod audit;
 
 /// Migrations in order; migration `i` (0-based) brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_initial.sql"),
     include_str!("migrations/postgres/0002_audit.sql"),
+    include_str!("migrations/postgres/0004_rebuild_actions.sql"),
 ];
 
 /// The schema version this binary writes.

@@ -32,12 +32,14 @@ use super::{
     StreamPosition, TokenError, ViolationQuery, ViolationRecord,
 };
 
+mod actions;
 pub(crate) mod audit;
 
 /// Migrations in order; migration `i` (0-based) brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_initial.sql"),
     include_str!("migrations/sqlite/0002_audit.sql"),
+    include_str!("migrations/sqlite/0004_rebuild_actions.sql"),
 ];
 
 /// The schema version this binary writes.
