@@ -14,6 +14,8 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+pub mod lifecycle;
+
 /// The version of this schema, in every successful response's `schema` field.
 pub const SCHEMA: &str = "driftwatch.api.v1";
 
@@ -141,6 +143,10 @@ pub struct Host {
     pub package_drift: u64,
     pub revoked: bool,
     pub stream: Stream,
+    /// Lifecycle state (`crate::lifecycle`): `enrolled`, `clean`, `drifted`, `flagged`,
+    /// `silent`, `rebuild_requested`, `replaced`, `retired`.
+    #[serde(default)]
+    pub lifecycle: String,
 }
 
 /// The image a host said it runs (its last `Hello`); empty strings before the first one.

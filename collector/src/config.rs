@@ -3,8 +3,9 @@
 //! (addresses parsed, durations typed, limits non-zero, defaults filled in). Only
 //! [`Settings::from_raw`] turns one into the other, so a `Settings` value is always valid.
 //!
-//! This module reads one file and does nothing else: no directories are created, no database is
-//! opened.
+//! This module reads the configuration file and the public keys it names (`trusted_keys`, so a
+//! bad key is a configuration error) and does nothing else: no directories are created, no
+//! database is opened.
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -20,7 +21,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/driftwatch-collector";
 
 /// The configuration file as written. Every key is optional; unknown keys are an error that
 /// names the key.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub state_dir: Option<PathBuf>,
@@ -36,6 +37,14 @@ pub struct RawConfig {
     pub ca_key: Option<PathBuf>,
     /// `[actions]`: rebuild triggers (see `crate::actions::config`).
     pub actions: Option<crate::actions::config::RawActions>,
+    /// Public keys (SPKI PEM, as `driftwatch-agent keygen` writes them) a pushed baseline must
+    /// be signed with.
+    pub trusted_keys: Option<Vec<PathBuf>>,
+    /// How often the reconciler assesses every host.
+    pub reconcile_interval: Option<String>,
+    /// A path drifted on more than this share of an image's hosts is a likely image defect.
+    pub image_defect_ratio: Option<f64>,
+    pub flagging: Option<crate::flagging::RawFlagging>,
 }
 
 /// Why a configuration was refused. The binary exits 64 on any of these.
@@ -135,7 +144,19 @@ pub struct Settings {
     pub tuning: Tuning,
     /// Rebuild actions; `None` (no `[actions]` section): the collector triggers no rebuilds.
     pub actions: Option<crate::actions::config::ActionSettings>,
+    /// Raw Ed25519 public keys from `trusted_keys`.
+    pub trusted_keys: Vec<[u8; 32]>,
+    pub reconcile_interval: Duration,
+    pub image_defect_ratio: DefectRatio,
+    pub flagging: crate::flagging::FlaggingPolicy,
 }
+
+/// A share of an image's hosts, strictly between 0 and 1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DefectRatio(pub f64);
+
+// Only finite values in (0, 1) are ever constructed, so equality is total.
+impl Eq for DefectRatio {}
 
 /// A whole number of seconds, at least one (the unit of `Welcome.heartbeat_interval_seconds`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -275,7 +296,39 @@ impl Settings {
             .actions
             .map(crate::actions::config::ActionSettings::from_raw)
             .transpose()?;
+        let trusted_keys = raw
+            .trusted_keys
+            .unwrap_or_default()
+            .iter()
+            .map(|p| load_public_key(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let reconcile_interval = match raw.reconcile_interval {
+            Some(s) => {
+                let d = parse_duration("reconcile_interval", &s)?;
+                if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
+                    return Err(invalid("reconcile_interval", "must be 100ms to 1h"));
+                }
+                d
+            }
+            None => crate::reconcile::DEFAULT_INTERVAL,
+        };
+        let image_defect_ratio = match raw.image_defect_ratio {
+            Some(r) if r.is_finite() && r > 0.0 && r < 1.0 => r,
+            Some(r) => {
+                return Err(invalid(
+                    "image_defect_ratio",
+                    format!("{r} must be between 0 and 1 (e.g. 0.5: more than half)"),
+                ));
+            }
+            None => crate::registry::DEFAULT_IMAGE_DEFECT_RATIO,
+        };
+        let flagging = crate::flagging::FlaggingPolicy::from_raw(raw.flagging.unwrap_or_default())
+            .map_err(|e| invalid(e.key, e.message))?;
         Ok(Settings {
+            trusted_keys,
+            reconcile_interval,
+            image_defect_ratio: DefectRatio(image_defect_ratio),
+            flagging,
             state_dir,
             database,
             grpc_listen,
@@ -321,8 +374,45 @@ impl Settings {
             },
             tuning: Tuning::default(),
             actions: None,
+            trusted_keys: Vec::new(),
+            reconcile_interval: crate::reconcile::DEFAULT_INTERVAL,
+            image_defect_ratio: DefectRatio(crate::registry::DEFAULT_IMAGE_DEFECT_RATIO),
+            flagging: crate::flagging::FlaggingPolicy::default(),
         }
     }
+}
+
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410); the raw key follows.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+/// Reads an Ed25519 public key in SPKI PEM ("PUBLIC KEY", as `driftwatch-agent keygen` and
+/// `openssl pkey -pubout` write it) as its raw 32 bytes.
+fn load_public_key(path: &Path) -> Result<[u8; 32], ConfigError> {
+    use rustls_pki_types::SubjectPublicKeyInfoDer;
+    use rustls_pki_types::pem::PemObject;
+    if !path.is_absolute() {
+        return Err(invalid(
+            "trusted_keys",
+            format!("{} must be an absolute path", path.display()),
+        ));
+    }
+    let der = SubjectPublicKeyInfoDer::from_pem_file(path).map_err(|e| {
+        invalid(
+            "trusted_keys",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    der.as_ref()
+        .strip_prefix(&ED25519_SPKI_PREFIX[..])
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .ok_or_else(|| {
+            invalid(
+                "trusted_keys",
+                format!("{} is not an Ed25519 public key", path.display()),
+            )
+        })
 }
 
 fn parse_addr(
@@ -482,6 +572,80 @@ mod tests {
         let s = settings(text).unwrap();
         assert_eq!(s.server_names, ["collector.example.com", "10.0.0.5"]);
         assert_eq!(s.heartbeat_interval.seconds(), 30);
+    }
+
+    #[test]
+    fn flagging_registry_and_reconciler_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        // A real key as `driftwatch-agent keygen` writes it (SPKI PEM).
+        let key = [7u8; 32];
+        let mut der = ED25519_SPKI_PREFIX.to_vec();
+        der.extend_from_slice(&key);
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &der)
+        );
+        let pub_path = dir.path().join("pipeline.pub");
+        std::fs::write(&pub_path, pem).unwrap();
+        let s = settings(&format!(
+            "trusted_keys = [{:?}]\nreconcile_interval = \"200ms\"\nimage_defect_ratio = 0.6\n\
+             [flagging]\nseverity_at_least = \"high\"\npackage_drift = true\n\
+             unexplained_under = [\"/etc/**\"]\ndrift_older_than = \"1h\"\n\
+             silent_longer_than = \"10m\"\nregistered_root = true\nmin_agent_version = \"0.2.0\"\n",
+            pub_path.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(s.trusted_keys, [key]);
+        assert_eq!(s.reconcile_interval, Duration::from_millis(200));
+        assert_eq!(s.image_defect_ratio, DefectRatio(0.6));
+        assert_eq!(s.flagging.severity_at_least, Some(4));
+        assert!(s.flagging.package_drift && s.flagging.registered_root);
+        assert_eq!(s.flagging.min_agent_version.as_deref(), Some("0.2.0"));
+        let d = settings("").unwrap();
+        assert!(d.trusted_keys.is_empty());
+        assert_eq!(d.flagging, crate::flagging::FlaggingPolicy::default());
+
+        let not_a_key = dir.path().join("ca.pem");
+        std::fs::write(
+            &not_a_key,
+            "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+        )
+        .unwrap();
+        for (toml, key) in [
+            (
+                "trusted_keys = [\"/nonexistent/k.pub\"]".to_string(),
+                "trusted_keys",
+            ),
+            (
+                "trusted_keys = [\"relative.pub\"]".to_string(),
+                "trusted_keys",
+            ),
+            (
+                format!("trusted_keys = [{:?}]", not_a_key.display().to_string()),
+                "trusted_keys",
+            ),
+            (
+                "reconcile_interval = \"1ms\"".to_string(),
+                "reconcile_interval",
+            ),
+            ("image_defect_ratio = 1.5".to_string(), "image_defect_ratio"),
+            ("image_defect_ratio = 0.0".to_string(), "image_defect_ratio"),
+            (
+                "[flagging]\nseverity_at_least = \"loud\"".to_string(),
+                "flagging.severity_at_least",
+            ),
+            (
+                "[flagging]\ndrift_older_than = \"later\"".to_string(),
+                "flagging.drift_older_than",
+            ),
+        ] {
+            let e = settings(&toml).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{toml}: {e}");
+        }
+        let e = settings("[flagging]\nseverity = \"high\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("severity"), "{e}");
     }
 
     #[test]

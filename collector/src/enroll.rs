@@ -69,6 +69,13 @@ impl EnrollmentService {
             .enroll_host(labels, issued.record.clone())
             .await?;
         tracing::info!(host = r.host_id, token = used.id, "host enrolled");
+        // A host id enrolling again starts a new lifecycle; the enrollment itself stands even
+        // if recording that fails (the next enrollment or an operator can fix the state).
+        if let Err(e) =
+            crate::reconcile::after_enrollment(&*self.store, &r.host_id, unix_ms(now)).await
+        {
+            tracing::warn!(host = r.host_id, error = %e, "recording the re-enrollment failed");
+        }
         Ok(EnrollResponse {
             host_id: r.host_id,
             certificate_der: issued.der,

@@ -88,6 +88,7 @@ fn storage_code(e: &StorageError) -> Code {
         // A certificate for a host the database does not know (e.g. a restored backup).
         StorageError::UnknownHost(_) => Code::FailedPrecondition,
         StorageError::InvalidArgument(_) => Code::InvalidArgument,
+        StorageError::Conflict(_) => Code::FailedPrecondition,
         StorageError::Token(t) => match t {
             TokenError::Unknown | TokenError::Expired | TokenError::Exhausted => {
                 Code::Unauthenticated

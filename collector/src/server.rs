@@ -249,11 +249,23 @@ impl Server {
             silent_after: 3 * settings.heartbeat_interval.as_duration(),
             ..ApiConfig::default()
         };
+        // The reconciler judges hosts by the same policy `explain` shows.
+        let policy = Arc::new(crate::reconcile::Policy {
+            flagging: settings.flagging.clone(),
+            silent_after: api_config.silent_after,
+            image_defect_ratio: settings.image_defect_ratio.0,
+            interval: settings.reconcile_interval,
+        });
+        let reconciler = crate::reconcile::spawn(store.clone(), policy.clone(), stop_rx.clone());
         let mut stop_for_http = stop_rx.clone();
-        let http = tokio::spawn(crate::http::serve(
+        let http = tokio::spawn(crate::http::serve_router(
             http_listener,
-            store.clone(),
-            api_config,
+            crate::http::router_with(
+                store.clone(),
+                api_config,
+                policy,
+                Arc::new(settings.trusted_keys.clone()),
+            ),
             async move { stop_requested(&mut stop_for_http).await },
         ));
 
@@ -274,6 +286,7 @@ impl Server {
         };
         if let Some(result) = early {
             let _ = stop_tx.send(true);
+            let _ = reconciler.await;
             ingest_tasks.finish(tuning.shutdown_grace).await;
             finish_dispatcher(dispatcher, &settings).await;
             return result.map_err(ServeError::from);
@@ -307,6 +320,9 @@ impl Server {
         let _ = accept.await;
         ingest_tasks.finish(tuning.shutdown_grace).await;
         finish_dispatcher(dispatcher, &settings).await;
+        if let Err(e) = reconciler.await {
+            tracing::warn!(error = %e, "reconciler task failed");
+        }
         match http.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "HTTP API ended with an error"),

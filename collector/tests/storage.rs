@@ -9,13 +9,15 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use driftwatch_collector::lifecycle::Lifecycle;
 use driftwatch_collector::storage::actions::{
     self, ActionFilter, ActionState, AttemptRecord, RebuildAction,
 };
 use driftwatch_collector::storage::audit::{ChainError, ChainVerifier};
 use driftwatch_collector::storage::{
-    ApplyOutcome, AuditEntry, EnrollmentToken, HeartbeatRecord, HelloInfo, IssuedCertificate,
-    ReportToApply, SecurityEvent, Storage, StorageError, TokenError, ViolationQuery,
+    AckRequest, ApplyOutcome, AuditEntry, EnrollmentToken, HeartbeatRecord, HelloInfo,
+    IssuedCertificate, RegisteredBaseline, ReportToApply, SecurityEvent, Storage, StorageError,
+    TokenError, TransitionRecord, ViolationQuery,
 };
 use driftwatch_proto::set::{file_key, item_hash, package_key, set_digest};
 use driftwatch_proto::v1::{
@@ -161,6 +163,9 @@ conformance!(
     reopen_keeps_everything,
     audit_appends_form_one_verifiable_chain,
     audit_tampering_is_named_at_the_first_bad_record,
+    lifecycle_transitions_are_compare_and_set_with_audit,
+    acknowledgements_cover_the_named_open_items,
+    registry_refuses_versions_not_newer,
     actions_are_created_once_per_key_with_audit,
     action_updates_are_compare_and_set_with_attempts,
     action_listing_filters_and_dispatch_view,
@@ -1634,6 +1639,330 @@ async fn audit_tampering_is_named_at_the_first_bad_record(f: Fixture) {
     )
     .await;
     assert_eq!(e, ChainError::Link { seq: 2 });
+}
+
+// --- lifecycle, acknowledgements, registry --------------------------------------------------
+
+fn audit(action: &str, target: &str) -> AuditEntry {
+    AuditEntry::new(T0, "collector", action, target, serde_json::json!({}))
+}
+
+fn transition(host: &str, from: Lifecycle, to: Lifecycle, at: i64) -> TransitionRecord {
+    TransitionRecord {
+        host_id: host.into(),
+        from,
+        to,
+        at_ms: at,
+        cause: format!("{from} to {to}"),
+        actor: "collector".into(),
+    }
+}
+
+async fn audit_actions(s: &dyn Storage) -> Vec<String> {
+    s.audit_records(0, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.action)
+        .collect()
+}
+
+async fn lifecycle_transitions_are_compare_and_set_with_audit(f: Fixture) {
+    let s = f.open().await;
+    let s = &*s;
+    s.enroll_host(
+        vec![("role".into(), "web".into())],
+        cert("web-1", 1, T0 + 1000 * MINUTE),
+    )
+    .await
+    .unwrap();
+    enroll(s, "db-1").await;
+    let states = s.lifecycle_states().await.unwrap();
+    assert_eq!(states.len(), 2);
+    let web = states.iter().find(|h| h.host_id == "web-1").unwrap();
+    assert_eq!(
+        (
+            web.state,
+            web.since_ms,
+            web.role.as_deref(),
+            web.enrolled_ms
+        ),
+        (Lifecycle::Enrolled, T0, Some("web"), T0)
+    );
+    assert_eq!(
+        states.iter().find(|h| h.host_id == "db-1").unwrap().role,
+        None
+    );
+
+    let t = transition("web-1", Lifecycle::Enrolled, Lifecycle::Clean, T0 + MINUTE);
+    assert!(
+        s.record_transition(t, audit("host.state_changed", "web-1"))
+            .await
+            .unwrap()
+    );
+    // Computed from a state the host has left: nothing written, no audit record.
+    let stale = transition(
+        "web-1",
+        Lifecycle::Enrolled,
+        Lifecycle::Drifted,
+        T0 + 2 * MINUTE,
+    );
+    assert!(
+        !s.record_transition(stale, audit("host.state_changed", "web-1"))
+            .await
+            .unwrap()
+    );
+    let t = transition(
+        "web-1",
+        Lifecycle::Clean,
+        Lifecycle::Flagged,
+        T0 + 3 * MINUTE,
+    );
+    assert!(
+        s.record_transition(t, audit("host.flagged", "web-1"))
+            .await
+            .unwrap()
+    );
+    // A move the state machine refuses is refused whatever the stored state.
+    let bad = transition(
+        "web-1",
+        Lifecycle::Flagged,
+        Lifecycle::Replaced,
+        T0 + 4 * MINUTE,
+    );
+    assert!(matches!(
+        s.record_transition(bad, audit("host.replaced", "web-1"))
+            .await,
+        Err(StorageError::InvalidArgument(_))
+    ));
+    let unknown = transition("nope", Lifecycle::Enrolled, Lifecycle::Clean, T0);
+    assert!(matches!(
+        s.record_transition(unknown, audit("host.state_changed", "nope"))
+            .await,
+        Err(StorageError::UnknownHost(_))
+    ));
+
+    let web = s
+        .lifecycle_states()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|h| h.host_id == "web-1")
+        .unwrap();
+    assert_eq!(
+        (web.state, web.since_ms),
+        (Lifecycle::Flagged, T0 + 3 * MINUTE)
+    );
+    let list = s.transitions("web-1", 0).await.unwrap();
+    let moves: Vec<(Lifecycle, Lifecycle, i64)> =
+        list.iter().map(|t| (t.from, t.to, t.at_ms)).collect();
+    assert_eq!(
+        moves,
+        [
+            (Lifecycle::Clean, Lifecycle::Flagged, T0 + 3 * MINUTE),
+            (Lifecycle::Enrolled, Lifecycle::Clean, T0 + MINUTE),
+        ]
+    );
+    assert_eq!(list[0].cause, "clean to flagged");
+    assert_eq!(list[0].actor, "collector");
+    assert_eq!(s.transitions("web-1", 1).await.unwrap().len(), 1);
+    assert!(s.transitions("db-1", 0).await.unwrap().is_empty());
+    assert!(matches!(
+        s.transitions("nope", 0).await,
+        Err(StorageError::UnknownHost(_))
+    ));
+    // One audit record per recorded transition, in the same chain.
+    assert_eq!(
+        audit_actions(s).await,
+        ["host.state_changed", "host.flagged"]
+    );
+
+    // Two writers racing from the same state: exactly one wins.
+    let a = transition(
+        "web-1",
+        Lifecycle::Flagged,
+        Lifecycle::Retired,
+        T0 + 5 * MINUTE,
+    );
+    let b = transition(
+        "web-1",
+        Lifecycle::Flagged,
+        Lifecycle::RebuildRequested,
+        T0 + 5 * MINUTE,
+    );
+    let (ra, rb) = tokio::join!(
+        s.record_transition(a, audit("host.retired", "web-1")),
+        s.record_transition(b, audit("rebuild.requested", "web-1")),
+    );
+    assert!(ra.unwrap() ^ rb.unwrap());
+    assert_eq!(s.transitions("web-1", 0).await.unwrap().len(), 3);
+    drop(f);
+}
+
+async fn acknowledgements_cover_the_named_open_items(f: Fixture) {
+    let s = f.open().await;
+    let s = &*s;
+    enroll(s, "h").await;
+    let motd = file(b"/etc/motd", ViolationKind::Modified, 3, &[]);
+    let odd = file(b"/etc/\xff\n", ViolationKind::Added, 5, &[]);
+    let curl = package("curl", PackageDriftKind::Installed, 3);
+    let mut agent = Agent::new(1);
+    let r = agent.full(vec![motd.clone(), odd.clone(), curl.clone()]);
+    assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+
+    let req = |paths: Vec<Vec<u8>>, packages: Vec<&str>, all: bool| AckRequest {
+        host_id: "h".into(),
+        paths,
+        packages: packages.into_iter().map(str::to_owned).collect(),
+        all,
+        reason: "planned change CHG-1".into(),
+        actor: "token:op".into(),
+        at_ms: T0 + MINUTE,
+        expires_ms: T0 + 60 * MINUTE,
+    };
+    let acks = s
+        .acknowledge(
+            req(vec![b"/etc/\xff\n".to_vec()], vec!["curl"], false),
+            audit("violation.acknowledged", "h"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(acks.len(), 2);
+    let listed = s.acknowledgements(None, T0 + 2 * MINUTE).await.unwrap();
+    assert_eq!(listed, acks);
+    let odd_ack = listed.iter().find(|a| a.path.is_some()).unwrap();
+    assert_eq!(odd_ack.key, odd.key);
+    assert_eq!(odd_ack.item_hash, item_hash(&odd));
+    assert_eq!(odd_ack.reason, "planned change CHG-1");
+    let pkg_ack = listed.iter().find(|a| a.package.is_some()).unwrap();
+    assert_eq!(pkg_ack.package.as_deref(), Some("curl:amd64"));
+    assert_eq!(pkg_ack.item_hash, item_hash(&curl));
+    assert_eq!(s.acknowledgements(Some("h"), T0).await.unwrap().len(), 2);
+    assert!(
+        s.acknowledgements(Some("other"), T0)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Expired at its expiry.
+    assert!(
+        s.acknowledgements(None, T0 + 60 * MINUTE)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A path with no open violation: refused, nothing written, no audit record.
+    let before = audit_actions(s).await.len();
+    for bad in [
+        req(vec![b"/etc/passwd".to_vec()], vec![], false),
+        req(vec![b"/etc/motd".to_vec()], vec!["vim"], false),
+        req(vec![], vec![], false),
+        AckRequest {
+            reason: " ".into(),
+            ..req(vec![], vec![], true)
+        },
+        AckRequest {
+            expires_ms: T0,
+            ..req(vec![], vec![], true)
+        },
+    ] {
+        assert!(matches!(
+            s.acknowledge(bad, audit("violation.acknowledged", "h"))
+                .await,
+            Err(StorageError::InvalidArgument(_))
+        ));
+    }
+    assert_eq!(audit_actions(s).await.len(), before);
+    assert_eq!(s.acknowledgements(None, T0).await.unwrap().len(), 2);
+    assert!(matches!(
+        s.acknowledge(
+            AckRequest {
+                host_id: "nope".into(),
+                ..req(vec![], vec![], true)
+            },
+            audit("violation.acknowledged", "nope")
+        )
+        .await,
+        Err(StorageError::UnknownHost(_))
+    ));
+    // all: every open item.
+    let all = s
+        .acknowledge(
+            req(vec![], vec![], true),
+            audit("violation.acknowledged", "h"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+    assert_eq!(
+        audit_actions(s).await,
+        ["violation.acknowledged", "violation.acknowledged"]
+    );
+    drop(motd);
+}
+
+fn registered(image: &str, version: &str, root: u8) -> RegisteredBaseline {
+    RegisteredBaseline {
+        image_id: image.into(),
+        image_version: version.into(),
+        merkle_root: [root; 32],
+        signer: "ed25519:00112233".into(),
+        created_unix: T0 / 1000,
+        expires_unix: Some(T0 / 1000 + 86_400),
+        entry_count: 42,
+        pushed_ms: T0,
+        actor: "token:admin".into(),
+    }
+}
+
+async fn registry_refuses_versions_not_newer(f: Fixture) {
+    let s = f.open().await;
+    let s = &*s;
+    assert!(s.registered_baselines().await.unwrap().is_empty());
+    let push = |b| s.register_baseline(b, audit("baseline.pushed", "web"));
+    push(registered("web", "2026.11.9", 1)).await.unwrap();
+    for stale in ["2026.11.9", "2026.11.1", "2026.9.30", "2026.11"] {
+        assert!(
+            matches!(
+                push(registered("web", stale, 2)).await,
+                Err(StorageError::Conflict(_))
+            ),
+            "{stale}"
+        );
+    }
+    push(registered("web", "2026.11.10", 3)).await.unwrap();
+    push(registered("db", "1", 4)).await.unwrap();
+    let all = s.registered_baselines().await.unwrap();
+    let order: Vec<(&str, &str, u8)> = all
+        .iter()
+        .map(|b| {
+            (
+                b.image_id.as_str(),
+                b.image_version.as_str(),
+                b.merkle_root[0],
+            )
+        })
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("db", "1", 4),
+            ("web", "2026.11.10", 3),
+            ("web", "2026.11.9", 1)
+        ]
+    );
+    assert_eq!(all[1], registered("web", "2026.11.10", 3));
+    assert_eq!(
+        audit_actions(s).await,
+        ["baseline.pushed", "baseline.pushed", "baseline.pushed"]
+    );
+    // Concurrent pushes of the same new version: one wins.
+    let (a, b) = tokio::join!(
+        push(registered("web", "2026.12.1", 5)),
+        push(registered("web", "2026.12.1", 6)),
+    );
+    assert!(a.is_ok() ^ b.is_ok(), "{a:?} {b:?}");
 }
 
 // --- rebuild actions -----------------------------------------------------------------------

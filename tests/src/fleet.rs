@@ -39,6 +39,17 @@ impl Collector {
 
     /// Like [`Collector::start`] with another collector binary.
     pub fn start_exe(dir: &Path, database_url: Option<&str>, exe: PathBuf) -> Collector {
+        Collector::start_configured(dir, database_url, exe, "")
+    }
+
+    /// Like [`Collector::start_exe`], with `extra` appended to the configuration (keys, then
+    /// any `[section]`s: it comes last).
+    pub fn start_configured(
+        dir: &Path,
+        database_url: Option<&str>,
+        exe: PathBuf,
+        extra: &str,
+    ) -> Collector {
         let grpc = free_port();
         let http = free_port();
         let config = dir.join("collector.toml");
@@ -51,6 +62,7 @@ impl Collector {
         if let Some(url) = database_url {
             text.push_str(&format!("database_url = {url:?}\n"));
         }
+        text.push_str(extra);
         fs::write(&config, text).expect("write collector config");
         let mut c = Collector {
             dir: dir.to_path_buf(),
@@ -304,21 +316,52 @@ impl Agent {
         root: &Path,
         image: &Image,
     ) -> Agent {
+        Agent::enroll_labeled(
+            collector,
+            token,
+            fingerprint,
+            host_id,
+            dir,
+            root,
+            image,
+            &[],
+        )
+    }
+
+    /// Like [`Agent::enroll`], with enrollment labels (`["role=web"]`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn enroll_labeled(
+        collector: &Collector,
+        token: &str,
+        fingerprint: &str,
+        host_id: &str,
+        dir: &Path,
+        root: &Path,
+        image: &Image,
+        labels: &[&str],
+    ) -> Agent {
         let state_dir = dir.join("state");
         fs::create_dir_all(&state_dir).expect("agent state dir");
-        let r = crate::agent([
-            OsStr::new("enroll"),
-            OsStr::new("--collector"),
-            OsStr::new(&collector.grpc_url),
-            OsStr::new("--ca-fingerprint"),
-            OsStr::new(fingerprint),
-            OsStr::new("--token"),
-            OsStr::new(token),
-            OsStr::new("--host-id"),
-            OsStr::new(host_id),
-            OsStr::new("--state-dir"),
-            state_dir.as_os_str(),
-        ]);
+        let label_args = labels
+            .iter()
+            .flat_map(|l| [OsStr::new("--label"), OsStr::new(l)]);
+        let r = crate::agent(
+            [
+                OsStr::new("enroll"),
+                OsStr::new("--collector"),
+                OsStr::new(&collector.grpc_url),
+                OsStr::new("--ca-fingerprint"),
+                OsStr::new(fingerprint),
+                OsStr::new("--token"),
+                OsStr::new(token),
+                OsStr::new("--host-id"),
+                OsStr::new(host_id),
+                OsStr::new("--state-dir"),
+                state_dir.as_os_str(),
+            ]
+            .into_iter()
+            .chain(label_args),
+        );
         assert_eq!(
             r.code,
             0,

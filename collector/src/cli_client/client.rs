@@ -1,13 +1,14 @@
-//! A small HTTP/1.1 client for the collector's API: one connection per request, GET only,
+//! A small HTTP/1.1 client for the collector's API: one connection per request, GET and JSON POST,
 //! hyper directly (already in the dependency graph through axum and tonic) rather than another
 //! HTTP client crate. Plain HTTP to loopback for now; HTTPS comes with access control.
 
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Method;
 use hyper::body::Bytes;
-use hyper::header::{ACCEPT, HOST, USER_AGENT};
+use hyper::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 
@@ -100,7 +101,27 @@ impl Response {
 
 /// GETs `target` from `base`, the whole exchange within `timeout`.
 pub async fn get(base: &ApiBase, target: &str, timeout: Duration) -> anyhow::Result<Response> {
-    tokio::time::timeout(timeout, get_inner(base, target))
+    request(base, Method::GET, target, None, timeout).await
+}
+
+/// POSTs the JSON `body` to `target`, the whole exchange within `timeout`.
+pub async fn post(
+    base: &ApiBase,
+    target: &str,
+    body: Vec<u8>,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
+    request(base, Method::POST, target, Some(body), timeout).await
+}
+
+async fn request(
+    base: &ApiBase,
+    method: Method,
+    target: &str,
+    body: Option<Vec<u8>>,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
+    tokio::time::timeout(timeout, request_inner(base, method, target, body))
         .await
         .map_err(|_| {
             anyhow!(
@@ -110,7 +131,12 @@ pub async fn get(base: &ApiBase, target: &str, timeout: Duration) -> anyhow::Res
         })?
 }
 
-async fn get_inner(base: &ApiBase, target: &str) -> anyhow::Result<Response> {
+async fn request_inner(
+    base: &ApiBase,
+    method: Method,
+    target: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<Response> {
     let stream = tokio::net::TcpStream::connect((base.host.as_str(), base.port))
         .await
         .with_context(|| {
@@ -126,24 +152,28 @@ async fn get_inner(base: &ApiBase, target: &str) -> anyhow::Result<Response> {
     // The connection task drives the socket; it ends when the response is read and the
     // sender dropped.
     let conn = tokio::spawn(conn);
-    let req = Request::get(target)
+    let mut req = Request::builder().method(method.clone()).uri(target);
+    if body.is_some() {
+        req = req.header(CONTENT_TYPE, "application/json");
+    }
+    let req = req
         .header(HOST, &base.authority)
         .header(ACCEPT, "application/json")
         .header(
             USER_AGENT,
             concat!("driftwatch/", env!("CARGO_PKG_VERSION")),
         )
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
         .with_context(|| format!("building the request for {target:?}"))?;
     let resp = sender
         .send_request(req)
         .await
-        .with_context(|| format!("GET {target}"))?;
+        .with_context(|| format!("{method} {target}"))?;
     let status = resp.status();
     let body = Limited::new(resp.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| anyhow!("reading the response to GET {target}: {e}"))?
+        .map_err(|e| anyhow!("reading the response to {method} {target}: {e}"))?
         .to_bytes();
     drop(sender);
     conn.abort();

@@ -4,9 +4,11 @@
 //! What it owns: the command line, the HTTP requests and the rendering. What it must never do:
 //! print anything a host reported without escaping it (`driftwatch_proto::escape`): host ids, paths,
 //! package names, before/after values and reasons all come from agents, and a compromised one
-//! chooses them. It reads only; nothing here changes collector state.
+//! chooses them. It changes collector state only through the API's POST endpoints
+//! (acknowledgements, retirements, baseline pushes), which the collector audits.
 
 mod client;
+mod lifecycle;
 mod table;
 
 use std::process::ExitCode;
@@ -39,6 +41,12 @@ Examples:
   driftwatch violations search --path '/etc/ssh/**'  which hosts changed something under /etc/ssh?
   driftwatch violations search --kind package_installed --since 24h
   driftwatch events --since 1h                       refused connections, impersonation attempts
+  driftwatch hosts explain web-1                     why web-1 is (or is not) flagged, with evidence
+  driftwatch host ack web-1 --path /etc/motd --reason 'banner change CHG-42' --expires 7d
+  driftwatch host retire web-1 --reason 'decommissioned'
+  driftwatch images                                  hosts by image: consensus, outliers, defects
+  driftwatch image show web                          one image: registered root, outliers
+  driftwatch baseline push image.dwb                 register a signed baseline (admin)
   driftwatch --format json hosts | jq '.hosts[] | select(.state != \"clean\") | .host_id'
 
 Exit status: 0 success (whether or not drift was found), 2 error.";
@@ -89,11 +97,23 @@ pub enum Command {
     /// silent (no heartbeat for longer than the collector's threshold); revoked; never-reported
     /// (enrolled, no report yet). When several apply, the first of revoked, never-reported,
     /// silent, drifted, incomplete is shown.
+    #[command(args_conflicts_with_subcommands = true)]
     Hosts {
         /// Only hosts in this state.
         #[arg(long, value_parser = PossibleValuesParser::new(HostState::ALL.map(HostState::name)))]
         state: Option<String>,
+        #[command(subcommand)]
+        command: Option<HostsCommand>,
     },
+    /// Images: their registered baselines and their hosts (consensus, outliers, likely image
+    /// defects).
+    Images,
+    /// One image.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Signed baselines in the collector's image registry.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
     /// One host.
     #[command(subcommand)]
     Host(HostCommand),
@@ -114,6 +134,39 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum HostsCommand {
+    /// Why a host is or is not flagged by the collector's flagging policy: each reason with
+    /// its evidence (paths, packages, roots, ages), and the open items that do not count
+    /// (acknowledged, or a likely defect of its image).
+    Explain {
+        /// The host id.
+        host: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// An image's registered baseline and versions, its hosts on the registered root
+    /// (consensus), the others (outliers: another root, or drift), and paths drifted on most of
+    /// its hosts (likely image defects rather than snowflakes).
+    Show {
+        /// The image id (as in its baseline).
+        image: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BaselineCommand {
+    /// Register a signed baseline for its image id (admin). Sends the file's signed header
+    /// (image id, version, Merkle root, signature); the collector verifies the signature
+    /// against its trusted keys and refuses a version not newer than the registered one.
+    Push {
+        /// The baseline file (`driftwatch-agent baseline create --out FILE`).
+        file: std::path::PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum HostCommand {
     /// A host's state, image, timings and violations, each with every changed attribute
     /// before and after.
@@ -123,6 +176,35 @@ pub enum HostCommand {
         /// Also show resolved violations (drift that went away), with when it was resolved.
         #[arg(long)]
         resolved: bool,
+    },
+    /// Retire a host (operator): it leaves the fleet's lifecycle for good (replaced and retired
+    /// hosts are no longer assessed). Its certificate stays valid: revoke it with
+    /// `driftwatch-collector host revoke`.
+    Retire {
+        host: String,
+        /// Why (recorded in the transition and the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Acknowledge open violations of a host (operator): they stop counting toward flagging
+    /// until the acknowledgement expires, or until the item changes again.
+    Ack {
+        host: String,
+        /// An open violation's exact path (repeatable).
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// An open package drift's package name (repeatable).
+        #[arg(long = "package", value_name = "NAME")]
+        packages: Vec<String>,
+        /// Every open violation of the host.
+        #[arg(long)]
+        all: bool,
+        /// Why (recorded with the acknowledgement and in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// How long it holds (e.g. 7d, 12h; at most 365d).
+        #[arg(long, value_name = "DURATION")]
+        expires: String,
     },
 }
 
@@ -171,7 +253,45 @@ pub enum ViolationsCommand {
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let base = ApiBase::parse(&cli.api)?;
     let out = match &cli.command {
-        Command::Hosts { state } => {
+        Command::Hosts {
+            command: Some(HostsCommand::Explain { host }),
+            ..
+        } => lifecycle::explain(&base, host, cli.format, cli.timeout).await?,
+        Command::Images => lifecycle::images(&base, cli.format, cli.timeout).await?,
+        Command::Image(ImageCommand::Show { image }) => {
+            lifecycle::image_show(&base, image, cli.format, cli.timeout).await?
+        }
+        Command::Baseline(BaselineCommand::Push { file }) => {
+            lifecycle::baseline_push(&base, file, cli.format, cli.timeout).await?
+        }
+        Command::Host(HostCommand::Retire { host, reason }) => {
+            lifecycle::retire(&base, host, reason, cli.format, cli.timeout).await?
+        }
+        Command::Host(HostCommand::Ack {
+            host,
+            paths,
+            packages,
+            all,
+            reason,
+            expires,
+        }) => {
+            lifecycle::acknowledge(
+                &base,
+                host,
+                paths,
+                packages,
+                *all,
+                reason,
+                expires,
+                cli.format,
+                cli.timeout,
+            )
+            .await?
+        }
+        Command::Hosts {
+            state,
+            command: None,
+        } => {
             let target = base.target("/api/v1/hosts", &[("state", state.clone())]);
             let resp = fetch(&base, &target, cli.timeout).await?;
             render(cli.format, &resp, |l: api::HostList| hosts_table(&l))?
@@ -185,14 +305,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             let h = fetch(&base, &host_target, cli.timeout).await?;
             let v = fetch(&base, &viol_target, cli.timeout).await?;
+            let t = lifecycle::transitions(&base, host, cli.timeout).await?;
             match cli.format {
                 // One JSON document: the two API responses under their endpoint names.
                 Format::Json => {
                     let host: serde_json::Value = parse(&h)?;
                     let violations: serde_json::Value = parse(&v)?;
+                    let transitions: serde_json::Value = parse(&t)?;
                     let mut s = serde_json::to_string_pretty(&serde_json::json!({
                         "host": host,
                         "violations": violations,
+                        "transitions": transitions,
                     }))?;
                     s.push('\n');
                     s
@@ -208,7 +331,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             &b.path,
                         ))
                     });
-                    host_show(&h.host, &v)
+                    let mut out = host_show(&h.host, &v);
+                    out.push_str(&lifecycle::transitions_text(&lifecycle::parse_transitions(
+                        &t,
+                    )?));
+                    out
                 }
             }
         }

@@ -101,6 +101,8 @@ pub fn host(h: &HostSummary, now_ms: i64, silent_after: Duration) -> api::Host {
             last_seq: h.position.last_seq,
             set_digest: hex(&h.position.set_digest),
         },
+        // Filled in by the handler from the lifecycle store.
+        lifecycle: String::new(),
     }
 }
 

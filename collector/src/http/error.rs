@@ -16,6 +16,11 @@ pub enum ApiError {
     BadParameter(#[from] ParamError),
     #[error("no such host {0:?}")]
     UnknownHost(String),
+    #[error("no such image {0:?} (no host reports it and no baseline is registered for it)")]
+    UnknownImage(String),
+    /// A pushed baseline that does not verify (signature, format, expiry).
+    #[error("baseline refused: {0}")]
+    Push(#[from] crate::registry::PushError),
     #[error("no such endpoint {0:?} (the API is under /api/v1/)")]
     UnknownEndpoint(String),
     #[error("request took longer than {0:?}")]
@@ -30,7 +35,8 @@ impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
-            ApiError::UnknownHost(_) | ApiError::UnknownEndpoint(_) => {
+            ApiError::Push(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ApiError::UnknownHost(_) | ApiError::UnknownImage(_) | ApiError::UnknownEndpoint(_) => {
                 (StatusCode::NOT_FOUND, "not_found")
             }
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
@@ -42,6 +48,8 @@ impl ApiError {
                 StorageError::UnknownHost(_) => (StatusCode::NOT_FOUND, "not_found"),
                 // A value the parameter parsing let through but storage refused.
                 StorageError::InvalidArgument(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
+                // A change the stored state refuses (an older baseline version).
+                StorageError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
                 // Deployment or data problems no retry fixes.
                 StorageError::SchemaTooNew { .. } | StorageError::Corrupt { .. } => {
                     (StatusCode::INTERNAL_SERVER_ERROR, "internal")

@@ -14,6 +14,7 @@
 
 pub(crate) mod convert;
 mod error;
+mod lifecycle;
 pub mod params;
 
 use std::future::Future;
@@ -88,15 +89,42 @@ pub fn check_listen_addr(addr: SocketAddr) -> Result<(), NonLoopbackListen> {
 }
 
 #[derive(Debug, Clone)]
-struct AppState {
+pub(crate) struct AppState {
     store: Arc<dyn Storage>,
     config: ApiConfig,
+    /// The flagging policy and thresholds `explain` and the image views judge by (the
+    /// reconciler's).
+    policy: Arc<crate::reconcile::Policy>,
+    /// Raw Ed25519 keys a pushed baseline must be signed with.
+    trusted_keys: Arc<Vec<[u8; 32]>>,
 }
 
-/// The API's routes over `store`. Every response is JSON, errors included.
+/// The API's routes over `store`, with the default flagging policy and no trusted keys
+/// (baseline pushes refused). Every response is JSON, errors included.
 pub fn router(store: Arc<dyn Storage>, config: ApiConfig) -> Router {
-    let state = AppState { store, config };
+    router_with(store, config, Arc::default(), Arc::default())
+}
+
+/// The API's routes over `store`, judging hosts by `policy` and accepting baselines signed by
+/// one of `trusted_keys`.
+pub fn router_with(
+    store: Arc<dyn Storage>,
+    config: ApiConfig,
+    policy: Arc<crate::reconcile::Policy>,
+    trusted_keys: Arc<Vec<[u8; 32]>>,
+) -> Router {
+    let state = AppState {
+        store,
+        config,
+        policy,
+        trusted_keys,
+    };
+    // Role groups (auditor < operator < admin); the access layer adds `auth::require` per
+    // group.
     Router::new()
+        .merge(lifecycle::auditor_routes())
+        .merge(lifecycle::operator_routes())
+        .merge(lifecycle::admin_routes())
         .route("/healthz", get(healthz))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{host_id}", get(one_host))
@@ -119,11 +147,20 @@ pub async fn serve(
     config: ApiConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_router(listener, router(store, config), shutdown).await
+}
+
+/// Serves `router` (from [`router_with`]) like [`serve`].
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     check_listen_addr(addr)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     tracing::info!(%addr, "HTTP API listening");
-    axum::serve(listener, router(store, config))
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -195,6 +232,7 @@ async fn list_hosts(
 ) -> Result<Json<api::HostList>, ApiError> {
     let filter = HostFilter::parse(&pairs(q)?)?;
     let hosts = st.store.list_hosts().await?;
+    let lifecycles = lifecycle_names(&st).await?;
     let now = now_ms();
     let silent_after = st.config.silent_after;
     let hosts = hosts
@@ -204,7 +242,11 @@ async fn list_hosts(
                 .state
                 .is_none_or(|want| host_state::derive(h, now, silent_after) == want)
         })
-        .map(|h| convert::host(h, now, silent_after))
+        .map(|h| {
+            let mut out = convert::host(h, now, silent_after);
+            out.lifecycle = lifecycle_of(&lifecycles, &h.host_id);
+            out
+        })
         .collect();
     Ok(Json(api::HostList {
         schema: SCHEMA.into(),
@@ -222,13 +264,40 @@ async fn one_host(
     let id = host_id(id)?;
     params::parse_none(&pairs(q)?)?;
     let host = st.store.host(&id).await?.ok_or(ApiError::UnknownHost(id))?;
+    let lifecycles = lifecycle_names(&st).await?;
     let now = now_ms();
+    let mut out = convert::host(&host, now, st.config.silent_after);
+    out.lifecycle = lifecycle_of(&lifecycles, &host.host_id);
     Ok(Json(api::HostDetail {
         schema: SCHEMA.into(),
         generated_at: rfc3339_ms(now),
         silent_after_seconds: st.config.silent_after.as_secs(),
-        host: convert::host(&host, now, st.config.silent_after),
+        host: out,
     }))
+}
+
+/// Host id → lifecycle state, for the host list and detail.
+async fn lifecycle_names(
+    st: &AppState,
+) -> Result<std::collections::HashMap<String, crate::lifecycle::Lifecycle>, ApiError> {
+    Ok(st
+        .store
+        .lifecycle_states()
+        .await?
+        .into_iter()
+        .map(|s| (s.host_id, s.state))
+        .collect())
+}
+
+fn lifecycle_of(
+    m: &std::collections::HashMap<String, crate::lifecycle::Lifecycle>,
+    host_id: &str,
+) -> String {
+    m.get(host_id)
+        .copied()
+        .unwrap_or(crate::lifecycle::Lifecycle::Enrolled)
+        .name()
+        .to_string()
 }
 
 async fn host_violations(

@@ -418,6 +418,12 @@ impl RebuildFilter {
     }
 }
 
+/// Only `limit` accepted.
+pub fn parse_limit_only(raw: &[(String, String)], limits: Limits) -> Result<u32, ParamError> {
+    let p = Pairs::new(raw, &["limit"])?;
+    parse_limit(p.get("limit"), limits)
+}
+
 /// No parameters accepted.
 pub fn parse_none(raw: &[(String, String)]) -> Result<(), ParamError> {
     Pairs::new(raw, &[]).map(|_| ())

@@ -22,12 +22,16 @@ pub mod actions;
 mod apply;
 pub mod audit;
 mod glob;
+pub mod lifecycle;
 pub mod postgres;
+pub mod registry;
 pub mod sqlite;
 
 pub use actions::ActionStore;
 pub use audit::{AuditEntry, AuditRecord, AuditStore};
+pub use lifecycle::{AckRequest, Acknowledgement, HostLifecycle, LifecycleStore, TransitionRecord};
 pub use postgres::PgStore;
+pub use registry::{RegisteredBaseline, RegistryStore};
 pub use sqlite::SqliteStore;
 
 /// A boxed future, so `dyn Storage` works (`Arc<dyn Storage>` is shared by every task).
@@ -51,6 +55,10 @@ pub enum StorageError {
     /// A caller-supplied value the storage cannot use (a glob that does not compile).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The change conflicts with stored state (a baseline version not newer than the
+    /// registered one).
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error(transparent)]
     Token(#[from] TokenError),
 }
@@ -224,7 +232,16 @@ pub struct SecurityEvent {
 
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
-pub trait Storage: AuditStore + ActionStore + Send + Sync + std::fmt::Debug + 'static {
+pub trait Storage:
+    AuditStore
+    + LifecycleStore
+    + RegistryStore
+    + ActionStore
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+{
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;
 

@@ -34,11 +34,13 @@ use super::{
 
 mod actions;
 pub(crate) mod audit;
+mod lifecycle;
 
 /// Migrations in order; migration `i` (0-based) brings the schema to version `i + 1`.
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0001_initial.sql"),
     include_str!("migrations/sqlite/0002_audit.sql"),
+    include_str!("migrations/sqlite/0003_lifecycle.sql"),
     include_str!("migrations/sqlite/0004_rebuild_actions.sql"),
 ];
 

@@ -1,0 +1,894 @@
+//! The reconciler: a task that periodically assesses every live host and records its lifecycle
+//! transitions (clean, drifted, flagged, silent and back; replaced when a successor enrolled).
+//!
+//! One round: [`gather`] reads a [`Snapshot`] of the fleet (hosts, lifecycle states, the
+//! registry, unexpired acknowledgements, the open drift of every drifted host), [`assess`]
+//! turns it into a [`Verdict`] per host — purely: the flagging policy (`crate::flagging`) on
+//! each host's facts, with acknowledged items and the image's likely defects
+//! (`crate::registry`) left out — and [`plan`] into the transitions to record. Each is recorded
+//! with compare-and-set (`LifecycleStore::record_transition`), so a transition the dispatcher
+//! or an operator made in the meantime wins and the reconciler simply sees it next round.
+//!
+//! The `explain` endpoint and the image views use the same [`gather`] and [`assess`], so what
+//! they show is what the reconciler acts on.
+//!
+//! What it must never do: trigger rebuilds (the dispatcher, `crate::actions`, takes flagged
+//! hosts) or move a host out of `rebuild_requested` other than to `replaced`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use driftwatch_proto::v1::{ViolationClass, drift_item};
+use tokio::sync::watch;
+
+use crate::flagging::{self, Exclusion, FlaggingPolicy, HostFacts, OpenItem, Reason};
+use crate::http::convert::{file_kind_name, package_kind_name};
+use crate::lifecycle::{self, Assessment, Event, Lifecycle};
+use crate::registry::{self, ImageAnalysis, ImageMember};
+use crate::storage::{
+    Acknowledgement, AuditEntry, HostLifecycle, HostSummary, RegisteredBaseline, Storage,
+    StorageError, TransitionRecord, ViolationQuery, ViolationRecord,
+};
+
+/// Default time between rounds.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Most open items read per host per round (a host with more is judged on these).
+pub const MAX_OPEN_PER_HOST: u32 = 10_000;
+
+/// What the reconciler (and `explain`, and the image views) judge by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub flagging: FlaggingPolicy,
+    /// A host not heard from for longer than this is `silent` (3 heartbeat intervals).
+    pub silent_after: Duration,
+    /// A path drifted on more than this share of an image's hosts (and on at least
+    /// [`registry::MIN_DEFECT_HOSTS`]) is a likely image defect.
+    pub image_defect_ratio: f64,
+    /// Time between rounds.
+    pub interval: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            flagging: FlaggingPolicy::default(),
+            silent_after: crate::host_state::DEFAULT_SILENT_AFTER,
+            image_defect_ratio: registry::DEFAULT_IMAGE_DEFECT_RATIO,
+            interval: DEFAULT_INTERVAL,
+        }
+    }
+}
+
+/// The fleet as one round sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub now_ms: i64,
+    pub hosts: Vec<HostSummary>,
+    pub states: HashMap<String, HostLifecycle>,
+    /// The newest registered baseline per image id.
+    pub registered: HashMap<String, RegisteredBaseline>,
+    pub acks: Vec<Acknowledgement>,
+    /// Open drift of hosts that have any.
+    pub open: HashMap<String, Vec<ViolationRecord>>,
+}
+
+/// Reads a snapshot at `now_ms`. With `image`, only that image's hosts are read in full (the
+/// rest of the fleet is still listed, for replacement matching).
+pub async fn gather(
+    store: &dyn Storage,
+    now_ms: i64,
+    image: Option<&str>,
+) -> Result<Snapshot, StorageError> {
+    let hosts = store.list_hosts().await?;
+    let states = store
+        .lifecycle_states()
+        .await?
+        .into_iter()
+        .map(|s| (s.host_id.clone(), s))
+        .collect();
+    let mut registered = HashMap::new();
+    // Newest first per image id: the first one seen is the registered one.
+    for b in store.registered_baselines().await? {
+        registered.entry(b.image_id.clone()).or_insert(b);
+    }
+    let acks = store.acknowledgements(None, now_ms).await?;
+    let mut open = HashMap::new();
+    for h in &hosts {
+        let has_open = h.open_by_severity.iter().any(|&n| n > 0) || h.open_packages > 0;
+        if !has_open || image.is_some_and(|i| h.hello.image_id != i) {
+            continue;
+        }
+        let rows = store
+            .search_violations(ViolationQuery {
+                host_id: Some(h.host_id.clone()),
+                limit: MAX_OPEN_PER_HOST,
+                ..ViolationQuery::default()
+            })
+            .await?;
+        open.insert(h.host_id.clone(), rows);
+    }
+    Ok(Snapshot {
+        now_ms,
+        hosts,
+        states,
+        registered,
+        acks,
+        open,
+    })
+}
+
+/// The judgement on one host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verdict {
+    pub host_id: String,
+    pub state: Lifecycle,
+    pub since_ms: i64,
+    /// `None` when the host is not assessed: revoked, awaiting its rebuild, terminal, or
+    /// enrolled and never heard from within the silence threshold.
+    pub assessment: Option<Assessment>,
+    /// Why it is flagged (empty: it is not).
+    pub reasons: Vec<Reason>,
+    /// Its open items, each marked when it does not count.
+    pub items: Vec<OpenItem>,
+    /// How long since it was last heard from (its enrollment when never).
+    pub silent_for_ms: i64,
+    /// For a host awaiting its rebuild: the successor that replaces it.
+    pub successor: Option<String>,
+}
+
+/// Open items of a host as the policy sees them, with exclusions applied.
+fn open_items(
+    host: &HostSummary,
+    rows: &[ViolationRecord],
+    acks: &HashMap<(&str, &[u8]), &Acknowledgement>,
+    defects: &BTreeSet<Vec<u8>>,
+) -> Vec<OpenItem> {
+    rows.iter()
+        .map(|v| {
+            let mut item = OpenItem {
+                path: None,
+                package: None,
+                kind: String::new(),
+                severity: 0,
+                unexplained: false,
+                first_seen_ms: v.first_seen_ms,
+                excluded: None,
+            };
+            match &v.item.item {
+                Some(drift_item::Item::File(f)) => {
+                    item.path = Some(f.path.clone());
+                    item.kind = file_kind_name(f.kind).into();
+                    item.severity = f.severity;
+                    item.unexplained = f.class == ViolationClass::Unexplained as i32;
+                }
+                Some(drift_item::Item::Package(p)) => {
+                    item.package = Some(if p.arch.is_empty() {
+                        p.name.clone()
+                    } else {
+                        format!("{}:{}", p.name, p.arch)
+                    });
+                    item.kind = package_kind_name(p.kind).into();
+                    item.severity = p.severity;
+                }
+                None => {}
+            }
+            let hash = driftwatch_proto::set::item_hash(&v.item);
+            if let Some(a) = acks.get(&(host.host_id.as_str(), v.key.as_slice()))
+                && a.item_hash == hash
+            {
+                item.excluded = Some(Exclusion::Acknowledged {
+                    by: a.actor.clone(),
+                    reason: a.reason.clone(),
+                    until_ms: a.expires_ms,
+                });
+            } else if item.path.as_ref().is_some_and(|p| defects.contains(p)) {
+                item.excluded = Some(Exclusion::ImageDefect);
+            }
+            item
+        })
+        .collect()
+}
+
+fn last_heard_ms(h: &HostSummary) -> i64 {
+    h.last_seen_ms
+        .into_iter()
+        .chain(h.last_report_ms)
+        .max()
+        .unwrap_or(h.enrolled_ms)
+}
+
+fn is_live(h: &HostSummary, state: Lifecycle) -> bool {
+    !h.revoked && !state.is_terminal()
+}
+
+fn state_of(snap: &Snapshot, host_id: &str, enrolled_ms: i64) -> (Lifecycle, i64) {
+    snap.states
+        .get(host_id)
+        .map_or((Lifecycle::Enrolled, enrolled_ms), |s| {
+            (s.state, s.since_ms)
+        })
+}
+
+/// The image members (live hosts on `image_id`) of a snapshot.
+fn members(snap: &Snapshot, image_id: &str) -> Vec<ImageMember> {
+    snap.hosts
+        .iter()
+        .filter(|h| h.hello.image_id == image_id)
+        .filter(|h| is_live(h, state_of(snap, &h.host_id, h.enrolled_ms).0))
+        .map(|h| {
+            let rows = snap.open.get(&h.host_id).map(Vec::as_slice).unwrap_or(&[]);
+            ImageMember {
+                host_id: h.host_id.clone(),
+                baseline_root: h.hello.baseline_root.clone(),
+                drifted_paths: rows
+                    .iter()
+                    .filter_map(|v| match &v.item.item {
+                        Some(drift_item::Item::File(f)) => Some(f.path.clone()),
+                        _ => None,
+                    })
+                    .collect(),
+                drifted: !rows.is_empty(),
+            }
+        })
+        .collect()
+}
+
+/// Consensus, outliers and likely defects of one image.
+pub fn analyse(snap: &Snapshot, policy: &Policy, image_id: &str) -> ImageAnalysis {
+    registry::analyse_image(
+        &members(snap, image_id),
+        snap.registered
+            .get(image_id)
+            .map(|b| b.merkle_root.as_slice()),
+        policy.image_defect_ratio,
+    )
+}
+
+/// Judges every host of the snapshot (pure).
+pub fn assess(snap: &Snapshot, policy: &Policy) -> Vec<Verdict> {
+    let now = snap.now_ms;
+    let acks: HashMap<(&str, &[u8]), &Acknowledgement> = snap
+        .acks
+        .iter()
+        .map(|a| ((a.host_id.as_str(), a.key.as_slice()), a))
+        .collect();
+    let images: BTreeSet<&str> = snap
+        .hosts
+        .iter()
+        .map(|h| h.hello.image_id.as_str())
+        .filter(|i| !i.is_empty())
+        .collect();
+    let defects: HashMap<&str, BTreeSet<Vec<u8>>> = images
+        .iter()
+        .map(|i| {
+            let d = registry::image_defects(&members(snap, i), policy.image_defect_ratio);
+            (*i, d.into_iter().map(|d| d.path).collect())
+        })
+        .collect();
+    let no_defects = BTreeSet::new();
+    let silent_after_ms = i64::try_from(policy.silent_after.as_millis()).unwrap_or(i64::MAX);
+    let successors = match_successors(snap);
+
+    snap.hosts
+        .iter()
+        .map(|h| {
+            let (state, since_ms) = state_of(snap, &h.host_id, h.enrolled_ms);
+            let rows = snap.open.get(&h.host_id).map(Vec::as_slice).unwrap_or(&[]);
+            let items = open_items(
+                h,
+                rows,
+                &acks,
+                defects
+                    .get(h.hello.image_id.as_str())
+                    .unwrap_or(&no_defects),
+            );
+            let facts = HostFacts {
+                agent_version: h.hello.agent_version.clone(),
+                image_id: h.hello.image_id.clone(),
+                baseline_root: h.hello.baseline_root.clone(),
+                registered_root: snap
+                    .registered
+                    .get(&h.hello.image_id)
+                    .map(|b| b.merkle_root.to_vec()),
+                last_heard_ms: last_heard_ms(h),
+                open: items,
+            };
+            let reasons = flagging::evaluate(&policy.flagging, &facts, now);
+            let silent_for_ms = now.saturating_sub(facts.last_heard_ms);
+            let silent = silent_for_ms > silent_after_ms;
+            let assessment = if h.revoked || !state.is_assessed() {
+                None
+            } else if !reasons.is_empty() {
+                Some(Assessment::Flagged)
+            } else if silent {
+                Some(Assessment::Silent)
+            } else if h.last_report_ms.is_none() {
+                None
+            } else if !facts.open.is_empty() {
+                Some(Assessment::Drifted)
+            } else {
+                Some(Assessment::Clean)
+            };
+            Verdict {
+                host_id: h.host_id.clone(),
+                state,
+                since_ms,
+                assessment,
+                reasons,
+                items: facts.open,
+                silent_for_ms,
+                successor: successors.get(&h.host_id).cloned(),
+            }
+        })
+        .collect()
+}
+
+/// Predecessor → successor: a host awaiting its rebuild is replaced by a host with the same
+/// `role` label and image id that enrolled at or after the rebuild was requested and has said
+/// `Hello` (so its image is known). Each successor replaces one predecessor: successors already
+/// used by hosts replaced earlier are worked out first (each replaced host took the newest
+/// candidate enrolled at or before its replacement), then the waiting predecessors, oldest
+/// request first, take the earliest-enrolled free candidate.
+fn match_successors(snap: &Snapshot) -> HashMap<String, String> {
+    type Group<'a> = (&'a str, &'a str);
+    let mut candidates: BTreeMap<Group<'_>, Vec<&HostLifecycle>> = BTreeMap::new();
+    let mut waiting: BTreeMap<Group<'_>, Vec<&HostLifecycle>> = BTreeMap::new();
+    let mut replaced: BTreeMap<Group<'_>, Vec<&HostLifecycle>> = BTreeMap::new();
+    let revoked: HashSet<&str> = snap
+        .hosts
+        .iter()
+        .filter(|h| h.revoked)
+        .map(|h| h.host_id.as_str())
+        .collect();
+    for s in snap.states.values() {
+        let (Some(role), false) = (s.role.as_deref(), s.image_id.is_empty()) else {
+            continue;
+        };
+        let g = (role, s.image_id.as_str());
+        match s.state {
+            Lifecycle::RebuildRequested => waiting.entry(g).or_default().push(s),
+            Lifecycle::Replaced => replaced.entry(g).or_default().push(s),
+            _ => {}
+        }
+        if s.state != Lifecycle::RebuildRequested && !revoked.contains(s.host_id.as_str()) {
+            candidates.entry(g).or_default().push(s);
+        }
+    }
+    let mut out = HashMap::new();
+    for (g, mut preds) in waiting {
+        let mut cands: Vec<&HostLifecycle> = candidates.remove(&g).unwrap_or_default();
+        cands.sort_by_key(|c| (c.enrolled_ms, c.host_id.as_str()));
+        let mut used: HashSet<&str> = HashSet::new();
+        let mut done = replaced.remove(&g).unwrap_or_default();
+        done.sort_by_key(|r| (r.since_ms, r.host_id.as_str()));
+        for r in done {
+            if let Some(c) = cands.iter().rev().find(|c| {
+                c.enrolled_ms <= r.since_ms
+                    && c.host_id != r.host_id
+                    && !used.contains(c.host_id.as_str())
+            }) {
+                used.insert(c.host_id.as_str());
+            }
+        }
+        preds.sort_by_key(|p| (p.since_ms, p.host_id.as_str()));
+        for p in preds {
+            if let Some(c) = cands.iter().find(|c| {
+                c.enrolled_ms >= p.since_ms
+                    && c.host_id != p.host_id
+                    && !c.state.is_terminal()
+                    && !used.contains(c.host_id.as_str())
+            }) {
+                used.insert(c.host_id.as_str());
+                out.insert(p.host_id.clone(), c.host_id.clone());
+            }
+        }
+    }
+    out
+}
+
+/// A transition to record, with its audit record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Planned {
+    pub transition: TransitionRecord,
+    pub audit: AuditEntry,
+}
+
+/// The actor of the reconciler's transitions.
+pub const ACTOR: &str = "collector";
+
+/// The audit action of a transition to `to`.
+pub fn audit_action(to: Lifecycle) -> &'static str {
+    match to {
+        Lifecycle::Flagged => "host.flagged",
+        Lifecycle::Replaced => "host.replaced",
+        Lifecycle::Retired => "host.retired",
+        Lifecycle::RebuildRequested => "rebuild.requested",
+        Lifecycle::Enrolled => "host.reenrolled",
+        Lifecycle::Clean | Lifecycle::Drifted | Lifecycle::Silent => "host.state_changed",
+    }
+}
+
+/// The sentence a verdict's transition is stored with.
+fn cause(v: &Verdict, to: Lifecycle, policy: &Policy) -> String {
+    match to {
+        Lifecycle::Flagged => v
+            .reasons
+            .iter()
+            .map(|r| format!("{}: {}", r.code, r.text))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Lifecycle::Silent => format!(
+            "not heard from for {} s (silent after {} s)",
+            v.silent_for_ms / 1000,
+            policy.silent_after.as_secs()
+        ),
+        Lifecycle::Drifted => {
+            let counted = v.items.iter().filter(|i| i.excluded.is_none()).count();
+            format!(
+                "{} open drift item(s) ({counted} counted), nothing the flagging policy flags",
+                v.items.len()
+            )
+        }
+        Lifecycle::Clean => "no open drift".into(),
+        Lifecycle::Replaced => format!(
+            "successor {} enrolled with the same role label and image",
+            v.successor.as_deref().unwrap_or("?")
+        ),
+        _ => String::new(),
+    }
+}
+
+/// The transitions a round's verdicts call for (pure).
+pub fn plan(verdicts: &[Verdict], policy: &Policy, now_ms: i64) -> Vec<Planned> {
+    let mut out = Vec::new();
+    for v in verdicts {
+        let event = match (v.assessment, &v.successor) {
+            (Some(a), _) => Event::Assessed(a),
+            (None, Some(_)) if v.state == Lifecycle::RebuildRequested => Event::Replaced,
+            _ => continue,
+        };
+        let Ok(to) = lifecycle::next(v.state, event) else {
+            continue;
+        };
+        if to == v.state {
+            continue;
+        }
+        let cause = cause(v, to, policy);
+        let mut detail = serde_json::json!({
+            "from": v.state.name(),
+            "to": to.name(),
+            "cause": cause,
+        });
+        if to == Lifecycle::Flagged {
+            detail["reasons"] = v.reasons.iter().map(|r| r.code).collect();
+        }
+        if let Some(s) = &v.successor
+            && to == Lifecycle::Replaced
+        {
+            detail["successor"] = serde_json::json!(s);
+        }
+        out.push(Planned {
+            transition: TransitionRecord {
+                host_id: v.host_id.clone(),
+                from: v.state,
+                to,
+                at_ms: now_ms,
+                cause,
+                actor: ACTOR.into(),
+            },
+            audit: AuditEntry::new(now_ms, ACTOR, audit_action(to), &v.host_id, detail),
+        });
+    }
+    out
+}
+
+/// One round: gather, assess, record. Returns how many transitions were recorded.
+pub async fn reconcile_once(
+    store: &dyn Storage,
+    policy: &Policy,
+    now_ms: i64,
+) -> Result<usize, StorageError> {
+    let snap = gather(store, now_ms, None).await?;
+    let verdicts = assess(&snap, policy);
+    let mut recorded = 0;
+    for p in plan(&verdicts, policy, now_ms) {
+        let t = p.transition.clone();
+        if store.record_transition(p.transition, p.audit).await? {
+            tracing::info!(host = t.host_id, from = %t.from, to = %t.to, cause = t.cause, "host lifecycle");
+            recorded += 1;
+        }
+    }
+    Ok(recorded)
+}
+
+/// What an enrollment means for the lifecycle: a host id enrolling again starts a new life.
+/// A host awaiting its rebuild that re-enrolls under its own id was replaced by its successor
+/// of the same name first. Called by the enrollment service after the host is recorded.
+pub async fn after_enrollment(
+    store: &dyn Storage,
+    host_id: &str,
+    now_ms: i64,
+) -> Result<(), StorageError> {
+    let Some(state) = store
+        .lifecycle_states()
+        .await?
+        .into_iter()
+        .find(|s| s.host_id == host_id)
+        .map(|s| s.state)
+    else {
+        return Ok(());
+    };
+    let actor = format!("host:{host_id}");
+    let mut state = state;
+    if state == Lifecycle::RebuildRequested {
+        let cause = "successor enrolled under the same host id".to_string();
+        let t = TransitionRecord {
+            host_id: host_id.into(),
+            from: state,
+            to: Lifecycle::Replaced,
+            at_ms: now_ms,
+            cause: cause.clone(),
+            actor: actor.clone(),
+        };
+        let audit = AuditEntry::new(
+            now_ms,
+            &actor,
+            audit_action(Lifecycle::Replaced),
+            host_id,
+            serde_json::json!({"from": state.name(), "to": "replaced", "cause": cause, "successor": host_id}),
+        );
+        if store.record_transition(t, audit).await? {
+            state = Lifecycle::Replaced;
+        }
+    }
+    if state.is_terminal() {
+        let cause = "enrolled again: a new life under the same host id".to_string();
+        let t = TransitionRecord {
+            host_id: host_id.into(),
+            from: state,
+            to: Lifecycle::Enrolled,
+            at_ms: now_ms,
+            cause: cause.clone(),
+            actor: actor.clone(),
+        };
+        let audit = AuditEntry::new(
+            now_ms,
+            &actor,
+            audit_action(Lifecycle::Enrolled),
+            host_id,
+            serde_json::json!({"from": state.name(), "to": "enrolled", "cause": cause}),
+        );
+        store.record_transition(t, audit).await?;
+    }
+    Ok(())
+}
+
+/// Runs rounds every `policy.interval` until `stop` is set. A failed round is logged and the
+/// next one tries again (storage may be back).
+pub fn spawn(
+    store: Arc<dyn Storage>,
+    policy: Arc<Policy>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(policy.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = crate::server::stop_requested(&mut stop) => return,
+            }
+            // A round is bounded by the interval's worth of storage calls plus a margin; a
+            // stuck database must not make rounds pile up.
+            let limit = policy.interval.max(Duration::from_secs(30));
+            match tokio::time::timeout(limit, reconcile_once(&*store, &policy, now_ms())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "reconcile round failed"),
+                Err(_) => tracing::warn!(?limit, "reconcile round timed out"),
+            }
+        }
+    })
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{HelloInfo, StreamPosition};
+    use driftwatch_proto::v1::{DriftItem, ScanStatus, Severity, Violation};
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    fn host(id: &str, image: &str, root: u8) -> HostSummary {
+        HostSummary {
+            host_id: id.into(),
+            labels: vec![("role".into(), "web".into())],
+            enrolled_ms: NOW - 3_600_000,
+            hello: HelloInfo {
+                agent_version: "0.1.0".into(),
+                image_id: image.into(),
+                image_version: "1".into(),
+                baseline_root: vec![root; 32],
+                boot_id: String::new(),
+                epoch: 1,
+            },
+            last_seen_ms: Some(NOW - 1000),
+            last_scan_ms: Some(NOW - 1000),
+            last_scan_status: ScanStatus::Complete,
+            last_report_ms: Some(NOW - 2000),
+            incomplete: false,
+            incomplete_reason: String::new(),
+            lost_reports: 0,
+            position: StreamPosition {
+                epoch: 1,
+                last_seq: 1,
+                set_digest: [0; 32],
+            },
+            open_by_severity: [0; 6],
+            open_packages: 0,
+            revoked: false,
+        }
+    }
+
+    fn violation(host: &str, path: &str, sev: Severity) -> ViolationRecord {
+        ViolationRecord {
+            host_id: host.into(),
+            key: driftwatch_proto::set::file_key(path.as_bytes()),
+            item: DriftItem {
+                key: driftwatch_proto::set::file_key(path.as_bytes()),
+                item: Some(drift_item::Item::File(Violation {
+                    path: path.as_bytes().to_vec(),
+                    kind: 3,
+                    severity: sev as i32,
+                    class: ViolationClass::Unexplained as i32,
+                    ..Default::default()
+                })),
+            },
+            first_seen_ms: NOW - 10_000,
+            last_seen_ms: NOW - 2000,
+            resolved_ms: None,
+        }
+    }
+
+    fn state(id: &str, s: Lifecycle, since: i64, enrolled: i64, image: &str) -> HostLifecycle {
+        HostLifecycle {
+            host_id: id.into(),
+            state: s,
+            since_ms: since,
+            role: Some("web".into()),
+            image_id: image.into(),
+            enrolled_ms: enrolled,
+        }
+    }
+
+    fn snapshot(hosts: Vec<HostSummary>, open: Vec<ViolationRecord>) -> Snapshot {
+        let mut snap = Snapshot {
+            now_ms: NOW,
+            ..Default::default()
+        };
+        for v in open {
+            snap.open.entry(v.host_id.clone()).or_default().push(v);
+        }
+        for h in &hosts {
+            snap.states.insert(
+                h.host_id.clone(),
+                state(
+                    &h.host_id,
+                    Lifecycle::Clean,
+                    NOW - 60_000,
+                    h.enrolled_ms,
+                    &h.hello.image_id,
+                ),
+            );
+        }
+        snap.hosts = hosts;
+        snap
+    }
+
+    fn verdict<'a>(v: &'a [Verdict], id: &str) -> &'a Verdict {
+        v.iter().find(|v| v.host_id == id).unwrap()
+    }
+
+    #[test]
+    fn clean_drifted_flagged_silent() {
+        let mut quiet = host("quiet", "web", 1);
+        quiet.last_seen_ms = Some(NOW - 600_000);
+        quiet.last_report_ms = Some(NOW - 600_000);
+        let snap = snapshot(
+            vec![
+                host("a", "web", 1),
+                host("b", "web", 1),
+                host("c", "web", 1),
+                quiet,
+            ],
+            vec![
+                violation("b", "/etc/motd", Severity::Low),
+                violation("c", "/etc/shadow", Severity::Critical),
+            ],
+        );
+        let v = assess(&snap, &Policy::default());
+        assert_eq!(verdict(&v, "a").assessment, Some(Assessment::Clean));
+        assert_eq!(verdict(&v, "b").assessment, Some(Assessment::Drifted));
+        assert_eq!(verdict(&v, "c").assessment, Some(Assessment::Flagged));
+        assert_eq!(verdict(&v, "c").reasons[0].code, "severity");
+        assert_eq!(verdict(&v, "quiet").assessment, Some(Assessment::Silent));
+
+        let planned = plan(&v, &Policy::default(), NOW);
+        let moves: Vec<(&str, Lifecycle, &str)> = planned
+            .iter()
+            .map(|p| {
+                (
+                    p.transition.host_id.as_str(),
+                    p.transition.to,
+                    p.audit.action.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            moves,
+            [
+                ("b", Lifecycle::Drifted, "host.state_changed"),
+                ("c", Lifecycle::Flagged, "host.flagged"),
+                ("quiet", Lifecycle::Silent, "host.state_changed"),
+            ]
+        );
+        let flagged = &planned[1];
+        assert!(
+            flagged.transition.cause.starts_with("severity: "),
+            "{}",
+            flagged.transition.cause
+        );
+        assert_eq!(
+            flagged.audit.detail["reasons"],
+            serde_json::json!(["severity"])
+        );
+        assert_eq!(flagged.transition.actor, "collector");
+    }
+
+    #[test]
+    fn acknowledged_items_do_not_flag_until_they_change() {
+        let v = violation("c", "/etc/shadow", Severity::Critical);
+        let mut snap = snapshot(vec![host("c", "web", 1)], vec![v.clone()]);
+        snap.acks.push(Acknowledgement {
+            host_id: "c".into(),
+            key: v.key.clone(),
+            item_hash: driftwatch_proto::set::item_hash(&v.item),
+            path: Some(b"/etc/shadow".to_vec()),
+            package: None,
+            reason: "rotating".into(),
+            actor: "token:op".into(),
+            at_ms: NOW - 1000,
+            expires_ms: NOW + 1000,
+        });
+        let out = assess(&snap, &Policy::default());
+        assert_eq!(out[0].assessment, Some(Assessment::Drifted));
+        assert!(matches!(
+            out[0].items[0].excluded,
+            Some(Exclusion::Acknowledged { .. })
+        ));
+        // The same path changed again: the acknowledgement no longer covers it.
+        let mut changed = v;
+        if let Some(drift_item::Item::File(f)) = &mut changed.item.item {
+            f.reason = "changed again".into();
+        }
+        snap.open.insert("c".into(), vec![changed]);
+        assert_eq!(
+            assess(&snap, &Policy::default())[0].assessment,
+            Some(Assessment::Flagged)
+        );
+    }
+
+    #[test]
+    fn a_defect_of_the_image_does_not_flag_its_hosts() {
+        let hosts = (0..4).map(|i| host(&format!("h{i}"), "web", 1)).collect();
+        let open = (0..3)
+            .map(|i| violation(&format!("h{i}"), "/etc/issue", Severity::Critical))
+            .collect();
+        let snap = snapshot(hosts, open);
+        let out = assess(&snap, &Policy::default());
+        for i in 0..3 {
+            let v = verdict(&out, &format!("h{i}"));
+            assert_eq!(v.assessment, Some(Assessment::Drifted), "{v:?}");
+            assert_eq!(v.items[0].excluded, Some(Exclusion::ImageDefect));
+        }
+        let a = analyse(&snap, &Policy::default(), "web");
+        assert_eq!(a.defects.len(), 1);
+        assert_eq!(a.consensus.len(), 0, "nothing registered: {a:?}");
+    }
+
+    #[test]
+    fn unassessed_hosts_stay() {
+        let mut revoked = host("r", "web", 1);
+        revoked.revoked = true;
+        let mut fresh = host("new", "web", 1);
+        fresh.last_report_ms = None;
+        fresh.last_seen_ms = Some(NOW - 100);
+        let mut snap = snapshot(vec![revoked, fresh, host("p", "web", 1)], vec![]);
+        snap.states.get_mut("new").unwrap().state = Lifecycle::Enrolled;
+        snap.states.get_mut("p").unwrap().state = Lifecycle::Retired;
+        let out = assess(&snap, &Policy::default());
+        assert!(out.iter().all(|v| v.assessment.is_none()), "{out:?}");
+        assert!(plan(&out, &Policy::default(), NOW).is_empty());
+    }
+
+    #[test]
+    fn a_successor_replaces_one_predecessor() {
+        let t0 = NOW - 100_000;
+        let mut snap = snapshot(vec![], vec![]);
+        for s in [
+            state(
+                "old-1",
+                Lifecycle::RebuildRequested,
+                t0,
+                t0 - 1_000_000,
+                "web",
+            ),
+            state(
+                "old-2",
+                Lifecycle::RebuildRequested,
+                t0 + 1,
+                t0 - 1_000_000,
+                "web",
+            ),
+            // Enrolled before the requests: not a successor.
+            state("peer", Lifecycle::Clean, t0 - 500_000, t0 - 900_000, "web"),
+            // Another role or image: not a successor.
+            state("db-new", Lifecycle::Enrolled, t0 + 10, t0 + 10, "db"),
+            state("new-1", Lifecycle::Enrolled, t0 + 20, t0 + 20, "web"),
+        ] {
+            snap.states.insert(s.host_id.clone(), s);
+        }
+        snap.states.get_mut("db-new").unwrap().role = Some("db".into());
+        let m = match_successors(&snap);
+        assert_eq!(
+            m,
+            HashMap::from([("old-1".to_string(), "new-1".to_string())])
+        );
+
+        // Once old-1 is replaced, new-1 is taken: old-2 waits for a successor of its own.
+        let s = snap.states.get_mut("old-1").unwrap();
+        s.state = Lifecycle::Replaced;
+        s.since_ms = t0 + 30;
+        assert_eq!(match_successors(&snap), HashMap::new());
+        snap.states.insert(
+            "new-2".into(),
+            state("new-2", Lifecycle::Enrolled, t0 + 40, t0 + 40, "web"),
+        );
+        assert_eq!(
+            match_successors(&snap),
+            HashMap::from([("old-2".to_string(), "new-2".to_string())])
+        );
+    }
+
+    #[test]
+    fn replacement_is_planned_with_the_successor_in_its_cause() {
+        let v = Verdict {
+            host_id: "old".into(),
+            state: Lifecycle::RebuildRequested,
+            since_ms: NOW - 10,
+            assessment: None,
+            reasons: vec![],
+            items: vec![],
+            silent_for_ms: 0,
+            successor: Some("new".into()),
+        };
+        let p = plan(&[v], &Policy::default(), NOW);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].transition.to, Lifecycle::Replaced);
+        assert!(
+            p[0].transition.cause.contains("new"),
+            "{}",
+            p[0].transition.cause
+        );
+        assert_eq!(p[0].audit.action, "host.replaced");
+        assert_eq!(p[0].audit.detail["successor"], "new");
+    }
+}

@@ -1,0 +1,522 @@
+//! The lifecycle, flagging and image registry endpoints against a real SQLite store (the
+//! `fleet_fixture` fleet), served on 127.0.0.1:0 and driven with plain HTTP requests.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod fleet_fixture;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use driftwatch_collector::flagging::{FlaggingPolicy, RawFlagging};
+use driftwatch_collector::http::{self, ApiConfig};
+use driftwatch_collector::reconcile::{self, Policy};
+use driftwatch_collector::storage::Storage;
+use driftwatch_proto::v1::Header;
+use driftwatch_proto::{BASELINE_FORMAT_VERSION, HASH_ALGORITHM, envelope};
+use fleet_fixture::{Fleet, fleet, get, now_ms};
+use prost::Message;
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn policy() -> Policy {
+    let raw: RawFlagging = toml::from_str(
+        "severity_at_least = \"high\"\npackage_drift = true\nregistered_root = true",
+    )
+    .unwrap();
+    Policy {
+        flagging: FlaggingPolicy::from_raw(raw).unwrap(),
+        ..Policy::default()
+    }
+}
+
+fn keypair() -> Ed25519KeyPair {
+    let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+    Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
+}
+
+fn raw_key(k: &Ed25519KeyPair) -> [u8; 32] {
+    k.public_key().as_ref().try_into().unwrap()
+}
+
+async fn serve_with(
+    store: Arc<dyn Storage>,
+    policy: Policy,
+    trusted: Vec<[u8; 32]>,
+) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let router = http::router_with(
+        store,
+        ApiConfig::default(),
+        Arc::new(policy),
+        Arc::new(trusted),
+    );
+    tokio::spawn(http::serve_router(listener, router, async move {
+        let _ = rx.await;
+    }));
+    (addr, tx)
+}
+
+/// A plain HTTP/1.1 POST of a JSON body: status and body.
+async fn post(addr: SocketAddr, target: &str, body: &Value) -> (u16, Value) {
+    let body = body.to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("response within 30 s")
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body:?}")),
+    )
+}
+
+fn codes(explain: &Value) -> Vec<&str> {
+    explain["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["code"].as_str().unwrap())
+        .collect()
+}
+
+fn signed_header(k: &Ed25519KeyPair, image: &str, version: &str, root: u8) -> String {
+    let h = Header {
+        format_version: BASELINE_FORMAT_VERSION,
+        image_id: image.into(),
+        image_version: version.into(),
+        created_unix: 1_700_000_000,
+        merkle_root: vec![root; 32],
+        hash_algorithm: HASH_ALGORITHM.into(),
+        entry_count: 7,
+        ..Default::default()
+    };
+    base64::engine::general_purpose::STANDARD
+        .encode(envelope::sign(h.encode_to_vec(), k).encode_to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_names_the_reasons_and_acknowledgements_silence_them() {
+    let Fleet { store, .. } = fleet().await;
+    let (addr, _stop) = serve_with(store.clone(), policy(), vec![]).await;
+
+    let (status, e) = get(addr, "/api/v1/hosts/web-1/explain").await;
+    assert_eq!(status, 200, "{e}");
+    assert_eq!(e["flagged"], true);
+    assert_eq!(e["verdict"], "flagged");
+    // Nothing is registered for image "web": with registered_root on, that is a reason too.
+    assert_eq!(
+        codes(&e),
+        ["severity", "package_drift", "image_unregistered"],
+        "{e}"
+    );
+    assert_eq!(
+        e["reasons"][0]["evidence"]["paths"],
+        json!([{"text": "/etc/ssh/sshd_config"}])
+    );
+    assert_eq!(
+        e["reasons"][1]["evidence"]["packages"],
+        json!(["curl:amd64"])
+    );
+    assert_eq!(e["reasons"][2]["evidence"]["observed"], "web");
+    assert_eq!(e["lifecycle"], "enrolled");
+
+    // An operator acknowledges the two items for a day.
+    let (status, a) = post(
+        addr,
+        "/api/v1/hosts/web-1/violations/ack",
+        &json!({
+            "paths": [{"text": "/etc/ssh/sshd_config"}],
+            "packages": ["curl"],
+            "reason": "hardening rollout CHG-7",
+            "expires_in": "1d",
+        }),
+    )
+    .await;
+    assert_eq!(status, 200, "{a}");
+    assert_eq!(a["acknowledged"].as_array().unwrap().len(), 2, "{a}");
+    let (_, e) = get(addr, "/api/v1/hosts/web-1/explain").await;
+    assert_eq!(codes(&e), ["image_unregistered"], "{e}");
+    let not_counted = e["not_counted"].as_array().unwrap();
+    assert_eq!(not_counted.len(), 2, "{e}");
+    assert!(not_counted.iter().all(|n| n["why"] == "acknowledged"
+        && n["reason"] == "hardening rollout CHG-7"
+        && n["acknowledged_by"] == "local:loopback-api"));
+
+    // Refusals: each names what is wrong.
+    for (target, body, status, code) in [
+        (
+            "/api/v1/hosts/web-1/violations/ack",
+            json!({"paths": [{"text": "/etc/passwd"}], "reason": "x", "expires_in": "1d"}),
+            400,
+            "bad_parameter",
+        ),
+        (
+            "/api/v1/hosts/web-1/violations/ack",
+            json!({"all": true, "reason": "", "expires_in": "1d"}),
+            400,
+            "bad_parameter",
+        ),
+        (
+            "/api/v1/hosts/web-1/violations/ack",
+            json!({"all": true, "reason": "x"}),
+            400,
+            "bad_parameter",
+        ),
+        (
+            "/api/v1/hosts/web-1/violations/ack",
+            json!({"all": true, "reason": "x", "expires_in": "400d"}),
+            400,
+            "bad_parameter",
+        ),
+        (
+            "/api/v1/hosts/web-1/violations/ack",
+            json!({"all": true, "reason": "x", "expires_in": "1d", "extra": 1}),
+            400,
+            "bad_parameter",
+        ),
+        (
+            "/api/v1/hosts/nope/violations/ack",
+            json!({"all": true, "reason": "x", "expires_in": "1d"}),
+            404,
+            "not_found",
+        ),
+    ] {
+        let (s, b) = post(addr, target, &body).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str().unwrap()),
+            (status, code),
+            "{body}: {b}"
+        );
+    }
+    let (status, _) = get(addr, "/api/v1/hosts/nope/explain").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_records_transitions_the_api_shows() {
+    let Fleet { store, .. } = fleet().await;
+    let p = policy();
+    let n = reconcile::reconcile_once(&*store, &p, now_ms())
+        .await
+        .unwrap();
+    assert!(n >= 3, "{n} transitions");
+    // A second round right after changes nothing.
+    assert_eq!(
+        reconcile::reconcile_once(&*store, &p, now_ms())
+            .await
+            .unwrap(),
+        0
+    );
+    let (addr, _stop) = serve_with(store.clone(), p, vec![]).await;
+
+    let (_, list) = get(addr, "/api/v1/hosts").await;
+    let lifecycle: Vec<(&str, &str)> = list["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["host_id"].as_str().unwrap(),
+                h["lifecycle"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        lifecycle,
+        [
+            // Unregistered image: flagged under registered_root.
+            ("db-1", "flagged"),
+            ("gone-1", "enrolled"), // revoked: not assessed
+            ("inc-1", "flagged"),
+            ("new-1", "enrolled"), // never heard from, not silent yet
+            ("old-1", "flagged"),  // silent, but flagged for its drift first
+            ("web-1", "flagged"),
+        ]
+    );
+    let (status, t) = get(addr, "/api/v1/hosts/web-1/transitions").await;
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["lifecycle"], "flagged");
+    let first = &t["transitions"][0];
+    assert_eq!(
+        (first["from"].as_str(), first["to"].as_str()),
+        (Some("enrolled"), Some("flagged"))
+    );
+    assert_eq!(first["actor"], "collector");
+    assert!(
+        first["cause"].as_str().unwrap().starts_with("severity: "),
+        "{t}"
+    );
+    let (status, one) = get(addr, "/api/v1/hosts/web-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(one["host"]["lifecycle"], "flagged");
+    let (status, b) = get(addr, "/api/v1/hosts/web-1/transitions?limit=0").await;
+    assert_eq!(
+        (status, b["error"]["parameter"].as_str()),
+        (400, Some("limit"))
+    );
+    let audit = store.audit_records(0, 100).await.unwrap();
+    assert!(
+        audit
+            .iter()
+            .any(|r| r.action == "host.flagged" && r.target == "web-1")
+    );
+
+    // An operator retires db-1: a transition with the reason, then no second time.
+    let (status, r) = post(
+        addr,
+        "/api/v1/hosts/db-1/retire",
+        &json!({"reason": "decommissioned (ticket 42)"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    assert_eq!(r["transition"]["from"], "flagged");
+    assert_eq!(r["transition"]["to"], "retired");
+    assert!(
+        r["transition"]["cause"]
+            .as_str()
+            .unwrap()
+            .contains("ticket 42")
+    );
+    let (status, r) = post(
+        addr,
+        "/api/v1/hosts/db-1/retire",
+        &json!({"reason": "again"}),
+    )
+    .await;
+    assert_eq!(
+        (status, r["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{r}"
+    );
+    let (status, _) = post(addr, "/api/v1/hosts/web-1/retire", &json!({})).await;
+    assert_eq!(status, 400);
+    let (status, _) = post(addr, "/api/v1/hosts/web-1/retire", &json!({"reason": " "})).await;
+    assert_eq!(status, 400);
+    // Retired hosts are no longer assessed.
+    reconcile::reconcile_once(&*store, &policy(), now_ms())
+        .await
+        .unwrap();
+    let (_, t) = get(addr, "/api/v1/hosts/db-1/transitions").await;
+    assert_eq!(t["lifecycle"], "retired");
+    assert!(
+        store
+            .audit_records(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.action == "host.retired" && r.actor == "local:loopback-api")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn baselines_are_verified_versioned_and_group_hosts_by_image() {
+    let Fleet { store, .. } = fleet().await;
+    let pipeline = keypair();
+    let (addr, _stop) = serve_with(store.clone(), policy(), vec![raw_key(&pipeline)]).await;
+
+    let push = |header: String| async move {
+        post(addr, "/api/v1/baselines", &json!({"signed_header": header})).await
+    };
+    // The fleet's web hosts run root 0xab…: register exactly that.
+    let (status, b) = push(signed_header(&pipeline, "web", "2026.11.1", 0xab)).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["baseline"]["root"], "ab".repeat(32));
+    assert_eq!(
+        b["baseline"]["signer"],
+        envelope::key_fingerprint(&raw_key(&pipeline))
+    );
+    assert_eq!(b["baseline"]["pushed_by"], "local:loopback-api");
+    let (status, b) = push(signed_header(&pipeline, "web", "2026.11.1", 0xcd)).await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{b}"
+    );
+    let (status, b) = push(signed_header(&keypair(), "web", "2026.12.1", 0xcd)).await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (422, Some("invalid")),
+        "{b}"
+    );
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not among the trusted keys")
+    );
+    let (status, _) = push("not base64!".into()).await;
+    assert_eq!(status, 400);
+    let (status, _) = push(base64::engine::general_purpose::STANDARD.encode(b"junk")).await;
+    assert_eq!(status, 422);
+    // db's registered root is not what db-1 runs.
+    let (status, _) = push(signed_header(&pipeline, "db", "1", 0x01)).await;
+    assert_eq!(status, 200);
+    assert!(
+        store
+            .audit_records(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|r| r.action == "baseline.pushed" && r.target == "web")
+    );
+
+    let (status, l) = get(addr, "/api/v1/images").await;
+    assert_eq!(status, 200, "{l}");
+    let images: Vec<(&str, u64, u64)> = l["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["image_id"].as_str().unwrap(),
+                i["consensus"].as_u64().unwrap(),
+                i["outliers"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    // web: inc-1 on the root without drift; web-1 and old-1 drifted (gone-1 revoked, not live).
+    assert_eq!(images, [("db", 0, 1), ("web", 1, 2)]);
+    let (status, d) = get(addr, "/api/v1/images/web").await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(d["registered"]["version"], "2026.11.1");
+    assert_eq!(d["consensus"], json!(["inc-1"]));
+    let outliers: Vec<(&str, bool, bool)> = d["outliers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["host_id"].as_str().unwrap(),
+                o["other_root"].as_bool().unwrap(),
+                o["drift"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(outliers, [("old-1", false, true), ("web-1", false, true)]);
+    let (_, d) = get(addr, "/api/v1/images/db").await;
+    assert_eq!(d["outliers"][0]["other_root"], true, "{d}");
+    // db-1 now runs a root that is not the registered one.
+    let (_, e) = get(addr, "/api/v1/hosts/db-1/explain").await;
+    assert_eq!(codes(&e), ["baseline_root_mismatch"], "{e}");
+    assert_eq!(e["reasons"][0]["evidence"]["expected"], "01".repeat(32));
+    let (status, _) = get(addr, "/api/v1/images/nope").await;
+    assert_eq!(status, 404);
+
+    // Without trusted keys nothing can be pushed.
+    let (addr2, _stop2) = serve_with(store.clone(), policy(), vec![]).await;
+    let (status, b) = post(
+        addr2,
+        "/api/v1/baselines",
+        &json!({"signed_header": signed_header(&pipeline, "web", "2027.1", 1)}),
+    )
+    .await;
+    assert_eq!(status, 422, "{b}");
+}
+
+/// Every field these endpoints answer with is in docs/api.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_lifecycle_field_is_documented() {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md")).unwrap();
+    let Fleet { store, .. } = fleet().await;
+    let pipeline = keypair();
+    let (addr, _stop) = serve_with(store.clone(), policy(), vec![raw_key(&pipeline)]).await;
+    let mut bodies = Vec::new();
+    let (_, b) = post(
+        addr,
+        "/api/v1/baselines",
+        &json!({"signed_header": signed_header(&pipeline, "web", "2026.11.1", 0xab)}),
+    )
+    .await;
+    bodies.push(("baseline push", b));
+    let (_, b) = post(
+        addr,
+        "/api/v1/hosts/web-1/violations/ack",
+        &json!({"all": true, "reason": "r", "expires_in": "1h"}),
+    )
+    .await;
+    bodies.push(("ack", b));
+    reconcile::reconcile_once(&*store, &policy(), now_ms())
+        .await
+        .unwrap();
+    for target in [
+        "/api/v1/hosts/web-1/transitions",
+        "/api/v1/hosts/old-1/explain",
+        "/api/v1/hosts/web-1/explain",
+        "/api/v1/images",
+        "/api/v1/images/web",
+        "/api/v1/images/db",
+    ] {
+        bodies.push((target, get(addr, target).await.1));
+    }
+    let (_, b) = post(addr, "/api/v1/hosts/db-1/retire", &json!({"reason": "r"})).await;
+    bodies.push(("retire", b));
+    let mut missing = Vec::new();
+    for (what, body) in &bodies {
+        let mut fields = std::collections::BTreeSet::new();
+        field_paths(body, "", &mut fields);
+        for f in fields {
+            if !doc.contains(&format!("`{f}`")) {
+                missing.push(format!("{what}: {f}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "fields missing from docs/api.md: {missing:?}"
+    );
+}
+
+/// `a.b[].c` paths of every field in a JSON value (raw-bytes objects as one field).
+fn field_paths(v: &Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        Value::Object(m) => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                let raw_bytes = v.as_object().is_some_and(|o| {
+                    o.len() == 1 && (o.contains_key("text") || o.contains_key("bytes"))
+                });
+                out.insert(p.clone());
+                if !raw_bytes {
+                    field_paths(v, &p, out);
+                }
+            }
+        }
+        Value::Array(a) => {
+            for v in a {
+                let raw_bytes = v.as_object().is_some_and(|o| {
+                    o.len() == 1 && (o.contains_key("text") || o.contains_key("bytes"))
+                });
+                if !raw_bytes {
+                    field_paths(v, &format!("{prefix}[]"), out);
+                }
+            }
+        }
+        _ => {}
+    }
+}
