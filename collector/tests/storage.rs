@@ -2003,15 +2003,6 @@ fn action_audit(verb: &str, a: &RebuildAction) -> AuditEntry {
     )
 }
 
-async fn audit_actions(s: &dyn Storage) -> Vec<String> {
-    s.audit_records(0, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.action)
-        .collect()
-}
-
 async fn actions_are_created_once_per_key_with_audit(f: Fixture) {
     let s = f.open().await;
     let a = new_action("web-1", T0, ActionState::PendingApproval);

@@ -816,3 +816,303 @@ impl Dispatcher {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 10_000_000;
+    const MIN: i64 = 60_000;
+
+    fn policy() -> Policy {
+        Policy {
+            approval: false,
+            dry_run: false,
+            max_in_flight: 2,
+            max_percent_per_image: 100,
+            cooldown_ms: 60 * MIN,
+            rebuild_timeout_ms: 60 * MIN,
+        }
+    }
+
+    fn host(id: &str, state: Lifecycle, since: i64, image: &str) -> HostView {
+        HostView {
+            host_id: id.into(),
+            state,
+            since_ms: since,
+            role: Some("web".into()),
+            image_id: image.into(),
+        }
+    }
+
+    fn action(h: &HostView, state: ActionState, created: i64) -> RebuildAction {
+        let key = idempotency_key(&h.host_id, h.since_ms);
+        RebuildAction {
+            id: action_id(&key),
+            idempotency_key: key,
+            host_id: h.host_id.clone(),
+            image_id: h.image_id.clone(),
+            role: h.role.clone(),
+            flagged_ms: h.since_ms,
+            reasons: vec![],
+            state,
+            dry_run: false,
+            created_ms: created,
+            updated_ms: created,
+            triggered_ms: None,
+            finished_ms: None,
+            attempts: 0,
+            next_attempt_ms: None,
+            last_error: None,
+            decided_by: None,
+            decision_reason: None,
+            note: None,
+            payload: None,
+        }
+    }
+
+    fn triggers(steps: &[Step]) -> Vec<String> {
+        steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Trigger { id, .. } => Some(id.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flagged_hosts_get_one_action_each_held_in_approval_mode() {
+        let hosts = vec![
+            host("web-1", Lifecycle::Flagged, NOW - 5, "web"),
+            host("web-2", Lifecycle::Clean, NOW - 5, "web"),
+        ];
+        let (steps, _) = decide(
+            NOW,
+            &Policy {
+                approval: true,
+                ..policy()
+            },
+            &hosts,
+            &[],
+        );
+        assert_eq!(
+            steps,
+            vec![Step::Create {
+                host_id: "web-1".into(),
+                flagged_ms: NOW - 5,
+                image_id: "web".into(),
+                role: Some("web".into()),
+                awaiting_approval: true,
+            }]
+        );
+        // Once it exists (in any state), the same flagging gets no second action.
+        for state in ActionState::ALL {
+            let a = action(&hosts[0], state, NOW - 1);
+            let (steps, _) = decide(NOW, &policy(), &hosts, &[a]);
+            assert!(
+                !steps.iter().any(|s| matches!(s, Step::Create { .. })),
+                "{state}: {steps:?}"
+            );
+        }
+        // Pending approval is never triggered.
+        let a = action(&hosts[0], ActionState::PendingApproval, NOW - 1);
+        let (steps, _) = decide(NOW, &policy(), &hosts, &[a]);
+        assert!(steps.is_empty(), "{steps:?}");
+    }
+
+    #[test]
+    fn at_most_n_in_flight_oldest_first() {
+        let hosts: Vec<HostView> = (0..10)
+            .map(|i| host(&format!("web-{i:02}"), Lifecycle::Flagged, NOW - 100, "web"))
+            .collect();
+        let actions: Vec<RebuildAction> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| action(h, ActionState::Pending, NOW - 50 + i as i64))
+            .collect();
+        let (steps, held) = decide(NOW, &policy(), &hosts, &actions);
+        assert_eq!(
+            triggers(&steps),
+            vec![actions[0].id.clone(), actions[1].id.clone()]
+        );
+        assert_eq!(held.len(), 8);
+        assert!(held.iter().all(|(_, h)| *h == Held::InFlightLimit));
+
+        // Two in flight (hosts waiting for their rebuild): nothing more triggers.
+        let mut hosts2 = hosts.clone();
+        let mut actions2 = actions.clone();
+        for i in 0..2 {
+            hosts2[i].state = Lifecycle::RebuildRequested;
+            actions2[i].state = if i == 0 {
+                ActionState::Triggered
+            } else {
+                ActionState::Delivered
+            };
+            actions2[i].triggered_ms = Some(NOW - 10);
+        }
+        let (steps, held) = decide(NOW, &policy(), &hosts2, &actions2);
+        assert!(triggers(&steps).is_empty(), "{steps:?}");
+        assert_eq!(held.len(), 8);
+
+        // One replaced: its action completes and exactly one more triggers, in the same round.
+        hosts2[0].state = Lifecycle::Replaced;
+        let (steps, _) = decide(NOW, &policy(), &hosts2, &actions2);
+        assert!(steps.contains(&Step::Complete {
+            id: actions2[0].id.clone(),
+            note: "host is replaced".into()
+        }));
+        assert_eq!(triggers(&steps), vec![actions2[2].id.clone()]);
+    }
+
+    #[test]
+    fn per_image_percentage_with_at_least_one() {
+        let p = Policy {
+            max_in_flight: 100,
+            max_percent_per_image: 25,
+            ..policy()
+        };
+        assert_eq!(p.per_image_limit(1), 1);
+        assert_eq!(p.per_image_limit(4), 1);
+        assert_eq!(p.per_image_limit(8), 2);
+        assert_eq!(p.per_image_limit(10), 2);
+        // 8 web hosts (all flagged) and 2 db hosts (flagged): 2 web + 1 db at once.
+        let mut hosts: Vec<HostView> = (0..8)
+            .map(|i| host(&format!("web-{i}"), Lifecycle::Flagged, NOW - 100, "web"))
+            .collect();
+        hosts.push(host("db-0", Lifecycle::Flagged, NOW - 100, "db"));
+        hosts.push(host("db-1", Lifecycle::Flagged, NOW - 100, "db"));
+        let actions: Vec<RebuildAction> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| action(h, ActionState::Pending, NOW - 50 + i as i64))
+            .collect();
+        let (steps, held) = decide(NOW, &p, &hosts, &actions);
+        let t = triggers(&steps);
+        assert_eq!(
+            t,
+            vec![
+                actions[0].id.clone(),
+                actions[1].id.clone(),
+                actions[8].id.clone()
+            ]
+        );
+        assert_eq!(
+            held.iter().filter(|(_, h)| *h == Held::ImageLimit).count(),
+            7
+        );
+    }
+
+    #[test]
+    fn cooldown_holds_a_recently_triggered_host() {
+        let h = host("web-1", Lifecycle::Flagged, NOW - 100, "web");
+        let mut earlier = action(
+            &host("web-1", Lifecycle::Flagged, NOW - 30 * MIN, "web"),
+            ActionState::Failed,
+            NOW - 30 * MIN,
+        );
+        earlier.triggered_ms = Some(NOW - 20 * MIN);
+        let now_pending = action(&h, ActionState::Pending, NOW - 50);
+        let (steps, held) = decide(
+            NOW,
+            &policy(),
+            &[h.clone()],
+            &[earlier.clone(), now_pending.clone()],
+        );
+        assert!(triggers(&steps).is_empty());
+        assert_eq!(held, vec![(now_pending.id.clone(), Held::Cooldown)]);
+        // After the cool-down it goes.
+        let later = NOW + 41 * MIN;
+        let (steps, _) = decide(later, &policy(), &[h], &[earlier, now_pending.clone()]);
+        assert_eq!(triggers(&steps), vec![now_pending.id]);
+    }
+
+    #[test]
+    fn dry_run_triggers_without_holding_slots_or_cooldown() {
+        let h = host("web-1", Lifecycle::Flagged, NOW - 100, "web");
+        let a = action(&h, ActionState::Pending, NOW - 50);
+        let p = Policy {
+            dry_run: true,
+            ..policy()
+        };
+        let (steps, _) = decide(NOW, &p, &[h.clone()], &[a.clone()]);
+        assert_eq!(
+            steps,
+            vec![Step::Trigger {
+                id: a.id.clone(),
+                dry_run: true
+            }]
+        );
+        // A dry-run record neither holds a slot nor starts a cool-down.
+        let mut d = a.clone();
+        d.state = ActionState::DryRun;
+        d.triggered_ms = Some(NOW - 10);
+        let h2 = host("web-1", Lifecycle::Flagged, NOW - 5, "web");
+        let b = action(&h2, ActionState::Pending, NOW - 4);
+        let (steps, _) = decide(NOW, &policy(), &[h2], &[d, b.clone()]);
+        assert_eq!(triggers(&steps), vec![b.id]);
+    }
+
+    #[test]
+    fn lifecycle_changes_cancel_resume_complete_and_time_out() {
+        let flagged = host("web-1", Lifecycle::Flagged, NOW - 100, "web");
+        let a = action(&flagged, ActionState::Pending, NOW - 50);
+        // The host was repaired before the trigger.
+        let clean = HostView {
+            state: Lifecycle::Clean,
+            ..flagged.clone()
+        };
+        let (steps, _) = decide(NOW, &policy(), &[clean], &[a.clone()]);
+        assert_eq!(
+            steps,
+            vec![Step::Cancel {
+                id: a.id.clone(),
+                reason: "the host is clean now".into()
+            }]
+        );
+        // Flagged again later: the old action is cancelled, a new one created.
+        let again = HostView {
+            since_ms: NOW - 10,
+            ..flagged.clone()
+        };
+        let (steps, _) = decide(NOW, &policy(), &[again], &[a.clone()]);
+        assert!(matches!(&steps[0], Step::Cancel { .. }));
+        assert!(matches!(&steps[1], Step::Create { flagged_ms, .. } if *flagged_ms == NOW - 10));
+        // Already rebuild_requested while the action is pending: an interrupted trigger.
+        let requested = HostView {
+            state: Lifecycle::RebuildRequested,
+            since_ms: NOW - 40,
+            ..flagged.clone()
+        };
+        let (steps, _) = decide(NOW, &policy(), &[requested.clone()], &[a.clone()]);
+        assert_eq!(steps, vec![Step::Resume { id: a.id.clone() }]);
+        // Triggered and due: delivered this round; not due: nothing.
+        let mut t = a.clone();
+        t.state = ActionState::Triggered;
+        t.triggered_ms = Some(NOW - 40);
+        t.next_attempt_ms = Some(NOW - 1);
+        let (steps, _) = decide(NOW, &policy(), &[requested.clone()], &[t.clone()]);
+        assert_eq!(steps, vec![Step::Deliver { id: t.id.clone() }]);
+        t.next_attempt_ms = Some(NOW + 1);
+        let (steps, _) = decide(NOW, &policy(), &[requested.clone()], &[t.clone()]);
+        assert!(steps.is_empty());
+        // Past rebuild_timeout.
+        let (steps, _) = decide(NOW + 61 * MIN, &policy(), &[requested], &[t.clone()]);
+        assert_eq!(steps, vec![Step::TimeOut { id: t.id.clone() }]);
+        // Retired, or gone.
+        let retired = HostView {
+            state: Lifecycle::Retired,
+            ..flagged.clone()
+        };
+        let (steps, _) = decide(NOW, &policy(), &[retired], &[t.clone()]);
+        assert_eq!(
+            steps,
+            vec![Step::Complete {
+                id: t.id.clone(),
+                note: "host is retired".into()
+            }]
+        );
+        let (steps, _) = decide(NOW, &policy(), &[], &[t.clone()]);
+        assert!(matches!(&steps[0], Step::Complete { .. }));
+    }
+}

@@ -21,6 +21,8 @@ pub enum ApiError {
     /// A pushed baseline that does not verify (signature, format, expiry).
     #[error("baseline refused: {0}")]
     Push(#[from] crate::registry::PushError),
+    #[error("no such rebuild {0:?}")]
+    UnknownRebuild(String),
     #[error("no such endpoint {0:?} (the API is under /api/v1/)")]
     UnknownEndpoint(String),
     #[error("request took longer than {0:?}")]
@@ -36,9 +38,10 @@ impl ApiError {
         match self {
             ApiError::BadParameter(_) => (StatusCode::BAD_REQUEST, "bad_parameter"),
             ApiError::Push(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
-            ApiError::UnknownHost(_) | ApiError::UnknownImage(_) | ApiError::UnknownEndpoint(_) => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
+            ApiError::UnknownHost(_)
+            | ApiError::UnknownImage(_)
+            | ApiError::UnknownRebuild(_)
+            | ApiError::UnknownEndpoint(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Timeout(_) => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Storage(e) => match e {
                 // The database is down or refused: retrying later may work.

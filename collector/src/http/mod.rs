@@ -16,6 +16,7 @@ pub(crate) mod convert;
 mod error;
 mod lifecycle;
 pub mod params;
+mod rebuilds;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -125,6 +126,8 @@ pub fn router_with(
         .merge(lifecycle::auditor_routes())
         .merge(lifecycle::operator_routes())
         .merge(lifecycle::admin_routes())
+        .merge(rebuilds::auditor_routes())
+        .merge(rebuilds::operator_routes())
         .route("/healthz", get(healthz))
         .route("/api/v1/hosts", get(list_hosts))
         .route("/api/v1/hosts/{host_id}", get(one_host))

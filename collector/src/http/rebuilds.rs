@@ -7,18 +7,18 @@
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use serde_json::json;
 
-use super::auth::Caller;
+use super::lifecycle::Actor;
 use super::params::{self, ParamError, RebuildFilter};
 use super::{ApiError, AppState, Pairs, now_ms, pairs};
 use crate::api::{self, SCHEMA, rfc3339_ms};
-use crate::storage::AuditEntry;
 use crate::storage::actions::{ActionFilter, ActionState, AttemptRecord, RebuildAction};
+use crate::storage::{AuditEntry, StorageError};
 
 /// Longest accepted approval or rejection reason, in bytes.
-pub const MAX_REASON: usize = 1000;
+pub const MAX_REASON: usize = 1024;
 
 /// Routes for the `auditor` role.
 pub(crate) fn auditor_routes() -> Router<AppState> {
@@ -107,7 +107,7 @@ async fn detail(st: &AppState, id: String) -> Result<Json<api::RebuildDetail>, A
         .store
         .action(&id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no such rebuild {id:?}")))?;
+        .ok_or_else(|| ApiError::UnknownRebuild(id.clone()))?;
     let attempts = st.store.action_attempts(&id).await?;
     Ok(Json(api::RebuildDetail {
         schema: SCHEMA.into(),
@@ -129,7 +129,7 @@ async fn one(
 
 async fn approve(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    caller: Actor,
     id: Result<Path<String>, PathRejection>,
     body: Result<Json<api::RebuildDecision>, JsonRejection>,
 ) -> Result<Json<api::RebuildDetail>, ApiError> {
@@ -138,7 +138,7 @@ async fn approve(
 
 async fn reject(
     State(st): State<AppState>,
-    Extension(caller): Extension<Caller>,
+    caller: Actor,
     id: Result<Path<String>, PathRejection>,
     body: Result<Json<api::RebuildDecision>, JsonRejection>,
 ) -> Result<Json<api::RebuildDetail>, ApiError> {
@@ -149,45 +149,43 @@ async fn reject(
 /// tables and the audit log).
 fn check_reason(reason: &str) -> Result<String, ApiError> {
     let r = reason.trim();
-    if r.is_empty() {
-        return Err(ApiError::Invalid("reason: required and not empty".into()));
-    }
-    if r.len() > MAX_REASON {
-        return Err(ApiError::Invalid(format!(
-            "reason: at most {MAX_REASON} bytes"
-        )));
-    }
-    if r.chars().any(char::is_control) {
-        return Err(ApiError::Invalid(
-            "reason: no control characters (newlines, escapes)".into(),
-        ));
+    if r.is_empty() || r.len() > MAX_REASON || r.chars().any(char::is_control) {
+        return Err(ParamError {
+            parameter: "reason".into(),
+            message: format!("required: 1–{MAX_REASON} bytes without control characters"),
+        }
+        .into());
     }
     Ok(r.to_string())
 }
 
 async fn decide(
     st: AppState,
-    caller: Caller,
+    caller: Actor,
     id: Result<Path<String>, PathRejection>,
     body: Result<Json<api::RebuildDecision>, JsonRejection>,
     approve: bool,
 ) -> Result<Json<api::RebuildDetail>, ApiError> {
     let id = action_id(id)?;
-    let Json(body) = body.map_err(|e| ApiError::Invalid(e.body_text()))?;
+    let Json(body) = body.map_err(|e| ParamError {
+        parameter: "(body)".into(),
+        message: e.body_text(),
+    })?;
     let reason = check_reason(&body.reason)?;
     let a = st
         .store
         .action(&id)
         .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no such rebuild {id:?}")))?;
+        .ok_or_else(|| ApiError::UnknownRebuild(id.clone()))?;
     if a.state != ActionState::PendingApproval {
-        return Err(ApiError::Conflict(format!(
+        return Err(StorageError::Conflict(format!(
             "rebuild {id} is {}, not pending_approval",
             a.state
-        )));
+        ))
+        .into());
     }
     let now = now_ms();
-    let actor = caller.actor();
+    let actor = caller.0.clone();
     let mut b = a.clone();
     b.updated_ms = now;
     b.decided_by = Some(actor.clone());
@@ -210,7 +208,6 @@ async fn decide(
             "action_id": a.id,
             "idempotency_key": a.idempotency_key,
             "reason": reason,
-            "token_name": caller.name,
             "state": b.state.name(),
         }),
     );
@@ -219,9 +216,10 @@ async fn decide(
         .update_action(ActionState::PendingApproval, b, None, entry)
         .await?
     {
-        return Err(ApiError::Conflict(format!(
-            "rebuild {id} changed meanwhile (decided by someone else or cancelled)"
-        )));
+        return Err(StorageError::Conflict(format!(
+            "rebuild {id} changed meanwhile (decided by someone else, or cancelled)"
+        ))
+        .into());
     }
     detail(&st, id).await
 }
@@ -232,10 +230,13 @@ mod tests {
 
     #[test]
     fn reasons_are_checked() {
-        assert_eq!(check_reason("  drift confirmed  ").unwrap(), "drift confirmed");
+        assert_eq!(
+            check_reason("  drift confirmed  ").unwrap(),
+            "drift confirmed"
+        );
         for bad in ["", "   ", "a\nb", "\u{1b}[2J", &"x".repeat(MAX_REASON + 1)] {
             assert!(
-                matches!(check_reason(bad), Err(ApiError::Invalid(_))),
+                matches!(check_reason(bad), Err(ApiError::BadParameter(_))),
                 "{bad:?}"
             );
         }

@@ -233,14 +233,7 @@ pub struct SecurityEvent {
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
 pub trait Storage:
-    AuditStore
-    + LifecycleStore
-    + RegistryStore
-    + ActionStore
-    + Send
-    + Sync
-    + std::fmt::Debug
-    + 'static
+    AuditStore + LifecycleStore + RegistryStore + ActionStore + Send + Sync + std::fmt::Debug + 'static
 {
     /// Which backend, for logs and `/health` ("sqlite" | "postgres").
     fn backend(&self) -> &'static str;
