@@ -513,6 +513,45 @@ async fn failing_receiver_is_retried_with_backoff_and_every_attempt_recorded() {
     assert_eq!(arrivals.len(), 3);
     assert!(arrivals[1] - arrivals[0] >= 240, "{arrivals:?}");
     assert!(arrivals[2] - arrivals[1] >= 480, "{arrivals:?}");
+    // Every field the rebuild endpoints answer with is in docs/api.md.
+    let api = driftwatch_collector::http::router(f.store.clone(), Default::default());
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/api.md")).unwrap();
+    let mut missing = Vec::new();
+    for target in [
+        "/api/v1/rebuilds".to_string(),
+        format!("/api/v1/rebuilds/{}", a.id),
+    ] {
+        let resp = api
+            .clone()
+            .oneshot(
+                axum::http::Request::get(target.as_str())
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{target}");
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let mut fields = BTreeSet::new();
+        field_paths(&v, "", &mut fields);
+        for f in fields {
+            // The detail's `rebuild` object is documented as `rebuilds[]`.
+            let documented = f
+                .strip_prefix("rebuild.")
+                .map_or_else(|| f.clone(), |rest| format!("rebuilds[].{rest}"));
+            if !doc.contains(&format!("`{documented}`")) {
+                missing.push(format!("{target}: {f}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "fields missing from docs/api.md: {missing:?}"
+    );
     let log = audit_actions(store).await;
     assert_eq!(
         log.iter()
@@ -598,4 +637,121 @@ async fn dry_run_sends_nothing_and_says_so() {
         assert_eq!(d["sent"], false);
         assert_eq!(d["dry_run"], true);
     }
+}
+
+/// Dotted paths of every field of a JSON value (`a.b`, `list[].c`).
+fn field_paths(v: &serde_json::Value, prefix: &str, out: &mut BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                out.insert(p.clone());
+                field_paths(v, &p, out);
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for v in a {
+                field_paths(v, &format!("{prefix}[]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The `driftwatch` CLI against a served API: tables escape what hosts control, approve works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_lists_escaped_and_approves() {
+    let f = fleet(1).await;
+    let (r, seen) = receiver(&f, None);
+    let url = start_receiver(r).await;
+    let mut s = settings(&f, &url);
+    s.approval = true;
+    let d = Dispatcher::new(f.store.clone(), s.clone(), Executor::load(&s).unwrap());
+    let store = f.store.as_ref();
+    let mut t = transition("web-00", Lifecycle::Enrolled, Lifecycle::Flagged);
+    t.cause = "unexplained change of /etc/\u{1b}[31mx\n|=<b>".into();
+    assert!(
+        store
+            .record_transition(t, audit("host.flagged", "web-00"))
+            .await
+            .unwrap()
+    );
+    round(&d, store).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let api = tokio::spawn(driftwatch_collector::http::serve(
+        listener,
+        f.store.clone(),
+        Default::default(),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+    let api_url = format!("http://{addr}");
+    let cli = move |args: Vec<String>| {
+        let api_url = api_url.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_driftwatch"))
+                    .arg("--api")
+                    .arg(&api_url)
+                    .args(&args)
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let out = cli(vec!["rebuilds".into()]).await;
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("pending_approval"), "{text}");
+    assert!(text.contains("/etc/\\x1b[31mx\\n|=<b>"), "{text}");
+    assert!(!text.contains('\u{1b}'), "raw ESC in the table: {text}");
+    let id = store.list_actions(ActionFilter::default()).await.unwrap()[0]
+        .id
+        .clone();
+    let out = cli(vec![
+        "rebuilds".into(),
+        "approve".into(),
+        id.clone(),
+        "--reason".into(),
+        "confirmed by hand".into(),
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("pending"), "{text}");
+    let out = cli(vec![
+        "rebuilds".into(),
+        "reject".into(),
+        id.clone(),
+        "--reason".into(),
+        "late".into(),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not pending_approval"));
+    round(&d, store).await;
+    assert_eq!(seen.lock().unwrap().requests.len(), 1);
+    let out = cli(vec![
+        "--format".into(),
+        "json".into(),
+        "rebuilds".into(),
+        "show".into(),
+        id.clone(),
+    ])
+    .await;
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rebuild"]["state"], "delivered");
+    assert_eq!(v["attempts"][0]["delivered"], true);
+    let _ = stop_tx.send(());
+    api.await.unwrap().unwrap();
 }

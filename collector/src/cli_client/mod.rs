@@ -9,6 +9,7 @@
 
 mod client;
 mod lifecycle;
+mod rebuilds;
 mod table;
 
 use std::process::ExitCode;
@@ -47,6 +48,8 @@ Examples:
   driftwatch images                                  hosts by image: consensus, outliers, defects
   driftwatch image show web                          one image: registered root, outliers
   driftwatch baseline push image.dwb                 register a signed baseline (admin)
+  driftwatch rebuilds --state pending_approval       rebuilds waiting for an operator
+  driftwatch rebuilds approve rb_5d1c0f9a2e7b44c18a03 --reason 'nc installed by hand'
   driftwatch --format json hosts | jq '.hosts[] | select(.state != \"clean\") | .host_id'
 
 Exit status: 0 success (whether or not drift was found), 2 error.";
@@ -108,6 +111,22 @@ pub enum Command {
     /// Images: their registered baselines and their hosts (consensus, outliers, likely image
     /// defects).
     Images,
+    /// Rebuild actions, newest first: which flagged hosts the collector asked to replace, and
+    /// how that went (states: pending_approval, pending, triggered, delivered, completed,
+    /// failed, timed_out, rejected, cancelled, dry_run). See docs/rebuild-actions.md.
+    Rebuilds {
+        /// Only actions in this state.
+        #[arg(long, value_parser = rebuilds::state_parser())]
+        state: Option<String>,
+        /// Only this host's actions.
+        #[arg(long, value_name = "HOST_ID")]
+        host: Option<String>,
+        /// At most this many (the collector's default 1000, maximum 10000).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        #[command(subcommand)]
+        command: Option<rebuilds::RebuildsCommand>,
+    },
     /// One image.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -258,6 +277,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => lifecycle::explain(&base, host, cli.format, cli.timeout).await?,
         Command::Images => lifecycle::images(&base, cli.format, cli.timeout).await?,
+        Command::Rebuilds {
+            state,
+            host,
+            limit,
+            command: None,
+        } => rebuilds::list(&base, state, host, *limit, cli.format, cli.timeout).await?,
+        Command::Rebuilds {
+            command: Some(c), ..
+        } => rebuilds::run(&base, c, cli.format, cli.timeout).await?,
         Command::Image(ImageCommand::Show { image }) => {
             lifecycle::image_show(&base, image, cli.format, cli.timeout).await?
         }
