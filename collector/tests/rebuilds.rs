@@ -294,13 +294,15 @@ async fn ten_drifted_hosts_never_more_than_two_in_flight() {
     }
     stop_tx.send(true).unwrap();
     task.await.unwrap();
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.bad_signatures, 0);
-    assert_eq!(seen.requests.len(), 10, "{:?}", seen.requests);
-    let hosts: BTreeSet<&str> = seen.requests.iter().map(|(_, h)| h.as_str()).collect();
-    assert_eq!(hosts.len(), 10);
-    // The limit was reached, and never exceeded, as the receiver saw it.
-    assert_eq!(seen.max_active, 2);
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.bad_signatures, 0);
+        assert_eq!(seen.requests.len(), 10, "{:?}", seen.requests);
+        let hosts: BTreeSet<&str> = seen.requests.iter().map(|(_, h)| h.as_str()).collect();
+        assert_eq!(hosts.len(), 10);
+        // The limit was reached, and never exceeded, as the receiver saw it.
+        assert_eq!(seen.max_active, 2);
+    }
     assert_eq!(max_stored, 2);
     // Every host is replaced; the audit log has the story.
     for h in f.store.lifecycle_states().await.unwrap() {

@@ -818,6 +818,8 @@ impl Dispatcher {
 }
 
 #[cfg(test)]
+// One-element slices of clones read more plainly in these tables of cases.
+#[allow(clippy::cloned_ref_to_slice_refs)]
 mod tests {
     use super::*;
 

@@ -98,16 +98,15 @@ impl DispatchLock for AdvisoryLock {
 
     fn release(&mut self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(c) = self.client.as_ref() {
-                if let Err(e) = c
+            if let Some(c) = self.client.as_ref()
+                && let Err(e) = c
                     .execute("SELECT pg_advisory_unlock($1)", &[&DISPATCH_LOCK])
                     .await
                     .db()
-                {
-                    // Closing the session releases the lock for certain.
-                    self.client = None;
-                    return Err(e);
-                }
+            {
+                // Closing the session releases the lock for certain.
+                self.client = None;
+                return Err(e);
             }
             Ok(())
         })
