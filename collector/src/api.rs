@@ -397,6 +397,87 @@ pub struct ErrorDetail {
     pub parameter: Option<String>,
 }
 
+/// `GET /api/v1/rebuilds`: rebuild actions, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildList {
+    pub schema: String,
+    pub generated_at: String,
+    pub limit: u32,
+    pub truncated: bool,
+    pub rebuilds: Vec<Rebuild>,
+}
+
+/// `GET /api/v1/rebuilds/{id}` and the answer of approve and reject.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildDetail {
+    pub schema: String,
+    pub generated_at: String,
+    pub rebuild: Rebuild,
+    /// Every delivery attempt, oldest first.
+    pub attempts: Vec<RebuildAttempt>,
+}
+
+/// One rebuild action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebuild {
+    /// `rb_…`; also the webhook's `webhook-id`.
+    pub id: String,
+    /// `<host_id>:<flagged Unix ms>`.
+    pub idempotency_key: String,
+    pub host_id: String,
+    /// "" when the host never reported an image.
+    pub image_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// `pending_approval`, `pending`, `triggered`, `delivered`, `completed`, `failed`,
+    /// `timed_out`, `rejected`, `cancelled` or `dry_run`.
+    pub state: String,
+    /// Decided in dry-run mode: nothing was (or will be) sent.
+    pub dry_run: bool,
+    pub reasons: Vec<String>,
+    pub flagged_at: String,
+    pub created_at: String,
+    pub updated_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triggered_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Delivery attempts made.
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Who approved or rejected it (`token:<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_reason: Option<String>,
+    /// How it ended or why it waits no more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// One delivery attempt of a rebuild.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildAttempt {
+    pub attempt: u32,
+    pub at: String,
+    pub duration_ms: i64,
+    pub delivered: bool,
+    /// HTTP status (webhook) or exit code (command).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<i32>,
+    pub detail: String,
+}
+
+/// The body of `POST /api/v1/rebuilds/{id}/approve` and `/reject`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RebuildDecision {
+    pub reason: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

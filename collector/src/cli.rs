@@ -280,6 +280,10 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Arc<dyn Storage>>
 }
 
 async fn serve(settings: &Settings) -> Result<(), Failure> {
+    // The [actions] secret and CA files: a bad one is a configuration error (exit 64).
+    if let Some(actions) = &settings.actions {
+        crate::actions::executor::Executor::load(actions)?;
+    }
     let store = open_store(settings).await?;
     crate::server::serve(settings.clone(), store, shutdown_signal())
         .await

@@ -50,6 +50,8 @@ pub struct RawConfig {
     pub ca_key: Option<PathBuf>,
     /// `[export]` (SIEM exports: the syslog forwarder).
     pub export: Option<crate::export::config::RawExport>,
+    /// `[actions]`: rebuild triggers (see `crate::actions::config`).
+    pub actions: Option<crate::actions::config::RawActions>,
     /// Public keys (SPKI PEM, as `driftwatch-agent keygen` writes them) a pushed baseline must
     /// be signed with.
     pub trusted_keys: Option<Vec<PathBuf>>,
@@ -75,7 +77,7 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
-fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key,
         message: message.into(),
@@ -180,6 +182,8 @@ pub struct Settings {
     pub tuning: Tuning,
     /// `[export]`: the syslog forwarder, when configured.
     pub export: crate::export::config::ExportSettings,
+    /// Rebuild actions; `None` (no `[actions]` section): the collector triggers no rebuilds.
+    pub actions: Option<crate::actions::config::ActionSettings>,
     /// Raw Ed25519 public keys from `trusted_keys`.
     pub trusted_keys: Vec<[u8; 32]>,
     pub reconcile_interval: Duration,
@@ -428,6 +432,10 @@ impl Settings {
             (Some(_), None) => return Err(invalid("ca_key", "is required with ca_cert")),
             (None, Some(_)) => return Err(invalid("ca_cert", "is required with ca_key")),
         };
+        let actions = raw
+            .actions
+            .map(crate::actions::config::ActionSettings::from_raw)
+            .transpose()?;
         let trusted_keys = raw
             .trusted_keys
             .unwrap_or_default()
@@ -474,6 +482,7 @@ impl Settings {
             ca,
             tuning: Tuning::default(),
             export: crate::export::config::ExportSettings::from_raw(raw.export)?,
+            actions,
         })
     }
 
@@ -523,6 +532,7 @@ impl Settings {
             },
             tuning: Tuning::default(),
             export: crate::export::config::ExportSettings::default(),
+            actions: None,
             trusted_keys: Vec::new(),
             reconcile_interval: crate::reconcile::DEFAULT_INTERVAL,
             image_defect_ratio: DefectRatio(crate::registry::DEFAULT_IMAGE_DEFECT_RATIO),
@@ -578,7 +588,7 @@ fn parse_addr(
     })
 }
 
-fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
+pub(crate) fn parse_duration(key: &'static str, s: &str) -> Result<Duration, ConfigError> {
     humantime::parse_duration(s).map_err(|e| invalid(key, format!("{s:?}: {e} (e.g. \"30d\")")))
 }
 

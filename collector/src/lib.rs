@@ -6,6 +6,7 @@
 //!
 //! Start one with [`server::Server::bind`] and [`server::Server::run`] (or [`server::serve`]).
 
+pub mod actions;
 pub mod api;
 pub mod ca;
 pub mod cli;

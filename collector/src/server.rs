@@ -64,6 +64,9 @@ pub enum ServeError {
     Export(#[from] crate::export::syslog::ForwarderError),
     #[error("gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The `[actions]` secret or CA file could not be used.
+    #[error("configuration: {0}")]
+    Actions(crate::config::ConfigError),
 }
 
 /// A collector bound to its port, not yet serving.
@@ -316,6 +319,15 @@ impl Server {
         // The SIEM forwarder, when configured: stops with everything else.
         let forwarder = forwarder.map(|f| f.spawn(stop_rx.clone()));
 
+        // Rebuild actions, when configured: one task, stopped with everything else.
+        let dispatcher = match settings.actions.clone() {
+            Some(actions) => Some(
+                crate::actions::spawn(store.clone(), actions, stop_rx.clone())
+                    .map_err(ServeError::Actions)?,
+            ),
+            None => None,
+        };
+
         notify_systemd(&[sd_notify::NotifyState::Ready]);
         let watchdog = tokio::spawn(feed_watchdog());
         tracing::info!(%local_addr, %http_addr, "collector serving");
@@ -331,6 +343,7 @@ impl Server {
             if let Some(f) = forwarder {
                 let _ = f.await;
             }
+            finish_dispatcher(dispatcher, &settings).await;
             return result.map_err(ServeError::from);
         }
 
@@ -361,6 +374,7 @@ impl Server {
         drop(serve);
         let _ = accept.await;
         ingest_tasks.finish(tuning.shutdown_grace).await;
+        finish_dispatcher(dispatcher, &settings).await;
         if let Err(e) = reconciler.await {
             tracing::warn!(error = %e, "reconciler task failed");
         }
@@ -404,6 +418,21 @@ fn load_identity(
         // Not ours to renew; rustls checks nothing here and clients check the dates.
         not_after_ms: i64::MAX,
     })
+}
+
+/// Waits for the rebuild dispatcher's current round (its deliveries are bounded by the action
+/// timeout) so no attempt is left half-recorded; gives up after the grace period plus that
+/// timeout.
+async fn finish_dispatcher(task: Option<tokio::task::JoinHandle<()>>, settings: &Settings) {
+    let Some(task) = task else { return };
+    let limit = settings.tuning.shutdown_grace
+        + settings
+            .actions
+            .as_ref()
+            .map_or(Duration::ZERO, |a| a.timeout);
+    if tokio::time::timeout(limit, task).await.is_err() {
+        tracing::warn!("the rebuild dispatcher did not stop in time");
+    }
 }
 
 /// Binds and serves until `shutdown` resolves: [`Server::bind`] then [`Server::run`].

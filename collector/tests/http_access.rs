@@ -125,6 +125,98 @@ const ROUTES: &[Route] = &[
         Some(r#"{"ttl":"10m","uses":2,"host_pattern":"web-*"}"#),
         201,
     ),
+    // Lifecycle, flagging and the registry. The mutations are sent where the role gate lets
+    // them through but they change nothing (an unknown host, an unsigned baseline), because
+    // every role at or above the one needed sends them; their 2xx answers are tested in
+    // tests/http_lifecycle.rs and tests/rebuilds.rs.
+    (
+        "GET",
+        "/api/v1/hosts/{host_id}/explain",
+        "/api/v1/hosts/web-1/explain",
+        Some(Role::Auditor),
+        None,
+        200,
+    ),
+    (
+        "GET",
+        "/api/v1/hosts/{host_id}/transitions",
+        "/api/v1/hosts/web-1/transitions",
+        Some(Role::Auditor),
+        None,
+        200,
+    ),
+    (
+        "GET",
+        "/api/v1/images",
+        "/api/v1/images",
+        Some(Role::Auditor),
+        None,
+        200,
+    ),
+    (
+        "GET",
+        "/api/v1/images/{image_id}",
+        "/api/v1/images/no-such-image",
+        Some(Role::Auditor),
+        None,
+        404,
+    ),
+    (
+        "POST",
+        "/api/v1/hosts/{host_id}/violations/ack",
+        "/api/v1/hosts/no-such-host/violations/ack",
+        Some(Role::Operator),
+        Some(r#"{"all":true,"reason":"checked","expires_in":"1h"}"#),
+        404,
+    ),
+    (
+        "POST",
+        "/api/v1/hosts/{host_id}/retire",
+        "/api/v1/hosts/no-such-host/retire",
+        Some(Role::Operator),
+        Some(r#"{"reason":"decommissioned"}"#),
+        404,
+    ),
+    (
+        "POST",
+        "/api/v1/baselines",
+        "/api/v1/baselines",
+        Some(Role::Admin),
+        Some(r#"{"signed_header":"bm90IHNpZ25lZA=="}"#),
+        422,
+    ),
+    (
+        "GET",
+        "/api/v1/rebuilds",
+        "/api/v1/rebuilds",
+        Some(Role::Auditor),
+        None,
+        200,
+    ),
+    (
+        "GET",
+        "/api/v1/rebuilds/{id}",
+        "/api/v1/rebuilds/rb_00000000000000000000",
+        Some(Role::Auditor),
+        None,
+        404,
+    ),
+    (
+        "POST",
+        "/api/v1/rebuilds/{id}/approve",
+        "/api/v1/rebuilds/rb_00000000000000000000/approve",
+        Some(Role::Operator),
+        Some(r#"{"reason":"confirmed"}"#),
+        404,
+    ),
+    (
+        "POST",
+        "/api/v1/rebuilds/{id}/reject",
+        "/api/v1/rebuilds/rb_00000000000000000000/reject",
+        Some(Role::Operator),
+        Some(r#"{"reason":"forensics first"}"#),
+        404,
+    ),
 ];
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "PATCH", "DELETE"];

@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use driftwatch_collector::lifecycle::Lifecycle;
+use driftwatch_collector::storage::actions::{
+    self, ActionFilter, ActionState, AttemptRecord, RebuildAction,
+};
 use driftwatch_collector::storage::audit::{ChainError, ChainVerifier};
 use driftwatch_collector::storage::export::{ExportCursor, RowPosition, ViolationEdge};
 use driftwatch_collector::storage::{
@@ -169,6 +172,10 @@ conformance!(
     lifecycle_transitions_are_compare_and_set_with_audit,
     acknowledgements_cover_the_named_open_items,
     registry_refuses_versions_not_newer,
+    actions_are_created_once_per_key_with_audit,
+    action_updates_are_compare_and_set_with_attempts,
+    action_listing_filters_and_dispatch_view,
+    dispatch_lock_excludes_a_second_dispatcher,
 );
 
 // --- helpers -------------------------------------------------------------------------------
@@ -2474,4 +2481,322 @@ async fn registry_refuses_versions_not_newer(f: Fixture) {
         push(registered("web", "2026.12.1", 6)),
     );
     assert!(a.is_ok() ^ b.is_ok(), "{a:?} {b:?}");
+}
+
+// --- rebuild actions -----------------------------------------------------------------------
+
+fn new_action(host: &str, flagged_ms: i64, state: ActionState) -> RebuildAction {
+    let key = actions::idempotency_key(host, flagged_ms);
+    RebuildAction {
+        id: actions::action_id(&key),
+        idempotency_key: key,
+        host_id: host.into(),
+        image_id: "web".into(),
+        role: Some("web".into()),
+        flagged_ms,
+        reasons: vec!["severity high or above".into(), "path <x>\n|=".into()],
+        state,
+        dry_run: false,
+        created_ms: flagged_ms + 10,
+        updated_ms: flagged_ms + 10,
+        triggered_ms: None,
+        finished_ms: None,
+        attempts: 0,
+        next_attempt_ms: None,
+        last_error: None,
+        decided_by: None,
+        decision_reason: None,
+        note: None,
+        payload: None,
+    }
+}
+
+fn action_audit(verb: &str, a: &RebuildAction) -> AuditEntry {
+    AuditEntry::new(
+        a.updated_ms,
+        "collector",
+        verb,
+        format!("host:{}", a.host_id),
+        serde_json::json!({ "action_id": a.id }),
+    )
+}
+
+async fn actions_are_created_once_per_key_with_audit(f: Fixture) {
+    let s = f.open().await;
+    let a = new_action("web-1", T0, ActionState::PendingApproval);
+    assert!(
+        s.create_action(a.clone(), action_audit("rebuild.requested", &a))
+            .await
+            .unwrap()
+    );
+    // The same flagging again (another replica, a retried round): nothing new, no audit.
+    let mut again = a.clone();
+    again.created_ms += 5;
+    assert!(
+        !s.create_action(again.clone(), action_audit("rebuild.requested", &again))
+            .await
+            .unwrap()
+    );
+    assert_eq!(s.action(&a.id).await.unwrap(), Some(a.clone()));
+    assert_eq!(action_names(s.as_ref()).await, ["rebuild.requested"]);
+    assert_eq!(s.action("rb_none").await.unwrap(), None);
+    // A later flagging of the same host is another action.
+    let b = new_action("web-1", T0 + 60_000, ActionState::Pending);
+    assert!(
+        s.create_action(b.clone(), action_audit("rebuild.requested", &b))
+            .await
+            .unwrap()
+    );
+    assert_ne!(a.id, b.id);
+    // An audit entry the log refuses rolls the action back too.
+    let c = new_action("web-2", T0, ActionState::Pending);
+    let mut bad = action_audit("rebuild.requested", &c);
+    bad.actor = String::new();
+    assert!(s.create_action(c.clone(), bad).await.is_err());
+    assert_eq!(s.action(&c.id).await.unwrap(), None);
+    // Kept across a reopen.
+    drop(s);
+    let s = f.open().await;
+    assert_eq!(s.action(&b.id).await.unwrap(), Some(b));
+}
+
+async fn action_updates_are_compare_and_set_with_attempts(f: Fixture) {
+    let s = f.open().await;
+    let a = new_action("web-1", T0, ActionState::Pending);
+    s.create_action(a.clone(), action_audit("rebuild.requested", &a))
+        .await
+        .unwrap();
+    let mut t = a.clone();
+    t.state = ActionState::Triggered;
+    t.triggered_ms = Some(T0 + 100);
+    t.updated_ms = T0 + 100;
+    t.next_attempt_ms = Some(T0 + 100);
+    t.payload = Some(b"{\"type\":\"driftwatch.rebuild.requested\"}\x00\xff".to_vec());
+    assert!(
+        s.update_action(
+            ActionState::Pending,
+            t.clone(),
+            None,
+            action_audit("rebuild.triggered", &t)
+        )
+        .await
+        .unwrap()
+    );
+    // A second writer that computed from `pending` loses.
+    let mut other = a.clone();
+    other.state = ActionState::Cancelled;
+    assert!(
+        !s.update_action(
+            ActionState::Pending,
+            other.clone(),
+            None,
+            action_audit("rebuild.cancelled", &other)
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(s.action(&a.id).await.unwrap(), Some(t.clone()));
+    // Failed attempt, then success: each attempt stored with its action change.
+    let mut f1 = t.clone();
+    f1.attempts = 1;
+    f1.last_error = Some("HTTP 500: \\x1b[2J".into());
+    f1.next_attempt_ms = Some(T0 + 2_000);
+    let at1 = AttemptRecord {
+        action_id: a.id.clone(),
+        attempt: 1,
+        at_ms: T0 + 100,
+        duration_ms: 12,
+        delivered: false,
+        status: Some(500),
+        detail: "HTTP 500: \\x1b[2J".into(),
+    };
+    assert!(
+        s.update_action(
+            ActionState::Triggered,
+            f1.clone(),
+            Some(at1.clone()),
+            action_audit("rebuild.attempt_failed", &f1)
+        )
+        .await
+        .unwrap()
+    );
+    let mut ok = f1.clone();
+    ok.state = ActionState::Delivered;
+    ok.attempts = 2;
+    ok.next_attempt_ms = None;
+    let at2 = AttemptRecord {
+        attempt: 2,
+        at_ms: T0 + 2_000,
+        delivered: true,
+        status: Some(202),
+        detail: "HTTP 202".into(),
+        ..at1.clone()
+    };
+    assert!(
+        s.update_action(
+            ActionState::Triggered,
+            ok.clone(),
+            Some(at2.clone()),
+            action_audit("rebuild.succeeded", &ok)
+        )
+        .await
+        .unwrap()
+    );
+    assert_eq!(s.action_attempts(&a.id).await.unwrap(), vec![at1, at2]);
+    assert_eq!(s.action(&a.id).await.unwrap(), Some(ok.clone()));
+    // An update whose audit record is refused changes nothing (and stores no attempt).
+    let mut done = ok.clone();
+    done.state = ActionState::Completed;
+    let mut bad = action_audit("rebuild.completed", &done);
+    bad.action = String::new();
+    let at3 = AttemptRecord {
+        attempt: 3,
+        ..ok_attempt(&a.id)
+    };
+    assert!(
+        s.update_action(ActionState::Delivered, done, Some(at3), bad)
+            .await
+            .is_err()
+    );
+    assert_eq!(s.action(&a.id).await.unwrap(), Some(ok));
+    assert_eq!(s.action_attempts(&a.id).await.unwrap().len(), 2);
+    assert_eq!(
+        action_names(s.as_ref()).await,
+        [
+            "rebuild.requested",
+            "rebuild.triggered",
+            "rebuild.attempt_failed",
+            "rebuild.succeeded"
+        ]
+    );
+    // Unknown id: false.
+    let mut ghost = new_action("web-9", T0, ActionState::Pending);
+    ghost.id = "rb_ghost".into();
+    assert!(
+        !s.update_action(
+            ActionState::Pending,
+            ghost.clone(),
+            None,
+            action_audit("rebuild.cancelled", &ghost)
+        )
+        .await
+        .unwrap()
+    );
+}
+
+fn ok_attempt(id: &str) -> AttemptRecord {
+    AttemptRecord {
+        action_id: id.into(),
+        attempt: 1,
+        at_ms: T0,
+        duration_ms: 1,
+        delivered: true,
+        status: Some(0),
+        detail: "exit status 0".into(),
+    }
+}
+
+async fn action_listing_filters_and_dispatch_view(f: Fixture) {
+    let s = f.open().await;
+    let mut made = Vec::new();
+    for (i, (host, state, triggered)) in [
+        ("web-1", ActionState::PendingApproval, None),
+        ("web-2", ActionState::Pending, None),
+        ("web-3", ActionState::Triggered, Some(T0 + 50)),
+        ("web-4", ActionState::Completed, Some(T0 + 10)),
+        ("web-5", ActionState::Rejected, None),
+        ("web-1", ActionState::Cancelled, None),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut a = new_action(host, T0 + i as i64, state);
+        a.created_ms = T0 + 1000 * i as i64;
+        a.triggered_ms = triggered;
+        s.create_action(a.clone(), action_audit("rebuild.requested", &a))
+            .await
+            .unwrap();
+        made.push(a);
+    }
+    let ids = |v: Vec<RebuildAction>| v.into_iter().map(|a| a.id).collect::<Vec<_>>();
+    // Newest first.
+    let all = s.list_actions(ActionFilter::default()).await.unwrap();
+    assert_eq!(
+        ids(all),
+        made.iter().rev().map(|a| a.id.clone()).collect::<Vec<_>>()
+    );
+    let web1 = s
+        .list_actions(ActionFilter {
+            host_id: Some("web-1".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(web1), [made[5].id.clone(), made[0].id.clone()]);
+    let pending = s
+        .list_actions(ActionFilter {
+            state: Some(ActionState::PendingApproval),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(pending), [made[0].id.clone()]);
+    let two = s
+        .list_actions(ActionFilter {
+            limit: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(two.len(), 2);
+    // The dispatcher's view: open ones, the given keys, and triggers since the window start.
+    let mut view = ids(s
+        .dispatch_view(
+            vec![made[4].idempotency_key.clone(), "web-x:1".into()],
+            T0 + 10,
+        )
+        .await
+        .unwrap());
+    view.sort();
+    let mut want = vec![
+        made[0].id.clone(),
+        made[1].id.clone(),
+        made[2].id.clone(),
+        made[3].id.clone(),
+        made[4].id.clone(),
+    ];
+    want.sort();
+    assert_eq!(view, want);
+    let view = ids(s.dispatch_view(vec![], T0 + 11).await.unwrap());
+    assert_eq!(view.len(), 3, "{view:?}");
+}
+
+async fn dispatch_lock_excludes_a_second_dispatcher(f: Fixture) {
+    let s1 = f.open().await;
+    let s2 = f.open().await;
+    let mut l1 = s1.dispatch_lock().await.unwrap();
+    let mut l2 = s2.dispatch_lock().await.unwrap();
+    assert!(l1.try_acquire().await.unwrap());
+    match f.kind {
+        // One process owns a SQLite file: nothing to exclude.
+        Kind::Sqlite => assert!(l2.try_acquire().await.unwrap()),
+        Kind::Postgres => {
+            assert!(!l2.try_acquire().await.unwrap(), "two dispatchers at once");
+            l1.release().await.unwrap();
+            assert!(l2.try_acquire().await.unwrap());
+            assert!(!l1.try_acquire().await.unwrap());
+            // A dispatcher that dies (its connection closes) frees the lock.
+            drop(l2);
+            let mut freed = false;
+            for _ in 0..50 {
+                if l1.try_acquire().await.unwrap() {
+                    freed = true;
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            assert!(freed, "the lock outlived its session");
+        }
+    }
+    l1.release().await.unwrap();
 }

@@ -15,6 +15,7 @@ mod audit;
 mod client;
 mod export;
 mod lifecycle;
+mod rebuilds;
 mod table;
 mod tokens;
 
@@ -63,6 +64,8 @@ Examples:
   driftwatch enrollment-token create --uses 10 --host-pattern 'web-*'
   DRIFTWATCH_TOKEN=$(cat ~/.dw-token) driftwatch --api https://collector:7480 \
       --ca-file /etc/driftwatch/collector-ca.pem hosts
+  driftwatch rebuilds --state pending_approval       rebuilds waiting for an operator
+  driftwatch rebuilds approve rb_5d1c0f9a2e7b44c18a03 --reason 'nc installed by hand'
   driftwatch --format json hosts | jq '.hosts[] | select(.state != \"clean\") | .host_id'
 
 Exit status: 0 success (whether or not drift was found), 2 error; audit verify: 1 when the
@@ -143,6 +146,22 @@ pub enum Command {
     /// Images: their registered baselines and their hosts (consensus, outliers, likely image
     /// defects).
     Images,
+    /// Rebuild actions, newest first: which flagged hosts the collector asked to replace, and
+    /// how that went (states: pending_approval, pending, triggered, delivered, completed,
+    /// failed, timed_out, rejected, cancelled, dry_run). See docs/rebuild-actions.md.
+    Rebuilds {
+        /// Only actions in this state.
+        #[arg(long, value_parser = rebuilds::state_parser())]
+        state: Option<String>,
+        /// Only this host's actions.
+        #[arg(long, value_name = "HOST_ID")]
+        host: Option<String>,
+        /// At most this many (the collector's default 1000, maximum 10000).
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        #[command(subcommand)]
+        command: Option<rebuilds::RebuildsCommand>,
+    },
     /// One image.
     #[command(subcommand)]
     Image(ImageCommand),
@@ -326,6 +345,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => lifecycle::explain(&client, host, cli.format).await?,
         Command::Images => lifecycle::images(&client, cli.format).await?,
+        Command::Rebuilds {
+            state,
+            host,
+            limit,
+            command: None,
+        } => rebuilds::list(&client, state, host, *limit, cli.format).await?,
+        Command::Rebuilds {
+            command: Some(c), ..
+        } => rebuilds::run(&client, c, cli.format).await?,
         Command::Image(ImageCommand::Show { image }) => {
             lifecycle::image_show(&client, image, cli.format).await?
         }

@@ -22,6 +22,8 @@ pub enum ApiError {
     /// A pushed baseline that does not verify (signature, format, expiry).
     #[error("baseline refused: {0}")]
     Push(#[from] crate::registry::PushError),
+    #[error("no such rebuild {0:?}")]
+    UnknownRebuild(String),
     #[error("no such endpoint {0:?} (the API is under /api/v1/)")]
     UnknownEndpoint(String),
     #[error("{0} is not a method of this endpoint")]
@@ -58,6 +60,7 @@ impl ApiError {
             ApiError::Push(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ApiError::UnknownHost(_)
             | ApiError::UnknownImage(_)
+            | ApiError::UnknownRebuild(_)
             | ApiError::UnknownEndpoint(_)
             | ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),

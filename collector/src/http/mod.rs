@@ -20,6 +20,7 @@ pub(crate) mod convert;
 mod error;
 mod lifecycle;
 pub mod params;
+mod rebuilds;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -138,11 +139,13 @@ pub fn router_with(
         .route("/api/v1/security-events", get(security_events))
         .merge(audit::auditor_routes())
         .merge(crate::export::http::auditor_routes())
-        .merge(lifecycle::auditor_routes());
+        .merge(lifecycle::auditor_routes())
+        .merge(rebuilds::auditor_routes());
+    let operator = lifecycle::operator_routes().merge(rebuilds::operator_routes());
     let admin = access::admin_routes().merge(lifecycle::admin_routes());
     Router::new()
         .merge(auditor.route_layer(auth::require(Role::Auditor)))
-        .merge(lifecycle::operator_routes().route_layer(auth::require(Role::Operator)))
+        .merge(operator.route_layer(auth::require(Role::Operator)))
         .merge(admin.route_layer(auth::require(Role::Admin)))
         .route("/healthz", get(healthz))
         .method_not_allowed_fallback(wrong_method)

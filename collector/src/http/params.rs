@@ -395,6 +395,33 @@ impl EventFilter {
     }
 }
 
+/// `GET /api/v1/rebuilds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildFilter {
+    pub state: Option<crate::storage::actions::ActionState>,
+    pub host_id: Option<String>,
+    pub limit: u32,
+}
+
+impl RebuildFilter {
+    pub fn parse(raw: &[(String, String)], limits: Limits) -> Result<Self, ParamError> {
+        let p = Pairs::new(raw, &["state", "host", "limit"])?;
+        let state = match p.text("state")? {
+            None => None,
+            Some(s) => Some(s.parse().map_err(
+                |e: crate::storage::actions::UnknownActionState| {
+                    ParamError::new("state", e.to_string())
+                },
+            )?),
+        };
+        Ok(RebuildFilter {
+            state,
+            host_id: p.text("host")?.map(str::to_string),
+            limit: parse_limit(p.get("limit"), limits)?,
+        })
+    }
+}
+
 /// Only `limit` accepted.
 pub fn parse_limit_only(raw: &[(String, String)], limits: Limits) -> Result<u32, ParamError> {
     let p = Pairs::new(raw, &["limit"])?;
@@ -577,6 +604,38 @@ mod tests {
             )),
             "limit"
         );
+    }
+
+    #[test]
+    fn rebuild_filters() {
+        let f = RebuildFilter::parse(
+            &q(&[
+                ("state", "pending_approval"),
+                ("host", "web-1"),
+                ("limit", "5"),
+            ]),
+            Limits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            f.state,
+            Some(crate::storage::actions::ActionState::PendingApproval)
+        );
+        assert_eq!(f.host_id.as_deref(), Some("web-1"));
+        assert_eq!(f.limit, 5);
+        let d = RebuildFilter::parse(&[], Limits::default()).unwrap();
+        assert_eq!((d.state, d.host_id, d.limit), (None, None, 1000));
+        for (pairs, param) in [
+            (vec![("state", "waiting")], "state"),
+            (vec![("host", "")], "host"),
+            (vec![("hots", "web-1")], "hots"),
+            (vec![("limit", "0")], "limit"),
+        ] {
+            assert_eq!(
+                err_param(RebuildFilter::parse(&q(&pairs), Limits::default())),
+                param
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::pin::Pin;
 use driftwatch_proto::v1::{DriftItem, Report, ScanStatus};
 
 pub mod access;
+pub mod actions;
 mod apply;
 pub mod audit;
 pub mod export;
@@ -29,6 +30,7 @@ pub mod registry;
 pub mod sqlite;
 
 pub use access::{AccessStore, ApiToken, RevokeOutcome, Role};
+pub use actions::ActionStore;
 pub use audit::{AuditEntry, AuditRecord, AuditStore};
 pub use export::ExportStore;
 pub(crate) use glob::check_host_pattern;
@@ -241,6 +243,7 @@ pub trait Storage:
     + ExportStore
     + LifecycleStore
     + RegistryStore
+    + ActionStore
     + Send
     + Sync
     + std::fmt::Debug

@@ -36,6 +36,7 @@ use super::{
 };
 
 mod access;
+mod actions;
 pub(crate) mod audit;
 mod lifecycle;
 
@@ -46,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0006_access.sql"),
     include_str!("migrations/postgres/0005_exports.sql"),
     include_str!("migrations/postgres/0003_lifecycle.sql"),
+    include_str!("migrations/postgres/0004_rebuild_actions.sql"),
 ];
 
 /// The schema version this binary writes.

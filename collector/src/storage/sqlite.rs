@@ -35,6 +35,7 @@ use super::{
 };
 
 mod access;
+mod actions;
 pub(crate) mod audit;
 mod lifecycle;
 
@@ -45,6 +46,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0006_access.sql"),
     include_str!("migrations/sqlite/0005_exports.sql"),
     include_str!("migrations/sqlite/0003_lifecycle.sql"),
+    include_str!("migrations/sqlite/0004_rebuild_actions.sql"),
 ];
 
 /// The schema version this binary writes.
