@@ -109,8 +109,14 @@ pub fn check(
         _ => ScanCache::empty(n),
     };
     // Slots to change once the scan is over (the walk reads the cache meanwhile): only files
-    // hashed in this scan, or whose cached hash is no longer valid.
-    let mut updates: Vec<(usize, Option<Slot>)> = Vec::new();
+    // hashed in this scan, or whose cached hash is no longer valid. Without a usable cache
+    // nearly every entry gets one: reserved once, because growing by doubling would hold the
+    // old and the new buffer at once (≈ 1.5 × the final size) at the peak of the scan.
+    let mut updates: Vec<(usize, Option<Slot>)> = if cache.filled() == 0 {
+        Vec::with_capacity(n)
+    } else {
+        Vec::new()
+    };
 
     let mut seen = vec![false; baseline.entries.len()];
     let mut violations: Vec<Violation> = Vec::new();

@@ -6,7 +6,7 @@
 //! security event or an audit record is one event at its `at_ms` (audit records by time, with
 //! the chain's `seq` as the row id). Each source is read in `(time, row id)` order
 //! after an exclusive position, up to a time bound, so a caller can merge the sources and page
-//! through any window without offsets (migration 0005 indexes both violation times).
+//! through any window without offsets (migration 0004 indexes both violation times).
 
 use super::{AuditRecord, SecurityEvent, StoreFuture, ViolationRecord};
 

@@ -44,10 +44,10 @@ mod lifecycle;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0001_initial.sql"),
     include_str!("migrations/postgres/0002_audit.sql"),
-    include_str!("migrations/postgres/0006_access.sql"),
-    include_str!("migrations/postgres/0005_exports.sql"),
-    include_str!("migrations/postgres/0003_lifecycle.sql"),
-    include_str!("migrations/postgres/0004_rebuild_actions.sql"),
+    include_str!("migrations/postgres/0003_access.sql"),
+    include_str!("migrations/postgres/0004_exports.sql"),
+    include_str!("migrations/postgres/0005_lifecycle.sql"),
+    include_str!("migrations/postgres/0006_rebuild_actions.sql"),
 ];
 
 /// The schema version this binary writes.

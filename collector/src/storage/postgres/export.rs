@@ -1,4 +1,4 @@
-//! `ExportStore` for PostgreSQL: time-ordered pages over the indexes of migration 0005, on the
+//! `ExportStore` for PostgreSQL: time-ordered pages over the indexes of migration 0004, on the
 //! reader connection (one repeatable-read snapshot per page).
 
 use driftwatch_proto::v1::DriftItem;

@@ -1,4 +1,4 @@
-//! `ExportStore` for SQLite: time-ordered pages over the indexes of migration 0005.
+//! `ExportStore` for SQLite: time-ordered pages over the indexes of migration 0004.
 
 use driftwatch_proto::v1::DriftItem;
 use prost::Message;

@@ -1,4 +1,4 @@
--- driftwatch collector schema, version 3 (SQLite): host lifecycle, image registry,
+-- driftwatch collector schema, version 5 (SQLite): host lifecycle, image registry,
 -- acknowledgements of violations.
 
 -- A host's current lifecycle state; a host without a row is 'enrolled' since enrolled_ms.
