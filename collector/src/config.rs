@@ -22,6 +22,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use driftwatch_proto::layered::LayerError;
 use serde::Deserialize;
 
 /// Default configuration file of the packaged service.
@@ -235,46 +236,9 @@ impl RawConfig {
 
     /// Reads and parses a configuration file and its drop-ins ([`drop_in_dir`]).
     pub fn load(path: &Path) -> Result<RawConfig, ConfigError> {
-        let mut files = vec![path.to_path_buf()];
-        let dir = drop_in_dir(path);
-        let list_error = |source| ConfigError::Read {
-            path: dir.clone(),
-            source,
-        };
-        match std::fs::read_dir(&dir) {
-            Ok(entries) => {
-                let mut drop_ins = Vec::new();
-                for e in entries {
-                    let p = e.map_err(list_error)?.path();
-                    let hidden = p
-                        .file_name()
-                        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
-                    if p.extension().is_some_and(|x| x == "toml") && !hidden {
-                        drop_ins.push(p);
-                    }
-                }
-                drop_ins.sort();
-                files.extend(drop_ins);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(list_error(e)),
-        }
-        let mut merged = toml::Table::new();
-        for f in &files {
-            let text = std::fs::read_to_string(f).map_err(|source| ConfigError::Read {
-                path: f.clone(),
-                source,
-            })?;
-            // On its own first: an unknown key or a wrong type is reported with its file.
-            RawConfig::parse(&text, f)?;
-            let table: toml::Table =
-                text.parse()
-                    .map_err(|e: toml::de::Error| ConfigError::Parse {
-                        path: f.clone(),
-                        message: e.to_string().trim_end().to_string(),
-                    })?;
-            merge_tables(&mut merged, table);
-        }
+        // Each file on its own first: an unknown key or a wrong type is reported with its file.
+        let merged =
+            driftwatch_proto::layered::load(path, |f, text| RawConfig::parse(text, f).map(|_| ()))?;
         toml::Value::Table(merged)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse {
@@ -284,42 +248,21 @@ impl RawConfig {
     }
 }
 
-/// The drop-in directory of a configuration file: `collector.toml` → `collector.d`, beside it.
-pub fn drop_in_dir(path: &Path) -> PathBuf {
-    path.with_extension("d")
-}
-
-/// Merges `over` into `base`: tables merge key by key, every other value (arrays too) is
-/// replaced.
-pub fn merge_tables(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
-            (_, v) => {
-                base.insert(k, v);
+impl From<LayerError> for ConfigError {
+    fn from(e: LayerError) -> ConfigError {
+        match e {
+            LayerError::List { path, source } | LayerError::Read { path, source } => {
+                ConfigError::Read { path, source }
             }
+            LayerError::Parse { path, error } => ConfigError::Parse {
+                path,
+                message: error.to_string().trim_end().to_string(),
+            },
         }
     }
 }
 
-/// `<credentials>/<file name of path>` when the service manager passed a credential of that
-/// name, else `path` itself.
-pub fn credential_or(path: &Path, credentials: Option<&Path>) -> PathBuf {
-    if let (Some(dir), Some(name)) = (credentials, path.file_name()) {
-        let c = dir.join(name);
-        if c.is_file() {
-            return c;
-        }
-    }
-    path.to_path_buf()
-}
-
-/// The credentials directory systemd gave this process (`$CREDENTIALS_DIRECTORY`), if any.
-pub fn credentials_dir() -> Option<PathBuf> {
-    std::env::var_os("CREDENTIALS_DIRECTORY")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-}
+pub use driftwatch_proto::layered::{credential_or, credentials_dir, drop_in_dir, merge_tables};
 
 impl Settings {
     /// Validates a raw configuration and fills in the defaults.

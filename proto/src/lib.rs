@@ -8,6 +8,7 @@
 pub mod envelope;
 pub mod escape;
 pub mod host_id;
+pub mod layered;
 pub mod merkle;
 pub mod path;
 pub mod set;

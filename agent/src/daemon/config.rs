@@ -17,6 +17,7 @@ use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use driftwatch_proto::layered::LayerError;
 use serde::Deserialize;
 
 use crate::check::PolicySource;
@@ -151,10 +152,7 @@ impl RawConfig {
     }
 }
 
-/// The drop-in directory of a configuration file: `agent.toml` → `agent.d`, beside it.
-pub fn drop_in_dir(path: &Path) -> PathBuf {
-    path.with_extension("d")
-}
+pub use driftwatch_proto::layered::{credential_or, credentials_dir, drop_in_dir, merge_tables};
 
 /// Reads the TOML file `path`, then every `*.toml` of [`drop_in_dir`] in lexical order of
 /// their names, and merges each over what came before ([`merge_tables`]). `check` sees each
@@ -164,71 +162,18 @@ pub fn load_layered(
     path: &Path,
     check: impl Fn(&Path, &str) -> Result<(), ConfigError>,
 ) -> Result<toml::Table, ConfigError> {
-    let err = |p: &Path, message: String| ConfigError {
-        path: p.to_path_buf(),
-        message,
-    };
-    let mut files = vec![path.to_path_buf()];
-    let dir = drop_in_dir(path);
-    match std::fs::read_dir(&dir) {
-        Ok(entries) => {
-            let mut drop_ins = Vec::new();
-            for e in entries {
-                let e = e.map_err(|e| err(&dir, format!("cannot list: {e}")))?;
-                let name = e.file_name();
-                let p = e.path();
-                if p.extension().is_some_and(|x| x == "toml")
-                    && !name.as_encoded_bytes().starts_with(b".")
-                {
-                    drop_ins.push(p);
-                }
-            }
-            drop_ins.sort();
-            files.extend(drop_ins);
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(err(&dir, format!("cannot list: {e}"))),
-    }
-    let mut merged = toml::Table::new();
-    for f in &files {
-        let text = std::fs::read_to_string(f).map_err(|e| err(f, format!("cannot read: {e}")))?;
-        check(f, &text)?;
-        let table: toml::Table = text.parse().map_err(|e| err(f, format!("{e}")))?;
-        merge_tables(&mut merged, table);
-    }
-    Ok(merged)
+    driftwatch_proto::layered::load(path, check)
 }
 
-/// Merges `over` into `base`: tables merge key by key, every other value (arrays too) is
-/// replaced.
-pub fn merge_tables(base: &mut toml::Table, over: toml::Table) {
-    for (k, v) in over {
-        match (base.get_mut(&k), v) {
-            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
-            (_, v) => {
-                base.insert(k, v);
-            }
-        }
+impl From<LayerError> for ConfigError {
+    fn from(e: LayerError) -> ConfigError {
+        let (path, message) = match e {
+            LayerError::List { path, source } => (path, format!("cannot list: {source}")),
+            LayerError::Read { path, source } => (path, format!("cannot read: {source}")),
+            LayerError::Parse { path, error } => (path, error.to_string()),
+        };
+        ConfigError { path, message }
     }
-}
-
-/// `$CREDENTIALS_DIRECTORY/<file name of path>` when the service manager passed a credential
-/// of that name, else `path` itself.
-pub fn credential_or(path: &Path, credentials: Option<&Path>) -> PathBuf {
-    if let (Some(dir), Some(name)) = (credentials, path.file_name()) {
-        let c = dir.join(name);
-        if c.is_file() {
-            return c;
-        }
-    }
-    path.to_path_buf()
-}
-
-/// The credentials directory systemd gave this process, if any.
-pub fn credentials_dir() -> Option<PathBuf> {
-    std::env::var_os("CREDENTIALS_DIRECTORY")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
 }
 
 impl Settings {
