@@ -25,8 +25,6 @@ use crate::reconcile::{self, Verdict};
 use crate::registry;
 use crate::storage::{AckRequest, AuditEntry, RegisteredBaseline, StorageError, TransitionRecord};
 
-/// Longest reason accepted for an acknowledgement or a retirement.
-const MAX_REASON: usize = 1024;
 /// Longest an acknowledgement may last.
 const MAX_ACK: std::time::Duration = std::time::Duration::from_secs(365 * 86_400);
 
@@ -70,7 +68,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Actor {
     }
 }
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+/// A JSON request body; a malformed one is a 400 like any bad parameter.
+pub(super) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     b.map(|Json(t)| t).map_err(|e| {
         ApiError::BadParameter(ParamError {
             parameter: "(body)".into(),
@@ -80,15 +79,7 @@ fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 }
 
 fn reason_text(r: &str) -> Result<String, ApiError> {
-    let r = r.trim();
-    if r.is_empty() || r.len() > MAX_REASON || r.chars().any(char::is_control) {
-        return Err(ParamError {
-            parameter: "reason".into(),
-            message: format!("required: 1–{MAX_REASON} bytes without control characters"),
-        }
-        .into());
-    }
-    Ok(r.to_string())
+    Ok(params::reason(r)?)
 }
 
 fn transition(t: &TransitionRecord) -> lapi::Transition {

@@ -457,6 +457,22 @@ pub fn parse_none(raw: &[(String, String)]) -> Result<(), ParamError> {
     Pairs::new(raw, &[]).map(|_| ())
 }
 
+/// Longest reason an operator gives (for an acknowledgement, a retirement, a rebuild decision).
+pub const MAX_REASON: usize = 1024;
+
+/// Such a reason: required, trimmed, at most [`MAX_REASON`] bytes, no control characters (it
+/// ends up in tables and the audit log).
+pub fn reason(r: &str) -> Result<String, ParamError> {
+    let r = r.trim();
+    if r.is_empty() || r.len() > MAX_REASON || r.chars().any(char::is_control) {
+        return Err(ParamError {
+            parameter: "reason".into(),
+            message: format!("required: 1–{MAX_REASON} bytes without control characters"),
+        });
+    }
+    Ok(r.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,9 +17,6 @@ use crate::api::{self, SCHEMA, rfc3339_ms};
 use crate::storage::actions::{ActionFilter, ActionState, AttemptRecord, RebuildAction};
 use crate::storage::{AuditEntry, StorageError};
 
-/// Longest accepted approval or rejection reason, in bytes.
-pub const MAX_REASON: usize = 1024;
-
 /// Routes for the `auditor` role.
 pub(crate) fn auditor_routes() -> Router<AppState> {
     Router::new()
@@ -145,18 +142,9 @@ async fn reject(
     decide(st, caller, id, body, false).await
 }
 
-/// The reason of a decision: required, trimmed, bounded, no control characters (it ends up in
-/// tables and the audit log).
+/// The reason of a decision ([`params::reason`]).
 fn check_reason(reason: &str) -> Result<String, ApiError> {
-    let r = reason.trim();
-    if r.is_empty() || r.len() > MAX_REASON || r.chars().any(char::is_control) {
-        return Err(ParamError {
-            parameter: "reason".into(),
-            message: format!("required: 1–{MAX_REASON} bytes without control characters"),
-        }
-        .into());
-    }
-    Ok(r.to_string())
+    Ok(params::reason(reason)?)
 }
 
 async fn decide(
@@ -167,10 +155,7 @@ async fn decide(
     approve: bool,
 ) -> Result<Json<api::RebuildDetail>, ApiError> {
     let id = action_id(id)?;
-    let Json(body) = body.map_err(|e| ParamError {
-        parameter: "(body)".into(),
-        message: e.body_text(),
-    })?;
+    let body = super::lifecycle::body(body)?;
     let reason = check_reason(&body.reason)?;
     let a = st
         .store
@@ -234,7 +219,13 @@ mod tests {
             check_reason("  drift confirmed  ").unwrap(),
             "drift confirmed"
         );
-        for bad in ["", "   ", "a\nb", "\u{1b}[2J", &"x".repeat(MAX_REASON + 1)] {
+        for bad in [
+            "",
+            "   ",
+            "a\nb",
+            "\u{1b}[2J",
+            &"x".repeat(params::MAX_REASON + 1),
+        ] {
             assert!(
                 matches!(check_reason(bad), Err(ApiError::BadParameter(_))),
                 "{bad:?}"
