@@ -51,6 +51,24 @@ pub(crate) async fn append_tx(tx: &Transaction<'_>, e: &AuditEntry) -> Result<u6
     Ok(seq)
 }
 
+/// The columns [`record_from_row`] reads, in its order.
+pub(crate) const RECORD_COLUMNS: &str =
+    "seq, at_ms, actor, action, target, detail, prev_hash, hash";
+
+/// One stored record, exactly as stored (see [`AuditRecord`]).
+pub(crate) fn record_from_row(r: &tokio_postgres::Row) -> Result<AuditRecord, StorageError> {
+    Ok(AuditRecord {
+        seq: to_u64(get(r, 0)?),
+        at_ms: get(r, 1)?,
+        actor: get(r, 2)?,
+        action: get(r, 3)?,
+        target: get(r, 4)?,
+        detail: get(r, 5)?,
+        prev_hash: get(r, 6)?,
+        hash: get(r, 7)?,
+    })
+}
+
 impl AuditStore for PgStore {
     fn append_audit(&self, entry: AuditEntry) -> StoreFuture<'_, u64> {
         Box::pin(async move {
@@ -71,25 +89,15 @@ impl AuditStore for PgStore {
             });
             let c = self.reader().await?;
             c.query(
-                "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash \
-                 FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2",
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"
+                ),
                 &[&to_i64(after_seq), &limit],
             )
             .await
             .db()?
             .iter()
-            .map(|r| {
-                Ok(AuditRecord {
-                    seq: to_u64(get(r, 0)?),
-                    at_ms: get(r, 1)?,
-                    actor: get(r, 2)?,
-                    action: get(r, 3)?,
-                    target: get(r, 4)?,
-                    detail: get(r, 5)?,
-                    prev_hash: get(r, 6)?,
-                    hash: get(r, 7)?,
-                })
-            })
+            .map(record_from_row)
             .collect()
         })
     }

@@ -4,8 +4,8 @@
 use driftwatch_proto::v1::DriftItem;
 use prost::Message;
 
+use super::audit::{RECORD_COLUMNS, record_from_row};
 use super::{Db, PgStore, get};
-use crate::storage::apply::to_u64;
 use crate::storage::export::{
     ExportCursor, ExportSecurityEvent, ExportStore, ExportViolation, RowPosition, ViolationEdge,
     page_limit,
@@ -111,26 +111,17 @@ impl ExportStore for PgStore {
         Box::pin(async move {
             let c = self.reader().await?;
             c.query(
-                "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash \
-                 FROM audit_log WHERE (at_ms, seq) > ($1, $2) AND at_ms <= $3 \
-                 ORDER BY at_ms, seq LIMIT $4",
+                &format!(
+                    "SELECT {RECORD_COLUMNS} FROM audit_log \
+                     WHERE (at_ms, seq) > ($1, $2) AND at_ms <= $3 \
+                     ORDER BY at_ms, seq LIMIT $4"
+                ),
                 &[&after.at_ms, &after.row, &until_ms, &page_limit(limit)],
             )
             .await
             .db()?
             .iter()
-            .map(|r| {
-                Ok(AuditRecord {
-                    seq: to_u64(get(r, 0)?),
-                    at_ms: get(r, 1)?,
-                    actor: get(r, 2)?,
-                    action: get(r, 3)?,
-                    target: get(r, 4)?,
-                    detail: get(r, 5)?,
-                    prev_hash: get(r, 6)?,
-                    hash: get(r, 7)?,
-                })
-            })
+            .map(record_from_row)
             .collect()
         })
     }

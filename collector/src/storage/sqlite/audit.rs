@@ -43,6 +43,24 @@ pub(crate) fn append_tx(tx: &Transaction<'_>, e: &AuditEntry) -> Result<u64, Sto
     Ok(seq)
 }
 
+/// The columns [`record_from_row`] reads, in its order.
+pub(crate) const RECORD_COLUMNS: &str =
+    "seq, at_ms, actor, action, target, detail, prev_hash, hash";
+
+/// One stored record, exactly as stored (see [`AuditRecord`]).
+pub(crate) fn record_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AuditRecord> {
+    Ok(AuditRecord {
+        seq: to_u64(r.get(0)?),
+        at_ms: r.get(1)?,
+        actor: r.get(2)?,
+        action: r.get(3)?,
+        target: r.get(4)?,
+        detail: r.get(5)?,
+        prev_hash: r.get(6)?,
+        hash: r.get(7)?,
+    })
+}
+
 impl AuditStore for SqliteStore {
     fn append_audit(&self, entry: AuditEntry) -> StoreFuture<'_, u64> {
         self.write(move |tx| append_tx(tx, &entry))
@@ -56,26 +74,14 @@ impl AuditStore for SqliteStore {
                 limit
             };
             let mut stmt = tx
-                .prepare_cached(
-                    "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash \
-                     FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-                )
+                .prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM audit_log WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                ))
                 .db()?;
-            stmt.query_map(params![to_i64(after_seq), limit], |r| {
-                Ok(AuditRecord {
-                    seq: to_u64(r.get(0)?),
-                    at_ms: r.get(1)?,
-                    actor: r.get(2)?,
-                    action: r.get(3)?,
-                    target: r.get(4)?,
-                    detail: r.get(5)?,
-                    prev_hash: r.get(6)?,
-                    hash: r.get(7)?,
-                })
-            })
-            .db()?
-            .collect::<Result<Vec<_>, _>>()
-            .db()
+            stmt.query_map(params![to_i64(after_seq), limit], record_from_row)
+                .db()?
+                .collect::<Result<Vec<_>, _>>()
+                .db()
         })
     }
 }

@@ -4,8 +4,8 @@ use driftwatch_proto::v1::DriftItem;
 use prost::Message;
 use rusqlite::{OptionalExtension, params};
 
+use super::audit::{RECORD_COLUMNS, record_from_row};
 use super::{Db, SqliteStore};
-use crate::storage::apply::to_u64;
 use crate::storage::export::{
     ExportCursor, ExportSecurityEvent, ExportStore, ExportViolation, RowPosition, ViolationEdge,
     page_limit,
@@ -111,26 +111,15 @@ impl ExportStore for SqliteStore {
     ) -> StoreFuture<'_, Vec<AuditRecord>> {
         self.read(move |tx| {
             let mut stmt = tx
-                .prepare_cached(
-                    "SELECT seq, at_ms, actor, action, target, detail, prev_hash, hash \
-                     FROM audit_log WHERE at_ms >= ?1 AND (at_ms > ?1 OR seq > ?2) \
-                     AND at_ms <= ?3 ORDER BY at_ms, seq LIMIT ?4",
-                )
+                .prepare_cached(&format!(
+                    "SELECT {RECORD_COLUMNS} FROM audit_log \
+                     WHERE at_ms >= ?1 AND (at_ms > ?1 OR seq > ?2) \
+                     AND at_ms <= ?3 ORDER BY at_ms, seq LIMIT ?4"
+                ))
                 .db()?;
             stmt.query_map(
                 params![after.at_ms, after.row, until_ms, page_limit(limit)],
-                |r| {
-                    Ok(AuditRecord {
-                        seq: to_u64(r.get(0)?),
-                        at_ms: r.get(1)?,
-                        actor: r.get(2)?,
-                        action: r.get(3)?,
-                        target: r.get(4)?,
-                        detail: r.get(5)?,
-                        prev_hash: r.get(6)?,
-                        hash: r.get(7)?,
-                    })
-                },
+                record_from_row,
             )
             .db()?
             .collect::<Result<Vec<_>, _>>()
