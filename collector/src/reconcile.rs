@@ -41,7 +41,8 @@ pub const MAX_OPEN_PER_HOST: u32 = 10_000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub flagging: FlaggingPolicy,
-    /// A host not heard from for longer than this is `silent` (3 heartbeat intervals).
+    /// A host not heard from for longer than this is `silent` (3 heartbeat intervals and the
+    /// heartbeat write interval).
     pub silent_after: Duration,
     /// A path drifted on more than this share of an image's hosts (and on at least
     /// [`registry::MIN_DEFECT_HOSTS`]) is a likely image defect.

@@ -282,8 +282,11 @@ impl Server {
         );
 
         // The read API for people: it shares the store, and stops with everything else.
+        // Silent: three heartbeats missed. Heartbeats reach the database in batches every
+        // `heartbeat_flush`, so the stored "last heard" lags by up to that much more; without
+        // it a host heartbeating on time flaps silent/clean when the interval is short.
         let api_config = ApiConfig {
-            silent_after: 3 * settings.heartbeat_interval.as_duration(),
+            silent_after: 3 * settings.heartbeat_interval.as_duration() + tuning.heartbeat_flush,
             ..ApiConfig::default()
         };
         // The reconciler judges hosts by the same policy `explain` shows.

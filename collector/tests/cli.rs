@@ -65,7 +65,9 @@ async fn hosts_table_and_json() {
     let lines: Vec<&str> = out.lines().collect();
     assert!(lines[0].starts_with("HOST "), "{out}");
     assert!(
-        lines[0].contains("STATE") && lines[0].contains("LAST SEEN"),
+        lines[0].contains("STATE")
+            && lines[0].contains("LIFECYCLE")
+            && lines[0].contains("LAST SEEN"),
         "{out}"
     );
     assert_eq!(lines.len(), 7, "{out}");

@@ -158,15 +158,22 @@ impl Collector {
 
     /// Runs `driftwatch --api … --format json ARGS`; an error (not running, exit ≠ 0) is `Err`.
     pub fn cli(&self, args: &[&str]) -> Result<serde_json::Value, String> {
+        let out = self.cli_text(&[&["--format", "json"], args].concat())?;
+        serde_json::from_str(&out).map_err(|e| format!("not JSON ({e}): {out}"))
+    }
+
+    /// Runs `driftwatch --api … ARGS` (with the admin token); its standard output, or `Err`
+    /// with the exit status and standard error.
+    pub fn cli_text(&self, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(binary("driftwatch"));
-        cmd.args(["--api", &self.api, "--format", "json", "--timeout", "10s"])
+        cmd.args(["--api", &self.api, "--timeout", "10s"])
             .args(args)
             .env("DRIFTWATCH_TOKEN", &self.api_token);
         let r = run_with_limit(cmd, CLI_LIMIT);
         if r.code != 0 {
             return Err(format!("driftwatch {args:?} exit {}: {}", r.code, r.stderr));
         }
-        serde_json::from_slice(&r.stdout).map_err(|e| format!("not JSON ({e}): {}", r.stdout_str()))
+        Ok(r.stdout_str())
     }
 
     /// `driftwatch hosts`: the `hosts` array.

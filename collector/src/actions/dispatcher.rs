@@ -281,7 +281,7 @@ fn audit(at_ms: i64, action: &str, a: &RebuildAction, detail: serde_json::Value)
         at_ms,
         actor: ACTOR.into(),
         action: action.into(),
-        target: format!("host:{}", a.host_id),
+        target: a.host_id.clone(),
         detail: d,
     }
 }
@@ -596,7 +596,7 @@ impl Dispatcher {
             at_ms: now,
             actor: ACTOR.into(),
             action: "host.flagged".into(),
-            target: format!("host:{host_id}"),
+            target: host_id.to_string(),
             detail: json!({ "from": "rebuild_requested", "cause": cause }),
         };
         self.store.record_transition(t, entry).await?;
@@ -643,7 +643,7 @@ impl Dispatcher {
             at_ms: now,
             actor: ACTOR.into(),
             action: "host.rebuild_requested".into(),
-            target: format!("host:{}", a.host_id),
+            target: a.host_id.clone(),
             detail: json!({ "action_id": a.id, "idempotency_key": a.idempotency_key }),
         };
         if !self.store.record_transition(t, entry).await? {

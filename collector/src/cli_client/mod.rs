@@ -584,6 +584,7 @@ fn hosts_table(l: &api::HostList) -> String {
     let mut t = Table::new(vec![
         "HOST",
         "STATE",
+        "LIFECYCLE",
         "IMAGE",
         "OPEN",
         "CRIT",
@@ -598,6 +599,11 @@ fn hosts_table(l: &api::HostList) -> String {
         t.row(vec![
             escape::text(&h.host_id),
             escape::text(&h.state),
+            if h.lifecycle.is_empty() {
+                "-".into()
+            } else {
+                escape::text(&h.lifecycle)
+            },
             image(&h.image),
             count(h.open.total),
             count(h.open.critical),

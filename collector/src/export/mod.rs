@@ -225,7 +225,7 @@ pub struct ExportEvent {
     /// action (`host.retired`, …).
     pub action: String,
     /// Host id the event is about (a security event: the peer certificate's, when there was
-    /// one; an audit record of a `host.*` action: its target).
+    /// one; an audit record of a `host.*` or `rebuild.*` action: its target).
     pub host: Option<String>,
     pub host_info: HostInfo,
     pub detail: Detail,
@@ -549,7 +549,10 @@ pub fn security_event(e: ExportSecurityEvent, hosts: &HashMap<String, HostInfo>)
 pub fn audit_event(a: AuditRecord, hosts: &HashMap<String, HostInfo>) -> ExportEvent {
     let seq = a.seq.to_string();
     let id = stable_id("audit", &[seq.as_bytes(), &a.hash]);
-    let host = (a.action.starts_with("host.") && !a.target.is_empty()).then(|| a.target.clone());
+    let about_host = ["host.", "rebuild."]
+        .iter()
+        .any(|p| a.action.starts_with(p));
+    let host = (about_host && !a.target.is_empty()).then(|| a.target.clone());
     ExportEvent {
         id,
         at_ms: a.at_ms,

@@ -188,7 +188,7 @@ async fn decide(
         now,
         actor,
         verb,
-        format!("host:{}", a.host_id),
+        a.host_id.clone(),
         json!({
             "action_id": a.id,
             "idempotency_key": a.idempotency_key,
