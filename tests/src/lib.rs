@@ -377,3 +377,4 @@ pub mod debian;
 pub mod fleet;
 pub mod nspawn;
 pub mod postgres;
+pub mod webhook;
