@@ -479,11 +479,17 @@ mod tests {
         assert_eq!(e.token_file, Path::new("/run/token"));
         for (bad, want) in [
             ("labels = [\"x\"]\nca_file = \"/c\"", "enrollment.labels"),
-            ("labels = [\"a=1\", \"a=2\"]\nca_file = \"/c\"", "enrollment.labels"),
+            (
+                "labels = [\"a=1\", \"a=2\"]\nca_file = \"/c\"",
+                "enrollment.labels",
+            ),
             ("host_id = \"-bad\"\nca_file = \"/c\"", "enrollment.host_id"),
             ("ca_fingerprint = \"abcd\"", "enrollment.ca_fingerprint"),
             ("token_file = \"/t\"", "exactly one of"),
-            (&format!("ca_file = \"/c\"\nca_fingerprint = \"{fp}\""), "exactly one of"),
+            (
+                &format!("ca_file = \"/c\"\nca_fingerprint = \"{fp}\""),
+                "exactly one of",
+            ),
             ("ca_file = \"/c\"\ntoken = \"dwt_x\"", "token"),
         ] {
             let e = settings(&format!("{}[enrollment]\n{bad}\n", minimal())).unwrap_err();
@@ -627,5 +633,9 @@ mod tests {
         assert_eq!(s.collector.host(), "collector.example.com");
         assert_eq!(s.scan_interval, DEFAULT_SCAN_INTERVAL);
         assert_eq!(s.full_rehash_interval, DEFAULT_FULL_REHASH_INTERVAL);
+        let e = s.enrollment.expect("the example has [enrollment]");
+        assert_eq!(e.token_file, Path::new(DEFAULT_ENROLLMENT_TOKEN));
+        assert_eq!(e.labels, ["role=web"]);
+        assert!(matches!(e.trust, crate::enroll::CaTrust::Fingerprint(_)));
     }
 }
