@@ -15,9 +15,10 @@ cd "$(dirname "$0")/.."
 # postgresql: the storage conformance suite and the collector's end-to-end tests start their own
 # PostgreSQL server (initdb + pg_ctl in a temp dir); the packaged cluster is not used.
 # systemd-container: systemd-nspawn for the booted servers of the package test; systemd:
-# systemd-analyze for the unit checks.
+# systemd-analyze for the unit checks; iproute2: the bridge, namespaces and veth links of the
+# fleet test (tests/tests/nspawn_fleet.rs).
 packages=(debootstrap util-linux mount ca-certificates dpkg-dev debsums rpm db5.3-util postgresql
-  systemd systemd-container procps)
+  systemd systemd-container procps iproute2)
 if command -v dpkg-query >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do

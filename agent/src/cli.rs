@@ -476,6 +476,7 @@ fn run_daemon(a: RunArgs) -> Result<ExitCode> {
         Ok(()) => Ok(ExitCode::from(EXIT_CLEAN)),
         Err(
             e @ (DaemonError::Config(_)
+            | DaemonError::Enrollment(_)
             | DaemonError::Identity(crate::identity::IdentityError::NotEnrolled { .. })),
         ) => {
             tracing::error!("{e}");

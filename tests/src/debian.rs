@@ -90,17 +90,51 @@ fn lock(path: &Path) -> nix::fcntl::Flock<fs::File> {
         .expect("flock")
 }
 
+/// The file in the cache beside a root that records the `--include` list it was built with.
+fn include_stamp(target: &Path) -> PathBuf {
+    let mut s = target.as_os_str().to_owned();
+    s.push(".include");
+    PathBuf::from(s)
+}
+
 /// The cached minbase root of this machine's Debian release, built on first use (needs root
-/// and the network access apt has). `include` lists extra packages; each list is its own
-/// cached root.
+/// and the network access apt has). `include` lists extra packages; each `name` is its own
+/// cached root. The list a root was built with is recorded beside it (`<root>.include`): a
+/// root whose recorded list differs from `include` is rebuilt, so changing a list never
+/// leaves a stale cache. (A root cached before the record existed is taken as built with
+/// `include`, and the record written: rebuilding it could pull it from under a running test.)
 pub fn root(name: &str, include: &[&str]) -> PathBuf {
     let dir = cache_dir();
     fs::create_dir_all(&dir).expect("create test cache dir");
     let suite = suite();
     let target = dir.join(format!("debian-{suite}-{name}"));
     let _guard = lock(&dir.join(format!(".{name}.lock")));
+    let want = include.join(",");
+    let stamp = include_stamp(&target);
     if target.join("var/lib/dpkg/status").is_file() {
-        return target;
+        match fs::read_to_string(&stamp) {
+            Ok(got) if got.trim() == want => return target,
+            Ok(got) => {
+                eprintln!(
+                    "the cached {name} root was built with --include={} and is wanted with \
+                     --include={want}: rebuilding it",
+                    got.trim()
+                );
+                let r = run_with_limit(
+                    {
+                        let mut c = Command::new("rm");
+                        c.arg("-rf").arg(&target);
+                        c
+                    },
+                    Duration::from_secs(300),
+                );
+                assert_eq!(r.code, 0, "removing the stale root failed: {}", r.stderr);
+            }
+            Err(_) => {
+                fs::write(&stamp, format!("{want}\n")).expect("write include record");
+                return target;
+            }
+        }
     }
     let mirror = mirror(&suite).unwrap_or_else(|| {
         panic!("no apt source for {suite} found in /etc/apt; cannot debootstrap")
@@ -137,6 +171,7 @@ pub fn root(name: &str, include: &[&str]) -> PathBuf {
         ))
         .status();
     fs::rename(&tmp, &target).expect("rename built root into place");
+    fs::write(&stamp, format!("{want}\n")).expect("write include record");
     target
 }
 

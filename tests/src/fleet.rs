@@ -52,13 +52,28 @@ impl Collector {
         exe: PathBuf,
         extra: &str,
     ) -> Collector {
+        Collector::start_listening(dir, database_url, exe, "127.0.0.1", "2s", extra)
+    }
+
+    /// Like [`Collector::start_configured`], with the agents' gRPC port on `grpc_ip` (an
+    /// address of this host, e.g. on a bridge to booted machines; also the server
+    /// certificate's name) and `heartbeat_interval` (hosts are silent after three). The HTTP
+    /// API stays on loopback.
+    pub fn start_listening(
+        dir: &Path,
+        database_url: Option<&str>,
+        exe: PathBuf,
+        grpc_ip: &str,
+        heartbeat: &str,
+        extra: &str,
+    ) -> Collector {
         let grpc = free_port();
         let http = free_port();
         let config = dir.join("collector.toml");
         let mut text = format!(
-            "state_dir = {state:?}\ngrpc_listen = \"127.0.0.1:{grpc}\"\n\
-             http_listen = \"127.0.0.1:{http}\"\nserver_names = [\"127.0.0.1\"]\n\
-             heartbeat_interval = \"2s\"\n",
+            "state_dir = {state:?}\ngrpc_listen = \"{grpc_ip}:{grpc}\"\n\
+             http_listen = \"127.0.0.1:{http}\"\nserver_names = [\"{grpc_ip}\"]\n\
+             heartbeat_interval = \"{heartbeat}\"\n",
             state = dir.join("state").display().to_string(),
         );
         if let Some(url) = database_url {
@@ -69,7 +84,7 @@ impl Collector {
         let mut c = Collector {
             dir: dir.to_path_buf(),
             config,
-            grpc_url: format!("https://127.0.0.1:{grpc}"),
+            grpc_url: format!("https://{grpc_ip}:{grpc}"),
             api: format!("http://127.0.0.1:{http}"),
             api_token: String::new(),
             daemon: None,

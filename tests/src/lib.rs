@@ -376,5 +376,6 @@ pub mod daemon;
 pub mod debian;
 pub mod fleet;
 pub mod nspawn;
+pub mod packaging;
 pub mod postgres;
 pub mod webhook;

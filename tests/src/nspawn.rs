@@ -8,8 +8,12 @@
 //! container's PID 1. A [`Machine`] powers off (SIGRTMIN+3), unmounts and removes everything
 //! when dropped, pass or panic. Needs root.
 //!
-//! Networking: [`Network::Loopback`] (`--private-network`) for now; a veth link per machine in
-//! its own network namespace is what the fleet test will add.
+//! Networking: [`Network::Loopback`] (`--private-network`: only its own loopback), or
+//! [`Network::Bridged`]: its own network namespace (created before boot, passed with
+//! `--network-namespace-path`), joined by a veth pair to a [`Bridge`] in the host's namespace
+//! that holds one host address — the only thing the machine can reach. Both the namespace and
+//! the host end of the veth pair are removed when the machine drops; the bridge when the
+//! [`Bridge`] drops.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,10 +36,92 @@ pub fn base_root() -> PathBuf {
 }
 
 /// How a machine is connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Network {
     /// Only its own loopback interface.
     Loopback,
+    /// Its own network namespace with `host0` at `address` (CIDR, e.g. `10.1.2.10/24`),
+    /// linked by a veth pair to the host bridge `bridge` ([`Bridge::name`]).
+    Bridged { bridge: String, address: String },
+}
+
+/// A Linux bridge in the host's network namespace with one host address; machines joined to
+/// it ([`Network::Bridged`]) reach that address and each other, nothing else (no route, no
+/// forwarding). Deleted when dropped.
+#[derive(Debug)]
+pub struct Bridge {
+    /// The interface name (at most 15 characters).
+    pub name: String,
+    /// The host's address on it, without prefix length.
+    pub host_ip: String,
+}
+
+impl Bridge {
+    /// Creates bridge `name` with `host_cidr` (e.g. `10.1.2.1/24`) and brings it up. A
+    /// leftover interface of that name (a killed earlier run) is removed first.
+    pub fn create(name: &str, host_cidr: &str) -> Bridge {
+        assert!(name.len() <= 15, "bridge name {name:?} is too long");
+        let _ = sh(&format!("ip link del {name} 2>/dev/null"));
+        let r = sh(&format!(
+            "ip link add {name} type bridge && ip addr add {host_cidr} dev {name} && \
+             ip link set {name} up"
+        ));
+        assert_eq!(r.code, 0, "creating bridge {name}: {}", r.stderr);
+        Bridge {
+            name: name.to_string(),
+            host_ip: host_cidr
+                .split('/')
+                .next()
+                .expect("split yields one part")
+                .to_string(),
+        }
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = sh(&format!("ip link del {} 2>/dev/null", self.name));
+    }
+}
+
+/// The network namespace and host-side veth of a bridged machine.
+#[derive(Debug)]
+struct Link {
+    netns: String,
+    host_veth: String,
+}
+
+impl Link {
+    fn create(name: &str, bridge: &str, address: &str) -> Link {
+        let link = Link {
+            netns: format!("driftwatch-{name}-{}", std::process::id()),
+            host_veth: format!("vh-{name}"),
+        };
+        link.remove();
+        let r = sh(&format!(
+            "ip netns add {ns} && \
+             ip link add {veth} type veth peer name host0 netns {ns} && \
+             ip link set {veth} master {bridge} && ip link set {veth} up && \
+             ip -n {ns} addr add {address} dev host0 && ip -n {ns} link set host0 up && \
+             ip -n {ns} link set lo up",
+            ns = link.netns,
+            veth = link.host_veth,
+        ));
+        if r.code != 0 {
+            link.remove();
+            panic!("linking {name} to bridge {bridge}: {}", r.stderr);
+        }
+        link
+    }
+
+    /// Deleting the namespace destroys the veth pair; the explicit delete covers a namespace
+    /// that was never made.
+    fn remove(&self) {
+        let _ = sh(&format!(
+            "ip netns del {} 2>/dev/null; ip link del {} 2>/dev/null",
+            self.netns, self.host_veth
+        ));
+    }
 }
 
 /// A booted container. Dropping it powers it off and removes its overlay.
@@ -50,6 +136,7 @@ pub struct Machine {
     /// PID (host namespace) of the container's systemd.
     pub init_pid: u32,
     cgroup: String,
+    link: Option<Link>,
 }
 
 fn cgroup_root(hierarchy: &str) -> PathBuf {
@@ -76,6 +163,17 @@ impl Machine {
     /// `base` and waits until systemd reports `running` (or `degraded`, with the failed units
     /// printed).
     pub fn boot(name: &str, base: &Path, network: Network) -> Machine {
+        Machine::boot_with(name, base, network, &[])
+    }
+
+    /// Like [`Machine::boot`], with system credentials for the machine's systemd
+    /// (`--set-credential=ID:VALUE`), which its units take with `LoadCredential=ID`.
+    pub fn boot_with(
+        name: &str,
+        base: &Path,
+        network: Network,
+        credentials: &[(&str, &str)],
+    ) -> Machine {
         assert!(name.len() <= 12, "machine name {name:?} is too long");
         let dir = crate::debian::cache_dir()
             .join("work")
@@ -105,9 +203,24 @@ impl Machine {
             fs::create_dir_all(&cg).expect("create cgroup");
             join_cgroup.push_str(&format!("echo $$ > {}/cgroup.procs; ", cg.display()));
         }
-        let net = match network {
-            Network::Loopback => "--private-network",
+        let (net, link) = match network {
+            Network::Loopback => ("--private-network".to_string(), None),
+            Network::Bridged { bridge, address } => {
+                let link = Link::create(name, &bridge, &address);
+                (
+                    format!("--network-namespace-path=/run/netns/{}", link.netns),
+                    Some(link),
+                )
+            }
         };
+        let mut creds = String::new();
+        for (id, value) in credentials {
+            assert!(
+                !value.contains('\'') && !id.contains('\''),
+                "credential {id}: no quotes"
+            );
+            creds.push_str(&format!(" '--set-credential={id}:{value}'"));
+        }
         let console = fs::File::create(dir.join("console.log")).expect("console.log");
         // setsid keeps terminal signals away; the shell joins the private cgroup and becomes
         // nspawn (exec), so the child's PID is nspawn's.
@@ -116,7 +229,7 @@ impl Machine {
             .arg("-c")
             .arg(format!(
                 "{join_cgroup}exec systemd-nspawn --register=no --keep-unit --boot \
-                 --console=passive -q -M {name} -D {} {net}",
+                 --console=passive -q -M {name} -D {} {net}{creds}",
                 root.display()
             ))
             .env("SYSTEMD_NSPAWN_UNIFIED_HIERARCHY", "1")
@@ -132,6 +245,7 @@ impl Machine {
             init_pid: 0,
             nspawn: Some(nspawn),
             cgroup,
+            link,
         };
         m.wait_booted();
         m
@@ -294,6 +408,9 @@ impl Machine {
 impl Drop for Machine {
     fn drop(&mut self) {
         self.power_off();
+        if let Some(link) = self.link.take() {
+            link.remove();
+        }
         let _ = sh(&format!(
             "umount {0} 2>/dev/null || umount -l {0}",
             self.root.display()

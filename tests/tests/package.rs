@@ -14,60 +14,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use driftwatch_tests::daemon::wait_until;
 use driftwatch_tests::nspawn::{Machine, Network, base_root};
-use driftwatch_tests::{bin_dir, require_program, require_root, run_with_limit};
+use driftwatch_tests::packaging::build_debs;
+use driftwatch_tests::{require_program, require_root};
 
 /// The version of the "rebuilt" packages: above the workspace's `0.1.0-1`.
 const UPGRADE_VERSION: &str = "0.1.0+rebuild1-1";
-
-/// Builds the .debs into `out` with `packaging/build.sh`, for this test's profile and target
-/// dir; `version` overrides the package version.
-fn build_debs(out: &Path, version: Option<&str>) -> (PathBuf, PathBuf) {
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let profile_dir = bin_dir();
-    let profile = if profile_dir.file_name().is_some_and(|n| n == "release") {
-        "release"
-    } else {
-        "dev"
-    };
-    let mut cmd = Command::new("bash");
-    cmd.arg(workspace.join("packaging/build.sh"))
-        .args(["--profile", profile, "--deb-only", "--fast", "--out"])
-        .arg(out);
-    if let Some(v) = version {
-        cmd.args(["--version", v]);
-    }
-    if let Some(target) = profile_dir.parent() {
-        cmd.env("CARGO_TARGET_DIR", target);
-    }
-    let r = run_with_limit(cmd, Duration::from_secs(3600));
-    assert_eq!(
-        r.code,
-        0,
-        "packaging/build.sh failed:\n{}\n{}",
-        r.stdout_str(),
-        r.stderr
-    );
-    let find = |name: &str| {
-        std::fs::read_dir(out)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with(&format!("{name}_"))
-                    && p.extension().is_some_and(|e| e == "deb")
-            })
-            .unwrap_or_else(|| panic!("no {name} .deb in {}", out.display()))
-    };
-    (find("driftwatch-agent"), find("driftwatch-collector"))
-}
 
 fn installed_version(m: &Machine, package: &str) -> String {
     m.ok(&["dpkg-query", "-W", "-f=${Version}", package])

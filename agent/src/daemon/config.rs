@@ -12,6 +12,12 @@
 //! Key material: when systemd passes credentials (`LoadCredential=`, `$CREDENTIALS_DIRECTORY`),
 //! a trusted key file is read from the credential named like the file (`pipeline.pub`) instead
 //! of its configured path ([`credential_or`]).
+//!
+//! Enrollment at first start: an `[enrollment]` table ([`RawEnrollment`] → [`Enrollment`])
+//! lets the service enroll itself when it has no identity yet (a host booted from an image):
+//! the single-use token from a file or, under systemd, the credential named like that file
+//! (`enrollment-token`); the collector CA by fingerprint or file; the host id (default: the
+//! hostname) and labels. The token is read only when it is needed, never at validation.
 
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
@@ -35,6 +41,9 @@ pub const DEFAULT_FULL_REHASH_INTERVAL: Duration = Duration::from_secs(24 * 3600
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 << 20;
 /// The smallest spool that still holds a few reports.
 pub const MIN_SPOOL_MAX_BYTES: u64 = 64 << 10;
+/// Where the enrollment token is read from unless `[enrollment] token_file` says otherwise
+/// (or a systemd credential of the same file name, `enrollment-token`, is passed).
+pub const DEFAULT_ENROLLMENT_TOKEN: &str = "/etc/driftwatch/enrollment-token";
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +75,87 @@ pub struct RawConfig {
     pub full_rehash_interval: Option<String>,
     pub threads: Option<usize>,
     pub spool_max_bytes: Option<RawSize>,
+    pub enrollment: Option<RawEnrollment>,
+}
+
+/// `[enrollment]` as written: how the daemon enrolls itself when the host has no identity.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RawEnrollment {
+    pub token_file: Option<PathBuf>,
+    pub ca_fingerprint: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub host_id: Option<String>,
+    pub labels: Option<Vec<String>>,
+}
+
+/// Validated `[enrollment]`: everything `driftwatch-agent enroll` would take on its command
+/// line, except the token, which stays in its file (or credential) until it is used.
+#[derive(Debug, Clone)]
+pub struct Enrollment {
+    /// The token file; under systemd the credential of the same file name replaces it.
+    pub token_file: PathBuf,
+    pub trust: crate::enroll::CaTrust,
+    /// `None`: the hostname at enrollment time.
+    pub host_id: Option<String>,
+    /// `KEY=VALUE`, checked.
+    pub labels: Vec<String>,
+}
+
+impl Enrollment {
+    fn validate(raw: RawEnrollment) -> Result<Enrollment, String> {
+        use crate::enroll::CaTrust;
+        let trust = match (raw.ca_fingerprint, raw.ca_file) {
+            (Some(fp), None) => CaTrust::Fingerprint(
+                crate::transport::parse_fingerprint(&fp)
+                    .map_err(|e| format!("enrollment.ca_fingerprint: {e}"))?,
+            ),
+            (None, Some(f)) => CaTrust::File(f),
+            _ => {
+                return Err(
+                    "[enrollment] needs exactly one of ca_fingerprint and ca_file".to_string(),
+                );
+            }
+        };
+        if let Some(h) = &raw.host_id {
+            driftwatch_proto::host_id::validate(h)
+                .map_err(|e| format!("enrollment.host_id = {h:?}: {e}"))?;
+        }
+        let labels = raw.labels.unwrap_or_default();
+        crate::enroll::parse_labels(&labels).map_err(|e| format!("enrollment.labels: {e}"))?;
+        Ok(Enrollment {
+            token_file: raw
+                .token_file
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_ENROLLMENT_TOKEN)),
+            trust,
+            host_id: raw.host_id,
+            labels,
+        })
+    }
+
+    /// Reads the token: from the credential named like the token file when systemd passed one
+    /// ([`credential_or`]), else from the file. Surrounding whitespace is dropped.
+    pub fn token(&self, credentials: Option<&Path>) -> Result<String, String> {
+        let path = credential_or(&self.token_file, credentials);
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            format!(
+                "the enrollment token {}: {e} (pass it as the credential {:?} or write it there)",
+                path.display(),
+                self.token_file
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            )
+        })?;
+        let token = text.trim();
+        if token.is_empty() || token.contains(char::is_whitespace) {
+            return Err(format!(
+                "the enrollment token {} is empty or not one word",
+                path.display()
+            ));
+        }
+        Ok(token.to_string())
+    }
 }
 
 /// Validated settings.
@@ -86,6 +176,8 @@ pub struct Settings {
     pub spool: SpoolLimits,
     /// Report size limits, within what one spool record may hold.
     pub report_limits: Limits,
+    /// How to enroll at start when the host has no identity; `None`: not enrolled is an error.
+    pub enrollment: Option<Enrollment>,
 }
 
 /// The files the settings name, read once at start.
@@ -215,6 +307,7 @@ impl Settings {
             max_bytes: (max_payload as usize / 2).min(Limits::default().max_bytes),
             ..Limits::default()
         };
+        let enrollment = raw.enrollment.map(Enrollment::validate).transpose()?;
         Ok(Settings {
             collector,
             state_dir: raw
@@ -231,6 +324,7 @@ impl Settings {
             threads,
             spool,
             report_limits,
+            enrollment,
         })
     }
 
@@ -358,6 +452,78 @@ mod tests {
         assert!(e.contains("threads"), "{e}");
     }
 
+    #[test]
+    fn enrollment_table() {
+        use crate::enroll::CaTrust;
+        assert!(settings(minimal()).unwrap().enrollment.is_none());
+        let fp = "ab".repeat(32);
+        let s = settings(&format!(
+            "{}[enrollment]\nca_fingerprint = \"{fp}\"\nlabels = [\"role=web\", \"dc=fra1\"]\n",
+            minimal()
+        ))
+        .unwrap();
+        let e = s.enrollment.unwrap();
+        assert_eq!(e.token_file, Path::new(DEFAULT_ENROLLMENT_TOKEN));
+        assert!(matches!(e.trust, CaTrust::Fingerprint(f) if f == [0xab; 32]));
+        assert_eq!(e.host_id, None);
+        assert_eq!(e.labels, ["role=web", "dc=fra1"]);
+        let s = settings(&format!(
+            "{}[enrollment]\nca_file = \"/etc/driftwatch/ca.pem\"\nhost_id = \"web-01\"\n\
+             token_file = \"/run/token\"\n",
+            minimal()
+        ))
+        .unwrap();
+        let e = s.enrollment.unwrap();
+        assert!(matches!(&e.trust, CaTrust::File(f) if f == Path::new("/etc/driftwatch/ca.pem")));
+        assert_eq!(e.host_id.as_deref(), Some("web-01"));
+        assert_eq!(e.token_file, Path::new("/run/token"));
+        for (bad, want) in [
+            ("labels = [\"x\"]\nca_file = \"/c\"", "enrollment.labels"),
+            (
+                "labels = [\"a=1\", \"a=2\"]\nca_file = \"/c\"",
+                "enrollment.labels",
+            ),
+            ("host_id = \"-bad\"\nca_file = \"/c\"", "enrollment.host_id"),
+            ("ca_fingerprint = \"abcd\"", "enrollment.ca_fingerprint"),
+            ("token_file = \"/t\"", "exactly one of"),
+            (
+                &format!("ca_file = \"/c\"\nca_fingerprint = \"{fp}\""),
+                "exactly one of",
+            ),
+            ("ca_file = \"/c\"\ntoken = \"dwt_x\"", "token"),
+        ] {
+            let e = settings(&format!("{}[enrollment]\n{bad}\n", minimal())).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn enrollment_token_from_credential_or_file() {
+        let t = tempfile::tempdir().unwrap();
+        let file = t.path().join("enrollment-token");
+        let e = settings(&format!(
+            "{}[enrollment]\nca_file = \"/c\"\ntoken_file = {file:?}\n",
+            minimal()
+        ))
+        .unwrap()
+        .enrollment
+        .unwrap();
+        let missing = e.token(None).unwrap_err();
+        assert!(missing.contains("enrollment-token"), "{missing}");
+        std::fs::write(&file, "dwt_fromfile\n").unwrap();
+        assert_eq!(e.token(None).unwrap(), "dwt_fromfile");
+        let creds = t.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        // A credentials directory without this credential: the file.
+        assert_eq!(e.token(Some(&creds)).unwrap(), "dwt_fromfile");
+        std::fs::write(creds.join("enrollment-token"), "dwt_fromcred").unwrap();
+        assert_eq!(e.token(Some(&creds)).unwrap(), "dwt_fromcred");
+        std::fs::write(&file, "  \n").unwrap();
+        assert!(e.token(None).unwrap_err().contains("empty"));
+        std::fs::write(&file, "dwt_a dwt_b\n").unwrap();
+        assert!(e.token(None).unwrap_err().contains("one word"));
+    }
+
     fn write(path: &Path, text: &str) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, text).unwrap();
@@ -467,5 +633,9 @@ mod tests {
         assert_eq!(s.collector.host(), "collector.example.com");
         assert_eq!(s.scan_interval, DEFAULT_SCAN_INTERVAL);
         assert_eq!(s.full_rehash_interval, DEFAULT_FULL_REHASH_INTERVAL);
+        let e = s.enrollment.expect("the example has [enrollment]");
+        assert_eq!(e.token_file, Path::new(DEFAULT_ENROLLMENT_TOKEN));
+        assert_eq!(e.labels, ["role=web"]);
+        assert!(matches!(e.trust, crate::enroll::CaTrust::Fingerprint(_)));
     }
 }

@@ -48,6 +48,10 @@ pub enum DaemonError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Identity(#[from] crate::identity::IdentityError),
+    /// Exit 64: enrolling at start failed in a way retrying cannot fix (token refused, host id
+    /// refused, token unreadable).
+    #[error("enrollment at start: {0}")]
+    Enrollment(String),
     #[error(transparent)]
     Spool(#[from] crate::spool::SpoolError),
     #[error("{0}")]
@@ -77,7 +81,19 @@ pub async fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> 
         usr1: signal(SignalKind::user_defined1())?,
     };
     let state_dir = settings.state_dir.clone();
-    let identity = Identity::load(&state_dir)?;
+    let liveness = notify::Liveness::new();
+    let identity = match Identity::load(&state_dir) {
+        Err(crate::identity::IdentityError::NotEnrolled { .. })
+            if settings.enrollment.is_some() =>
+        {
+            tokio::select! {
+                r = enroll_at_start(&settings, &liveness) => r?,
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+        }
+        other => other?,
+    };
     tracing::info!(host_id = %identity.host_id, collector = %settings.collector, "starting");
 
     let spool_dir = state_dir.join("spool");
@@ -113,7 +129,7 @@ pub async fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> 
         inputs,
         outbox: std::sync::Mutex::new(outbox),
         status: std::sync::Mutex::new(status),
-        liveness: notify::Liveness::new(),
+        liveness,
         records_ready: Notify::new(),
         shutting_down: AtomicBool::new(false),
     });
@@ -178,6 +194,77 @@ pub async fn run(settings: Settings, inputs: Inputs) -> Result<(), DaemonError> 
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// First start of a host without an identity and with `[enrollment]` configured: enrolls with
+/// the token from its file or credential, retrying with backoff while the collector cannot be
+/// reached (a fleet booting before its collector). The service is ready meanwhile: enrolling
+/// is its work, and a start timeout must not turn an unreachable collector into a restart
+/// loop. A refusal (token, host id) or an unreadable token ends the daemon (exit 64).
+async fn enroll_at_start(
+    settings: &Settings,
+    liveness: &notify::Liveness,
+) -> Result<Identity, DaemonError> {
+    use crate::enroll::EnrollOptions;
+    let Some(e) = &settings.enrollment else {
+        return Err(DaemonError::Enrollment("no [enrollment] configured".into()));
+    };
+    let token = e
+        .token(config::credentials_dir().as_deref())
+        .map_err(DaemonError::Enrollment)?;
+    let opts = EnrollOptions {
+        collector: settings.collector.clone(),
+        trust: e.trust.clone(),
+        token,
+        host_id: e.host_id.clone(),
+        labels: e.labels.clone(),
+        state_dir: settings.state_dir.clone(),
+        force: false,
+    };
+    liveness.ready();
+    let mut backoff = Backoff::new();
+    loop {
+        notify::status(&format!("enrolling with {}", settings.collector));
+        match crate::enroll::enroll(&opts).await {
+            Ok(id) => {
+                tracing::info!(host_id = %id.host_id, collector = %settings.collector, "enrolled");
+                return Ok(id);
+            }
+            Err(err) if retryable(&err) => {
+                let delay = backoff.next_delay(backoff::random_u32());
+                tracing::warn!("enrollment failed, retrying in {delay:.1?}: {err}");
+                notify::status(&format!("enrollment failed, retrying: {err}"));
+                let until = tokio::time::Instant::now() + delay;
+                let mut tick = tokio::time::interval(liveness.tick_interval());
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = tick.tick() => liveness.tick(),
+                    }
+                }
+            }
+            Err(err) => return Err(DaemonError::Enrollment(err.to_string())),
+        }
+    }
+}
+
+/// Whether an enrollment failure may go away by itself: the collector unreachable or
+/// overloaded, not a refusal of what was asked.
+fn retryable(err: &crate::enroll::EnrollError) -> bool {
+    use crate::enroll::EnrollError;
+    match err {
+        EnrollError::Transport(crate::transport::TransportError::Connect { .. }) => true,
+        EnrollError::Refused { code, .. } => matches!(
+            code,
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::Aborted
+                | tonic::Code::Internal
+                | tonic::Code::Unknown
+        ),
+        _ => false,
+    }
 }
 
 /// The signals that ask for a scan at once, installed when the daemon starts.
