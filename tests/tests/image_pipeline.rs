@@ -126,10 +126,7 @@ fn provisioner_installs_signs_and_registers_the_image_baseline() {
         &collector_dir,
         None,
         binary("driftwatch-collector"),
-        &format!(
-            "trusted_keys = [{:?}]\n",
-            keys.public.display().to_string()
-        ),
+        &format!("trusted_keys = [{:?}]\n", keys.public.display().to_string()),
     );
 
     // The image being built: the Debian server root (systemd, no agent yet).
@@ -210,8 +207,14 @@ fn provisioner_installs_signs_and_registers_the_image_baseline() {
     );
     assert!(!build_dir.join("pipeline.key").exists(), "key not deleted");
     let mut grep = Command::new("grep");
-    grep.args(["-rlF", "--devices=skip", "--exclude-dir=proc", "-e", &key_line])
-        .arg(root);
+    grep.args([
+        "-rlF",
+        "--devices=skip",
+        "--exclude-dir=proc",
+        "-e",
+        &key_line,
+    ])
+    .arg(root);
     let found = run_with_limit(grep, Duration::from_secs(300));
     assert_eq!(
         found.code,
@@ -248,11 +251,17 @@ fn provisioner_installs_signs_and_registers_the_image_baseline() {
             ("DRIFTWATCH_TOKEN", &collector.api_token),
         ],
     );
-    assert_eq!(pushed.code, 0, "push: {}{}", pushed.stdout_str(), pushed.stderr);
+    assert_eq!(
+        pushed.code,
+        0,
+        "push: {}{}",
+        pushed.stdout_str(),
+        pushed.stderr
+    );
     assert!(
-        pushed
-            .stdout_str()
-            .contains(&format!("registered image {IMAGE_ID} version {IMAGE_VERSION}")),
+        pushed.stdout_str().contains(&format!(
+            "registered image {IMAGE_ID} version {IMAGE_VERSION}"
+        )),
         "{}",
         pushed.stdout_str()
     );

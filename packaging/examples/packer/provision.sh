@@ -44,7 +44,7 @@ case $collector in
     *) die "DRIFTWATCH_COLLECTOR must be an https:// URL, not '$collector'" ;;
 esac
 case $collector in
-    *'"'* | *'\'*) die "DRIFTWATCH_COLLECTOR contains a quote or backslash" ;;
+    *'"'* | *\\*) die "DRIFTWATCH_COLLECTOR contains a quote or backslash" ;;
 esac
 
 # Whatever happens below, the private key does not outlive this script.
@@ -113,7 +113,7 @@ fi
 driftwatch-agent baseline create "$@"
 rm -f "$key"
 chmod 0644 /etc/driftwatch/baseline.dwb
-driftwatch-agent baseline verify --trusted-key /etc/driftwatch/pipeline.pub \
-    /etc/driftwatch/baseline.dwb
+driftwatch-agent baseline verify /etc/driftwatch/baseline.dwb \
+    --trusted-key /etc/driftwatch/pipeline.pub
 driftwatch-agent baseline show /etc/driftwatch/baseline.dwb
 echo "== image $image_id $image_version: baseline /etc/driftwatch/baseline.dwb (download it and run push-baseline.sh)"
