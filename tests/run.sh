@@ -7,8 +7,9 @@
 # Tests that need root skip with a printed reason when not run as root; with CI=true a skip
 # is a failure. Extra arguments go to `cargo test` (e.g. `tests/run.sh --test hostile`).
 #
-# Also: the systemd unit checks (packaging/check-units.sh), and cargo-deb for the package
-# test (tests/tests/package.rs builds the real .debs and installs them on a booted container).
+# Also: the systemd unit checks (packaging/check-units.sh), and cargo-deb and cargo-generate-rpm
+# for the package tests (tests/tests/package.rs, rpm_package.rs build the real packages and
+# install them on a booted container).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,9 +17,10 @@ cd "$(dirname "$0")/.."
 # PostgreSQL server (initdb + pg_ctl in a temp dir); the packaged cluster is not used.
 # systemd-container: systemd-nspawn for the booted servers of the package test; systemd:
 # systemd-analyze for the unit checks; iproute2: the bridge, namespaces and veth links of the
-# fleet test (tests/tests/nspawn_fleet.rs).
+# fleet test (tests/tests/nspawn_fleet.rs). rpm: rpmbuild and the rpmdb test, and the RPM package
+# test's queries; binutils: strip, for the RPMs (packaging/build.sh).
 packages=(debootstrap util-linux mount ca-certificates dpkg-dev debsums rpm db5.3-util postgresql
-  systemd systemd-container procps iproute2)
+  systemd systemd-container procps iproute2 binutils)
 if command -v dpkg-query >/dev/null; then
   missing=()
   for p in "${packages[@]}"; do
@@ -33,11 +35,14 @@ if command -v dpkg-query >/dev/null; then
   fi
 fi
 
-# cargo-deb builds the Debian packages the package test installs (from crates.io, once).
-if ! command -v cargo-deb >/dev/null; then
-  echo "installing cargo-deb (cargo install --locked)" >&2
-  cargo install cargo-deb --locked --quiet
-fi
+# cargo-deb and cargo-generate-rpm build the packages the package tests install (from
+# crates.io, once).
+for tool in cargo-deb cargo-generate-rpm; do
+  if ! command -v $tool >/dev/null; then
+    echo "installing $tool (cargo install --locked)" >&2
+    cargo install $tool --locked --quiet
+  fi
+done
 
 echo "== systemd units (packaging/check-units.sh)" >&2
 bash packaging/check-units.sh
