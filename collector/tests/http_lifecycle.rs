@@ -14,12 +14,8 @@ use driftwatch_collector::flagging::{FlaggingPolicy, RawFlagging};
 use driftwatch_collector::http::{self, ApiConfig};
 use driftwatch_collector::reconcile::{self, Policy};
 use driftwatch_collector::storage::{Role, Storage};
-use driftwatch_proto::v1::Header;
-use driftwatch_proto::{BASELINE_FORMAT_VERSION, HASH_ALGORITHM, envelope};
-use fleet_fixture::{Fleet, fleet, get, now_ms};
-use prost::Message;
-use ring::rand::SystemRandom;
-use ring::signature::{Ed25519KeyPair, KeyPair};
+use driftwatch_proto::envelope;
+use fleet_fixture::{Fleet, fleet, get, keypair, now_ms, raw_key, signed_header};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -32,15 +28,6 @@ fn policy() -> Policy {
         flagging: FlaggingPolicy::from_raw(raw).unwrap(),
         ..Policy::default()
     }
-}
-
-fn keypair() -> Ed25519KeyPair {
-    let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
-    Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
-}
-
-fn raw_key(k: &Ed25519KeyPair) -> [u8; 32] {
-    k.public_key().as_ref().try_into().unwrap()
 }
 
 async fn serve_with(
@@ -100,21 +87,6 @@ fn codes(explain: &Value) -> Vec<&str> {
         .iter()
         .map(|r| r["code"].as_str().unwrap())
         .collect()
-}
-
-fn signed_header(k: &Ed25519KeyPair, image: &str, version: &str, root: u8) -> String {
-    let h = Header {
-        format_version: BASELINE_FORMAT_VERSION,
-        image_id: image.into(),
-        image_version: version.into(),
-        created_unix: 1_700_000_000,
-        merkle_root: vec![root; 32],
-        hash_algorithm: HASH_ALGORITHM.into(),
-        entry_count: 7,
-        ..Default::default()
-    };
-    base64::engine::general_purpose::STANDARD
-        .encode(envelope::sign(h.encode_to_vec(), k).encode_to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

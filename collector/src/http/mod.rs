@@ -1,6 +1,7 @@
 //! The HTTP JSON API for people and their tools (schema `driftwatch.api.v1`, `docs/api.md`):
 //! the fleet overview, one host, its violations with before/after, a fleet-wide violation
-//! search, security events, the audit log, API and enrollment tokens, and a health check.
+//! search, security events, the audit log, API and enrollment tokens, a health check and the
+//! API's own OpenAPI description ([`OPENAPI`]).
 //!
 //! What this module owns: routing by role (`auth`: every route but `/healthz` needs a bearer
 //! token; each route group requires a role), parameter parsing (`params`), the mapping of
@@ -137,6 +138,7 @@ pub fn router_with(
         .route("/api/v1/hosts/{host_id}/violations", get(host_violations))
         .route("/api/v1/violations", get(search_violations))
         .route("/api/v1/security-events", get(security_events))
+        .route("/api/v1/openapi.json", get(openapi))
         .merge(audit::auditor_routes())
         .merge(crate::export::http::auditor_routes())
         .merge(lifecycle::auditor_routes())
@@ -305,6 +307,22 @@ async fn wrong_method(method: axum::http::Method) -> ApiError {
 
 async fn unknown_endpoint(uri: Uri) -> ApiError {
     ApiError::UnknownEndpoint(uri.path().to_string())
+}
+
+/// The OpenAPI 3.1 description of this API (`collector/openapi.json`), embedded at build time.
+/// `collector/tests/openapi.rs` checks it against the router and the real responses.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// `GET /api/v1/openapi.json` (auditor): [`OPENAPI`] as it is. Behind a token like every
+/// route but `/healthz`: an unauthenticated caller learns nothing about the API, not even
+/// the collector's version; the same document is in the source tree for anyone.
+async fn openapi(q: Result<Query<Pairs>, QueryRejection>) -> Result<Response, ApiError> {
+    params::parse_none(&pairs(q)?)?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response())
 }
 
 async fn healthz(State(st): State<AppState>) -> Response {

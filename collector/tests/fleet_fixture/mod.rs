@@ -20,6 +20,9 @@ use driftwatch_proto::v1::{
     AttributeChange, DriftItem, PackageDrift, PackageDriftKind, Report, ScanStatus, Severity,
     Violation, ViolationClass, ViolationKind, drift_item::Item,
 };
+use prost::Message;
+use ring::rand::SystemRandom;
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const MINUTE: i64 = 60_000;
@@ -36,6 +39,48 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+/// A fresh Ed25519 key, as an image pipeline signs baselines with.
+pub fn keypair() -> Ed25519KeyPair {
+    let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).unwrap();
+    Ed25519KeyPair::from_pkcs8(doc.as_ref()).unwrap()
+}
+
+/// The raw public key of `k`, as the collector's `trusted_keys` hold it.
+pub fn raw_key(k: &Ed25519KeyPair) -> [u8; 32] {
+    k.public_key().as_ref().try_into().unwrap()
+}
+
+/// The base64 signed header record of a baseline of `image` `version` with Merkle root
+/// `[root; 32]`, signed by `k`: the body of `POST /api/v1/baselines`.
+pub fn signed_header(k: &Ed25519KeyPair, image: &str, version: &str, root: u8) -> String {
+    signed_header_expiring(k, image, version, root, None)
+}
+
+/// [`signed_header`] with an expiry (Unix seconds).
+pub fn signed_header_expiring(
+    k: &Ed25519KeyPair,
+    image: &str,
+    version: &str,
+    root: u8,
+    expires_unix: Option<i64>,
+) -> String {
+    use driftwatch_proto::v1::Header;
+    use driftwatch_proto::{BASELINE_FORMAT_VERSION, HASH_ALGORITHM, envelope};
+    let h = Header {
+        format_version: BASELINE_FORMAT_VERSION,
+        image_id: image.into(),
+        image_version: version.into(),
+        created_unix: 1_700_000_000,
+        expires_unix,
+        merkle_root: vec![root; 32],
+        hash_algorithm: HASH_ALGORITHM.into(),
+        entry_count: 7,
+        ..Default::default()
+    };
+    base64::engine::general_purpose::STANDARD
+        .encode(envelope::sign(h.encode_to_vec(), k).encode_to_vec())
 }
 
 /// The store, the directory it lives in, and the time the fleet was built at.
@@ -108,13 +153,13 @@ pub fn sshd_config() -> DriftItem {
 
 /// The agent's set, from which each report's digest is computed.
 #[derive(Default)]
-struct Agent {
+pub struct Agent {
     seq: u64,
     set: BTreeMap<Vec<u8>, DriftItem>,
 }
 
 impl Agent {
-    fn report(&mut self, full: bool, upserts: Vec<DriftItem>, removed: Vec<Vec<u8>>) -> Report {
+    pub fn report(&mut self, full: bool, upserts: Vec<DriftItem>, removed: Vec<Vec<u8>>) -> Report {
         if full {
             self.set.clear();
         }
@@ -143,7 +188,7 @@ impl Agent {
     }
 }
 
-async fn enroll(s: &dyn Storage, host: &str, labels: &[(&str, &str)], at: i64) {
+pub async fn enroll(s: &dyn Storage, host: &str, labels: &[(&str, &str)], at: i64) {
     s.enroll_host(
         labels
             .iter()
@@ -210,7 +255,7 @@ pub async fn add_api_tokens(s: &dyn Storage, now: i64) {
     }
 }
 
-async fn hello(s: &dyn Storage, host: &str, image: &str, version: &str, at: i64) {
+pub async fn hello(s: &dyn Storage, host: &str, image: &str, version: &str, at: i64) {
     s.hello(
         host,
         HelloInfo {
@@ -227,7 +272,7 @@ async fn hello(s: &dyn Storage, host: &str, image: &str, version: &str, at: i64)
     .unwrap();
 }
 
-async fn apply(s: &dyn Storage, host: &str, report: Report, at: i64) {
+pub async fn apply(s: &dyn Storage, host: &str, report: Report, at: i64) {
     s.apply_reports(vec![ReportToApply {
         host_id: host.into(),
         report,
@@ -237,7 +282,7 @@ async fn apply(s: &dyn Storage, host: &str, report: Report, at: i64) {
     .unwrap();
 }
 
-async fn heartbeat(s: &dyn Storage, host: &str, at: i64) {
+pub async fn heartbeat(s: &dyn Storage, host: &str, at: i64) {
     s.record_heartbeats(vec![HeartbeatRecord {
         host_id: host.into(),
         received_ms: at,
