@@ -108,13 +108,13 @@ pub fn sshd_config() -> DriftItem {
 
 /// The agent's set, from which each report's digest is computed.
 #[derive(Default)]
-struct Agent {
+pub struct Agent {
     seq: u64,
     set: BTreeMap<Vec<u8>, DriftItem>,
 }
 
 impl Agent {
-    fn report(&mut self, full: bool, upserts: Vec<DriftItem>, removed: Vec<Vec<u8>>) -> Report {
+    pub fn report(&mut self, full: bool, upserts: Vec<DriftItem>, removed: Vec<Vec<u8>>) -> Report {
         if full {
             self.set.clear();
         }
@@ -227,7 +227,7 @@ async fn hello(s: &dyn Storage, host: &str, image: &str, version: &str, at: i64)
     .unwrap();
 }
 
-async fn apply(s: &dyn Storage, host: &str, report: Report, at: i64) {
+pub async fn apply(s: &dyn Storage, host: &str, report: Report, at: i64) {
     s.apply_reports(vec![ReportToApply {
         host_id: host.into(),
         report,
