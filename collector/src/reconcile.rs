@@ -28,7 +28,7 @@ use crate::lifecycle::{self, Assessment, Event, Lifecycle};
 use crate::registry::{self, ImageAnalysis, ImageMember};
 use crate::storage::{
     Acknowledgement, AuditEntry, HostLifecycle, HostSummary, RegisteredBaseline, Storage,
-    StorageError, TransitionRecord, ViolationQuery, ViolationRecord,
+    StorageError, StreamPosition, TransitionRecord, ViolationQuery, ViolationRecord,
 };
 
 /// Default time between rounds.
@@ -72,7 +72,7 @@ pub struct Snapshot {
     pub registered: HashMap<String, RegisteredBaseline>,
     pub acks: Vec<Acknowledgement>,
     /// Open drift of hosts that have any.
-    pub open: HashMap<String, Vec<ViolationRecord>>,
+    pub open: HashMap<String, Arc<Vec<ViolationRecord>>>,
 }
 
 /// Reads a snapshot at `now_ms`. With `image`, only that image's hosts are read in full (the
@@ -81,6 +81,57 @@ pub async fn gather(
     store: &dyn Storage,
     now_ms: i64,
     image: Option<&str>,
+) -> Result<Snapshot, StorageError> {
+    gather_cached(store, now_ms, image, &mut OpenCache::default()).await
+}
+
+/// What a host's stored open drift is read at: every write to a host's violations is a report
+/// apply, which moves its stream position (a new seq, or a new epoch) and, with it, usually its
+/// set digest and open counts. While all of them stay, the open rows read before are still the
+/// stored ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OpenStamp {
+    position: StreamPosition,
+    open_by_severity: [u64; 6],
+    open_packages: u64,
+}
+
+impl OpenStamp {
+    fn of(h: &HostSummary) -> Self {
+        OpenStamp {
+            position: h.position.clone(),
+            open_by_severity: h.open_by_severity,
+            open_packages: h.open_packages,
+        }
+    }
+}
+
+/// Open drift read in earlier rounds, per host, with the [`OpenStamp`] it was read at. The
+/// reconciler keeps one across rounds, so a round reads the open rows only of hosts that
+/// reported since the last one, not of the whole fleet every few seconds.
+#[derive(Debug, Default)]
+pub struct OpenCache {
+    hosts: HashMap<String, (OpenStamp, Arc<Vec<ViolationRecord>>)>,
+}
+
+impl OpenCache {
+    /// Hosts whose rows are held.
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+}
+
+/// [`gather`], reusing the open rows `cache` holds for hosts whose stamp has not moved and
+/// leaving in it the rows of this snapshot (hosts without open drift dropped).
+pub async fn gather_cached(
+    store: &dyn Storage,
+    now_ms: i64,
+    image: Option<&str>,
+    cache: &mut OpenCache,
 ) -> Result<Snapshot, StorageError> {
     let hosts = store.list_hosts().await?;
     let states = store
@@ -96,20 +147,29 @@ pub async fn gather(
     }
     let acks = store.acknowledgements(None, now_ms).await?;
     let mut open = HashMap::new();
+    let mut kept = HashMap::new();
     for h in &hosts {
         let has_open = h.open_by_severity.iter().any(|&n| n > 0) || h.open_packages > 0;
         if !has_open || image.is_some_and(|i| h.hello.image_id != i) {
             continue;
         }
-        let rows = store
-            .search_violations(ViolationQuery {
-                host_id: Some(h.host_id.clone()),
-                limit: MAX_OPEN_PER_HOST,
-                ..ViolationQuery::default()
-            })
-            .await?;
+        let stamp = OpenStamp::of(h);
+        let rows = match cache.hosts.remove(&h.host_id) {
+            Some((was, rows)) if was == stamp => rows,
+            _ => Arc::new(
+                store
+                    .search_violations(ViolationQuery {
+                        host_id: Some(h.host_id.clone()),
+                        limit: MAX_OPEN_PER_HOST,
+                        ..ViolationQuery::default()
+                    })
+                    .await?,
+            ),
+        };
+        kept.insert(h.host_id.clone(), (stamp, Arc::clone(&rows)));
         open.insert(h.host_id.clone(), rows);
     }
+    cache.hosts = kept;
     Ok(Snapshot {
         now_ms,
         hosts,
@@ -219,7 +279,7 @@ fn members(snap: &Snapshot, image_id: &str) -> Vec<ImageMember> {
         .filter(|h| h.hello.image_id == image_id)
         .filter(|h| is_live(h, state_of(snap, &h.host_id, h.enrolled_ms).0))
         .map(|h| {
-            let rows = snap.open.get(&h.host_id).map(Vec::as_slice).unwrap_or(&[]);
+            let rows = snap.open.get(&h.host_id).map_or(&[][..], |r| r.as_slice());
             ImageMember {
                 host_id: h.host_id.clone(),
                 baseline_root: h.hello.baseline_root.clone(),
@@ -276,7 +336,7 @@ pub fn assess(snap: &Snapshot, policy: &Policy) -> Vec<Verdict> {
         .iter()
         .map(|h| {
             let (state, since_ms) = state_of(snap, &h.host_id, h.enrolled_ms);
-            let rows = snap.open.get(&h.host_id).map(Vec::as_slice).unwrap_or(&[]);
+            let rows = snap.open.get(&h.host_id).map_or(&[][..], |r| r.as_slice());
             let items = open_items(
                 h,
                 rows,
@@ -491,12 +551,36 @@ pub async fn reconcile_once(
     policy: &Policy,
     now_ms: i64,
 ) -> Result<usize, StorageError> {
-    let snap = gather(store, now_ms, None).await?;
+    reconcile_round(store, policy, now_ms, &mut OpenCache::default()).await
+}
+
+/// [`reconcile_once`] with the open rows of earlier rounds (see [`OpenCache`]). The round's
+/// transitions are recorded in one storage call (one transaction, one commit): the writer that
+/// commits report batches is not handed one commit per moved host.
+pub async fn reconcile_round(
+    store: &dyn Storage,
+    policy: &Policy,
+    now_ms: i64,
+    cache: &mut OpenCache,
+) -> Result<usize, StorageError> {
+    let snap = gather_cached(store, now_ms, None, cache).await?;
     let verdicts = assess(&snap, policy);
+    let planned = plan(&verdicts, policy, now_ms);
+    if planned.is_empty() {
+        return Ok(0);
+    }
+    let moves: Vec<TransitionRecord> = planned.iter().map(|p| p.transition.clone()).collect();
+    let done = store
+        .record_transitions(
+            planned
+                .into_iter()
+                .map(|p| (p.transition, p.audit))
+                .collect(),
+        )
+        .await?;
     let mut recorded = 0;
-    for p in plan(&verdicts, policy, now_ms) {
-        let t = p.transition.clone();
-        if store.record_transition(p.transition, p.audit).await? {
+    for (t, ok) in moves.iter().zip(done) {
+        if ok {
             tracing::info!(host = t.host_id, from = %t.from, to = %t.to, cause = t.cause, "host lifecycle");
             recorded += 1;
         }
@@ -574,6 +658,7 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        let mut cache = OpenCache::default();
         let mut tick = tokio::time::interval(policy.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -584,7 +669,8 @@ pub fn spawn(
             // A round is bounded by the interval's worth of storage calls plus a margin; a
             // stuck database must not make rounds pile up.
             let limit = policy.interval.max(Duration::from_secs(30));
-            match tokio::time::timeout(limit, reconcile_once(&*store, &policy, now_ms())).await {
+            let round = reconcile_round(&*store, &policy, now_ms(), &mut cache);
+            match tokio::time::timeout(limit, round).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "reconcile round failed"),
                 Err(_) => tracing::warn!(?limit, "reconcile round timed out"),
@@ -676,7 +762,7 @@ mod tests {
             ..Default::default()
         };
         for v in open {
-            snap.open.entry(v.host_id.clone()).or_default().push(v);
+            Arc::make_mut(snap.open.entry(v.host_id.clone()).or_default()).push(v);
         }
         for h in &hosts {
             snap.states.insert(
@@ -780,7 +866,7 @@ mod tests {
         if let Some(drift_item::Item::File(f)) = &mut changed.item.item {
             f.reason = "changed again".into();
         }
-        snap.open.insert("c".into(), vec![changed]);
+        snap.open.insert("c".into(), Arc::new(vec![changed]));
         assert_eq!(
             assess(&snap, &Policy::default())[0].assessment,
             Some(Assessment::Flagged)

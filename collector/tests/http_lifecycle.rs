@@ -15,7 +15,9 @@ use driftwatch_collector::http::{self, ApiConfig};
 use driftwatch_collector::reconcile::{self, Policy};
 use driftwatch_collector::storage::{Role, Storage};
 use driftwatch_proto::envelope;
-use fleet_fixture::{Fleet, fleet, get, keypair, now_ms, raw_key, signed_header};
+use fleet_fixture::{
+    Agent, Fleet, apply, fleet, get, keypair, now_ms, raw_key, signed_header, sshd_config,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -185,6 +187,58 @@ async fn explain_names_the_reasons_and_acknowledgements_silence_them() {
     }
     let (status, _) = get(addr, "/api/v1/hosts/nope/explain").await;
     assert_eq!(status, 404);
+}
+
+/// The reconciler keeps the open rows of earlier rounds (`reconcile::OpenCache`); a host that
+/// reports after a round must be read again, whether it was held or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_rounds_reread_hosts_that_reported_since() {
+    let Fleet { store, .. } = fleet().await;
+    let p = policy();
+    let mut cache = reconcile::OpenCache::default();
+    let n = reconcile::reconcile_round(&*store, &p, now_ms(), &mut cache)
+        .await
+        .unwrap();
+    assert!(n >= 3, "{n} transitions");
+    // web-1 and old-1 have open drift.
+    assert_eq!(cache.len(), 2);
+    assert_eq!(
+        reconcile::reconcile_round(&*store, &p, now_ms(), &mut cache)
+            .await
+            .unwrap(),
+        0
+    );
+    // db-1 had no open drift (nothing held for it); after a report it is read.
+    let mut db = Agent::default();
+    let _ = db.report(true, vec![], vec![]); // its first report, already applied
+    let r = db.report(false, vec![sshd_config()], vec![]);
+    apply(&*store, "db-1", r, now_ms()).await;
+    reconcile::reconcile_round(&*store, &p, now_ms(), &mut cache)
+        .await
+        .unwrap();
+    assert_eq!(cache.len(), 3);
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+        .await
+        .unwrap();
+    assert_eq!(snap.open["db-1"].len(), 1);
+    // Held now; it reports again: the next snapshot has the new row.
+    let r = db.report(
+        false,
+        vec![fleet_fixture::file(
+            b"/etc/motd",
+            driftwatch_proto::v1::ViolationKind::Modified,
+            driftwatch_proto::v1::Severity::Low,
+            &[],
+        )],
+        vec![],
+    );
+    apply(&*store, "db-1", r, now_ms()).await;
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+        .await
+        .unwrap();
+    assert_eq!(snap.open["db-1"].len(), 2);
+    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    assert_eq!(snap.open, fresh.open);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

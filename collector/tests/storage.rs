@@ -170,6 +170,7 @@ conformance!(
     api_token_last_use_is_written_at_most_once_a_minute,
     changes_are_audited_in_their_own_transaction,
     lifecycle_transitions_are_compare_and_set_with_audit,
+    lifecycle_transition_batches_are_one_transaction_each_move_compared,
     acknowledgements_cover_the_named_open_items,
     registry_refuses_versions_not_newer,
     actions_are_created_once_per_key_with_audit,
@@ -2309,6 +2310,127 @@ async fn lifecycle_transitions_are_compare_and_set_with_audit(f: Fixture) {
     );
     assert!(ra.unwrap() ^ rb.unwrap());
     assert_eq!(s.transitions("web-1", 0).await.unwrap().len(), 3);
+    drop(f);
+}
+
+async fn lifecycle_transition_batches_are_one_transaction_each_move_compared(f: Fixture) {
+    let s = f.open().await;
+    let s = &*s;
+    for h in ["a", "b", "c"] {
+        enroll(s, h).await;
+    }
+    let before = action_names(s).await.len();
+    assert!(s.record_transitions(Vec::new()).await.unwrap().is_empty());
+    // b is moved by someone else first: its move in the batch is stale and skipped, the
+    // others are recorded; a host named twice sees its first move.
+    assert!(
+        s.record_transition(
+            transition("b", Lifecycle::Enrolled, Lifecycle::Clean, T0 + MINUTE),
+            audit("host.state_changed", "b"),
+        )
+        .await
+        .unwrap()
+    );
+    let at = T0 + 2 * MINUTE;
+    let done = s
+        .record_transitions(vec![
+            (
+                transition("a", Lifecycle::Enrolled, Lifecycle::Drifted, at),
+                audit("host.state_changed", "a"),
+            ),
+            (
+                transition("b", Lifecycle::Enrolled, Lifecycle::Flagged, at),
+                audit("host.flagged", "b"),
+            ),
+            (
+                transition("c", Lifecycle::Enrolled, Lifecycle::Flagged, at),
+                audit("host.flagged", "c"),
+            ),
+            (
+                transition("a", Lifecycle::Drifted, Lifecycle::Flagged, at + 1),
+                audit("host.flagged", "a"),
+            ),
+            (
+                transition("c", Lifecycle::Enrolled, Lifecycle::Clean, at + 1),
+                audit("host.state_changed", "c"),
+            ),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(done, [true, false, true, true, false]);
+    let states: Vec<(String, Lifecycle, i64)> = s
+        .lifecycle_states()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|h| (h.host_id, h.state, h.since_ms))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("a".to_string(), Lifecycle::Flagged, at + 1),
+            ("b".to_string(), Lifecycle::Clean, T0 + MINUTE),
+            ("c".to_string(), Lifecycle::Flagged, at),
+        ]
+    );
+    let moves: Vec<(Lifecycle, Lifecycle)> = s
+        .transitions("a", 0)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| (t.from, t.to))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            (Lifecycle::Drifted, Lifecycle::Flagged),
+            (Lifecycle::Enrolled, Lifecycle::Drifted),
+        ]
+    );
+    // One audit record per recorded move, in order, in the one verifiable chain.
+    let records = s.audit_records(0, 1000).await.unwrap();
+    let tail: Vec<(&str, &str)> = records[before..]
+        .iter()
+        .map(|r| (r.action.as_str(), r.target.as_str()))
+        .collect();
+    assert_eq!(
+        tail,
+        [
+            ("host.state_changed", "b"),
+            ("host.state_changed", "a"),
+            ("host.flagged", "c"),
+            ("host.flagged", "a"),
+        ]
+    );
+    let (count, seqs) = verify_audit(s, 2).await.unwrap();
+    assert_eq!(count, records.len() as u64);
+    assert_eq!(seqs, records.iter().map(|r| r.seq).collect::<Vec<_>>());
+
+    // A refused move or an unknown host anywhere in the batch: nothing of it is written.
+    let n = records.len();
+    for bad in [
+        transition("b", Lifecycle::Clean, Lifecycle::Replaced, at + 2),
+        transition("nope", Lifecycle::Enrolled, Lifecycle::Clean, at + 2),
+    ] {
+        let r = s
+            .record_transitions(vec![
+                (
+                    transition("b", Lifecycle::Clean, Lifecycle::Drifted, at + 2),
+                    audit("host.state_changed", "b"),
+                ),
+                (bad, audit("host.state_changed", "x")),
+            ])
+            .await;
+        assert!(
+            matches!(
+                r,
+                Err(StorageError::InvalidArgument(_) | StorageError::UnknownHost(_))
+            ),
+            "{r:?}"
+        );
+    }
+    assert_eq!(s.audit_records(0, 1000).await.unwrap().len(), n);
+    assert_eq!(s.transitions("b", 0).await.unwrap().len(), 1);
     drop(f);
 }
 

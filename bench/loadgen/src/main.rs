@@ -196,7 +196,7 @@ async fn enroll_all(common: &Common, url: &CollectorUrl) -> Result<Vec<Identity>
                     labels: vec![],
                 })
                 .await
-                .with_context(|| format!("enrolling {host}"))?
+                .map_err(|s| anyhow::anyhow!("enrolling {host}: {}", describe_status(&s)))?
                 .into_inner();
             Ok::<_, anyhow::Error>(Identity {
                 host,
@@ -207,9 +207,44 @@ async fn enroll_all(common: &Common, url: &CollectorUrl) -> Result<Vec<Identity>
     }
     let mut out = Vec::with_capacity(common.agents);
     while let Some(r) = set.join_next().await {
-        out.push(r??);
+        match r {
+            Ok(Ok(id)) => out.push(id),
+            Ok(Err(e)) => {
+                return Err(e.context(format!(
+                    "enrollment failed after {} of {} hosts had enrolled",
+                    out.len(),
+                    common.agents
+                )));
+            }
+            Err(e) => bail!("an enrollment task failed: {e}"),
+        }
     }
     Ok(out)
+}
+
+/// A gRPC status with everything it carries: tonic's `Display` leaves out an empty message and
+/// the transport error behind a status made on the client (a reset stream, a closed
+/// connection), which is all there is to go on then.
+fn describe_status(s: &tonic::Status) -> String {
+    let mut out = format!("gRPC status {:?}", s.code());
+    if s.message().is_empty() {
+        out.push_str(", no message");
+    } else {
+        out.push_str(&format!(", message {:?}", s.message()));
+    }
+    let mut source = std::error::Error::source(s);
+    if source.is_none() {
+        out.push_str(", no transport error behind it");
+    }
+    while let Some(e) = source {
+        out.push_str(&format!("; caused by: {e} ({e:?})"));
+        source = e.source();
+    }
+    let headers = s.metadata().clone().into_headers();
+    if !headers.is_empty() {
+        out.push_str(&format!("; metadata: {headers:?}"));
+    }
+    out
 }
 
 /// An open report stream: the sender and the collector's messages.

@@ -77,7 +77,21 @@ pub trait LifecycleStore: Send + Sync {
     /// Records `t` if the host is still in `t.from` and the move is allowed
     /// (`crate::lifecycle::allowed`; otherwise `InvalidArgument`), with `audit` in the same
     /// transaction. `false` when the host was no longer in `t.from` (nothing written).
-    fn record_transition(&self, t: TransitionRecord, audit: AuditEntry) -> StoreFuture<'_, bool>;
+    fn record_transition(&self, t: TransitionRecord, audit: AuditEntry) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let recorded = self.record_transitions(vec![(t, audit)]).await?;
+            Ok(recorded.first().copied().unwrap_or(false))
+        })
+    }
+    /// [`record_transition`](Self::record_transition) for many moves in one transaction (one
+    /// commit), in order: each is compare-and-set on its own, so a move whose host is no longer
+    /// in its `from` state is skipped (`false` at its index) and the others are recorded, each
+    /// with its audit record, chained in order. A move the state machine does not allow or an
+    /// unknown host fails the whole call and nothing is written.
+    fn record_transitions(
+        &self,
+        moves: Vec<(TransitionRecord, AuditEntry)>,
+    ) -> StoreFuture<'_, Vec<bool>>;
     /// A host's transitions, newest first; `limit` 0 = 1000.
     fn transitions(&self, host_id: &str, limit: u32) -> StoreFuture<'_, Vec<TransitionRecord>>;
     /// Acknowledges the host's open violations the request names, with `audit` in the same

@@ -48,6 +48,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/postgres/0004_exports.sql"),
     include_str!("migrations/postgres/0005_lifecycle.sql"),
     include_str!("migrations/postgres/0006_rebuild_actions.sql"),
+    include_str!("migrations/postgres/0007_hot_violation_updates.sql"),
 ];
 
 /// The schema version this binary writes.

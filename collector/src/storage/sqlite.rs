@@ -47,6 +47,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/sqlite/0004_exports.sql"),
     include_str!("migrations/sqlite/0005_lifecycle.sql"),
     include_str!("migrations/sqlite/0006_rebuild_actions.sql"),
+    include_str!("migrations/sqlite/0007_hot_violation_updates.sql"),
 ];
 
 /// The schema version this binary writes.

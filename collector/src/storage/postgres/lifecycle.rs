@@ -3,6 +3,8 @@
 //! same host; a push locks the registry table against concurrent pushes (rare) before its
 //! version check.
 
+use std::collections::HashMap;
+
 use driftwatch_proto::v1::DriftItem;
 use prost::Message;
 
@@ -65,50 +67,73 @@ impl LifecycleStore for PgStore {
         })
     }
 
-    fn record_transition(&self, t: TransitionRecord, audit: AuditEntry) -> StoreFuture<'_, bool> {
+    fn record_transitions(
+        &self,
+        moves: Vec<(TransitionRecord, AuditEntry)>,
+    ) -> StoreFuture<'_, Vec<bool>> {
         Box::pin(async move {
-            check_transition(&t)?;
+            for (t, _) in &moves {
+                check_transition(t)?;
+            }
+            if moves.is_empty() {
+                return Ok(Vec::new());
+            }
             let mut w = self.writer().await?;
             let tx = w.client.transaction().await.db()?;
-            let row = tx
-                .query_opt(
-                    "SELECT h.pk, l.state FROM hosts h \
+            // Every named host locked at once, in pk order (as report batches lock them), so
+            // this cannot deadlock with them; the states read under the lock are current.
+            let ids: Vec<&str> = moves.iter().map(|(t, _)| t.host_id.as_str()).collect();
+            let rows = tx
+                .query(
+                    "SELECT h.host_id, h.pk, l.state FROM hosts h \
                      LEFT JOIN host_lifecycle l ON l.host_pk = h.pk \
-                     WHERE h.host_id = $1 FOR UPDATE OF h",
-                    &[&t.host_id],
+                     WHERE h.host_id = ANY($1::text[]) ORDER BY h.pk FOR UPDATE OF h",
+                    &[&ids],
                 )
                 .await
-                .db()?
-                .ok_or_else(|| StorageError::UnknownHost(t.host_id.clone()))?;
-            let pk: i64 = get(&row, 0)?;
-            if state_or_enrolled("host_lifecycle", get(&row, 1)?)? != t.from {
-                return Ok(false);
+                .db()?;
+            let mut hosts: HashMap<String, (i64, Lifecycle)> = HashMap::with_capacity(rows.len());
+            for r in &rows {
+                let state = state_or_enrolled("host_lifecycle", get(r, 2)?)?;
+                hosts.insert(get(r, 0)?, (get(r, 1)?, state));
             }
-            tx.execute(
-                "INSERT INTO host_lifecycle (host_pk, state, since_ms) VALUES ($1, $2, $3) \
-                 ON CONFLICT (host_pk) DO UPDATE SET state = excluded.state, \
-                 since_ms = excluded.since_ms",
-                &[&pk, &t.to.name(), &t.at_ms],
-            )
-            .await
-            .db()?;
-            tx.execute(
-                "INSERT INTO host_transitions (host_pk, from_state, to_state, at_ms, cause, actor) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-                &[
-                    &pk,
-                    &t.from.name(),
-                    &t.to.name(),
-                    &t.at_ms,
-                    &t.cause,
-                    &t.actor,
-                ],
-            )
-            .await
-            .db()?;
-            audit::append_tx(&tx, &audit).await?;
+            let mut recorded = Vec::with_capacity(moves.len());
+            for (t, audit) in &moves {
+                let (pk, state) = hosts
+                    .get_mut(&t.host_id)
+                    .ok_or_else(|| StorageError::UnknownHost(t.host_id.clone()))?;
+                if *state != t.from {
+                    recorded.push(false);
+                    continue;
+                }
+                tx.execute(
+                    "INSERT INTO host_lifecycle (host_pk, state, since_ms) VALUES ($1, $2, $3) \
+                     ON CONFLICT (host_pk) DO UPDATE SET state = excluded.state, \
+                     since_ms = excluded.since_ms",
+                    &[&*pk, &t.to.name(), &t.at_ms],
+                )
+                .await
+                .db()?;
+                tx.execute(
+                    "INSERT INTO host_transitions (host_pk, from_state, to_state, at_ms, cause, actor) \
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[
+                        &*pk,
+                        &t.from.name(),
+                        &t.to.name(),
+                        &t.at_ms,
+                        &t.cause,
+                        &t.actor,
+                    ],
+                )
+                .await
+                .db()?;
+                audit::append_tx(&tx, audit).await?;
+                *state = t.to;
+                recorded.push(true);
+            }
             tx.commit().await.db()?;
-            Ok(true)
+            Ok(recorded)
         })
     }
 

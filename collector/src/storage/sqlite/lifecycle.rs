@@ -1,6 +1,7 @@
 //! `LifecycleStore` and `RegistryStore` on SQLite: writes on the writer thread in one
-//! `BEGIN IMMEDIATE` transaction each (so the compare-and-set of a transition and the version
-//! check of a push see no concurrent writer), reads on the reader thread.
+//! `BEGIN IMMEDIATE` transaction per call, a batch of transitions included (so the
+//! compare-and-set of a transition and the version check of a push see no concurrent writer),
+//! reads on the reader thread.
 
 use driftwatch_proto::v1::DriftItem;
 use prost::Message;
@@ -28,6 +29,42 @@ fn current_state(tx: &Transaction<'_>, pk: i64) -> Result<Lifecycle, StorageErro
     s.map_or(Ok(Lifecycle::Enrolled), |s| {
         parse_state("host_lifecycle", &s)
     })
+}
+
+/// One compare-and-set transition with its audit record, inside the caller's transaction.
+fn record_one(
+    tx: &Transaction<'_>,
+    t: &TransitionRecord,
+    audit: &AuditEntry,
+) -> Result<bool, StorageError> {
+    let pk = host_pk(tx, &t.host_id)?;
+    if current_state(tx, pk)? != t.from {
+        return Ok(false);
+    }
+    tx.prepare_cached(
+        "INSERT INTO host_lifecycle (host_pk, state, since_ms) VALUES (?1, ?2, ?3) \
+         ON CONFLICT (host_pk) DO UPDATE SET state = excluded.state, \
+         since_ms = excluded.since_ms",
+    )
+    .db()?
+    .execute(params![pk, t.to.name(), t.at_ms])
+    .db()?;
+    tx.prepare_cached(
+        "INSERT INTO host_transitions (host_pk, from_state, to_state, at_ms, cause, actor) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )
+    .db()?
+    .execute(params![
+        pk,
+        t.from.name(),
+        t.to.name(),
+        t.at_ms,
+        t.cause,
+        t.actor
+    ])
+    .db()?;
+    audit::append_tx(tx, audit)?;
+    Ok(true)
 }
 
 impl LifecycleStore for SqliteStore {
@@ -73,37 +110,19 @@ impl LifecycleStore for SqliteStore {
         })
     }
 
-    fn record_transition(&self, t: TransitionRecord, audit: AuditEntry) -> StoreFuture<'_, bool> {
+    fn record_transitions(
+        &self,
+        moves: Vec<(TransitionRecord, AuditEntry)>,
+    ) -> StoreFuture<'_, Vec<bool>> {
         self.write(move |tx| {
-            check_transition(&t)?;
-            let pk = host_pk(tx, &t.host_id)?;
-            if current_state(tx, pk)? != t.from {
-                return Ok(false);
+            for (t, _) in &moves {
+                check_transition(t)?;
             }
-            tx.prepare_cached(
-                "INSERT INTO host_lifecycle (host_pk, state, since_ms) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (host_pk) DO UPDATE SET state = excluded.state, \
-                 since_ms = excluded.since_ms",
-            )
-            .db()?
-            .execute(params![pk, t.to.name(), t.at_ms])
-            .db()?;
-            tx.prepare_cached(
-                "INSERT INTO host_transitions (host_pk, from_state, to_state, at_ms, cause, actor) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .db()?
-            .execute(params![
-                pk,
-                t.from.name(),
-                t.to.name(),
-                t.at_ms,
-                t.cause,
-                t.actor
-            ])
-            .db()?;
-            audit::append_tx(tx, &audit)?;
-            Ok(true)
+            let mut recorded = Vec::with_capacity(moves.len());
+            for (t, audit) in &moves {
+                recorded.push(record_one(tx, t, audit)?);
+            }
+            Ok(recorded)
         })
     }
 
