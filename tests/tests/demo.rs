@@ -107,10 +107,14 @@ fn example_receiver_verifies_and_runs_each_request_once() {
         let _ = s.read_to_string(&mut answer);
         answer.lines().next().unwrap_or("").to_string()
     };
-    let body = r#"{"type":"driftwatch.rebuild.requested","data":{"host":{"id":"web-7"},"role":"web"}}"#;
+    let body =
+        r#"{"type":"driftwatch.rebuild.requested","data":{"host":{"id":"web-7"},"role":"web"}}"#;
     let mut receiver = start();
     assert!(post("rb_1", now, &key, body).contains(" 202 "));
-    assert!(post("rb_1", now, &key, body).contains(" 200 "), "a redelivery");
+    assert!(
+        post("rb_1", now, &key, body).contains(" 200 "),
+        "a redelivery"
+    );
     assert!(post("rb_2", now, b"not the key", body).contains(" 401 "));
     assert!(post("rb_3", now - 3600, &key, body).contains(" 401 "));
     // Restarted, it still knows rb_1.
@@ -129,5 +133,9 @@ fn example_receiver_verifies_and_runs_each_request_once() {
     );
     std::thread::sleep(Duration::from_millis(500)); // a second run would have shown by now
     let text = std::fs::read_to_string(&out).unwrap_or(text);
-    assert_eq!(text, format!("{body} host=web-7 role=web\n"), "ran once, body on stdin");
+    assert_eq!(
+        text,
+        format!("{body} host=web-7 role=web\n"),
+        "ran once, body on stdin"
+    );
 }

@@ -14,13 +14,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use driftwatch_tests::nspawn::{BASE_PACKAGES, Machine, Network};
 use driftwatch_tests::packaging::build_rpms;
-use driftwatch_tests::{bin_dir, require_program, require_root, run_with_limit};
+use driftwatch_tests::{require_program, require_root, run_with_limit};
 
 /// The version of the "rebuilt" packages: above the workspace's `0.1.0-1`.
 const UPGRADE_VERSION: &str = "0.1.1";
