@@ -191,6 +191,36 @@ impl Collector {
         Ok(r.stdout_str())
     }
 
+    /// Every host's (host id, lifecycle), in the order `driftwatch hosts` lists them.
+    pub fn lifecycles(&self) -> Result<Vec<(String, String)>, String> {
+        Ok(self
+            .try_hosts()?
+            .iter()
+            .map(|h| {
+                (
+                    h["host_id"].as_str().unwrap_or("").to_string(),
+                    h["lifecycle"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect())
+    }
+
+    /// Waits (at most `limit`, polling every 250 ms) until [`Collector::lifecycles`] is `want`.
+    pub fn wait_lifecycles(&self, what: &str, limit: Duration, want: &[(&str, &str)]) {
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(h, l)| (h.to_string(), l.to_string()))
+            .collect();
+        wait_until(what, limit, Duration::from_millis(250), || {
+            let got = self.lifecycles()?;
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{got:?}"))
+            }
+        });
+    }
+
     /// `driftwatch hosts`: the `hosts` array.
     pub fn try_hosts(&self) -> Result<Vec<serde_json::Value>, String> {
         let v = self.cli(&["hosts"])?;

@@ -10,7 +10,6 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use driftwatch_tests::daemon::wait_until;
 use driftwatch_tests::fleet::{Agent, Collector, Image};
 use driftwatch_tests::{binary, debian, require_root};
 use serde_json::Value;
@@ -28,31 +27,8 @@ fn codes(explain: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn lifecycles(c: &Collector) -> Result<Vec<(String, String)>, String> {
-    Ok(c.try_hosts()?
-        .iter()
-        .map(|h| {
-            (
-                h["host_id"].as_str().unwrap_or("").to_string(),
-                h["lifecycle"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect())
-}
-
 fn wait_lifecycles(c: &Collector, what: &str, want: &[(&str, &str)]) {
-    wait_until(what, SETTLE, Duration::from_millis(250), || {
-        let got = lifecycles(c)?;
-        let want: Vec<(String, String)> = want
-            .iter()
-            .map(|(h, l)| (h.to_string(), l.to_string()))
-            .collect();
-        if got == want {
-            Ok(())
-        } else {
-            Err(format!("{got:?}"))
-        }
-    });
+    c.wait_lifecycles(what, SETTLE, want);
 }
 
 #[test]

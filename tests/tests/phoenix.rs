@@ -96,31 +96,8 @@ impl Trigger {
     }
 }
 
-fn lifecycles(c: &Collector) -> Result<Vec<(String, String)>, String> {
-    Ok(c.try_hosts()?
-        .iter()
-        .map(|h| {
-            (
-                h["host_id"].as_str().unwrap_or("").to_string(),
-                h["lifecycle"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect())
-}
-
 fn wait_lifecycles(c: &Collector, what: &str, want: &[(&str, &str)]) {
-    wait_until(what, SETTLE, Duration::from_millis(250), || {
-        let got = lifecycles(c)?;
-        let want: Vec<(String, String)> = want
-            .iter()
-            .map(|(h, l)| (h.to_string(), l.to_string()))
-            .collect();
-        if got == want {
-            Ok(())
-        } else {
-            Err(format!("{got:?}"))
-        }
-    });
+    c.wait_lifecycles(what, SETTLE, want);
 }
 
 fn phoenix(kind: &str) {
@@ -221,7 +198,7 @@ fn phoenix(kind: &str) {
             .unwrap()
             .starts_with("web-1:")
     );
-    let lc = lifecycles(&collector).unwrap();
+    let lc = collector.lifecycles().unwrap();
     assert!(
         lc.contains(&("web-1".into(), "rebuild_requested".into())),
         "{lc:?}"
