@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! agent ─Hello→ stream task ─Welcome→ agent
-//! agent ─Report→ stream task ─ApplyJob(report, oneshot)→ [bounded mpsc] → writer task
+//! agent ─Report→ stream task ─ApplyJob(report, oneshot)→ [bounded mpsc] → writer task of
+//!                                                          the host's lane:
 //!                                                          apply_reports(batch)  (one transaction)
 //! agent ←Ack{seq} (←Resync) ─ stream task ←─────────── oneshot(outcome) ──────┘
 //! agent ─Heartbeat→ stream task → heartbeat batch (memory) → record_heartbeats every few s
@@ -70,7 +71,9 @@ struct Shared {
     store: Arc<dyn Storage>,
     /// Bounded: when the writer falls behind, streams wait here (and stop reading their
     /// sockets) instead of queueing without limit.
-    writer: mpsc::Sender<ApplyJob>,
+    /// One per write lane of the store (`Storage::write_lanes`); a host's reports all go to
+    /// the writer of its lane (`storage::lane_of`), so they are applied in order.
+    writers: Vec<mpsc::Sender<ApplyJob>>,
     heartbeats: Arc<HeartbeatBatch>,
     revocations: Revocations,
     limits: Limits,
@@ -86,7 +89,7 @@ pub struct IngestService {
 /// The ingest's background tasks; [`IngestTasks::finish`] waits for them after shutdown.
 #[derive(Debug)]
 pub struct IngestTasks {
-    writer: tokio::task::JoinHandle<()>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
     flusher: tokio::task::JoinHandle<()>,
 }
 
@@ -95,7 +98,9 @@ impl IngestTasks {
     /// heartbeats to be written. The writer ends once every stream has ended.
     pub async fn finish(self, grace: Duration) {
         let all = async {
-            let _ = self.writer.await;
+            for w in self.writers {
+                let _ = w.await;
+            }
             let _ = self.flusher.await;
         };
         if tokio::time::timeout(grace, all).await.is_err() {
@@ -114,13 +119,18 @@ impl IngestService {
         shutdown: watch::Receiver<bool>,
     ) -> (IngestService, IngestTasks) {
         let tuning = &settings.tuning;
-        let (writer_tx, writer_rx) = mpsc::channel(tuning.commit_batch_max.get() * 4);
-        let writer = tokio::spawn(run_writer(
-            store.clone(),
-            writer_rx,
-            tuning.commit_batch_max.get(),
-            tuning.commit_linger,
-        ));
+        let (mut writer_txs, mut writers) = (Vec::new(), Vec::new());
+        for lane in 0..store.write_lanes().max(1) {
+            let (tx, rx) = mpsc::channel(tuning.commit_batch_max.get() * 4);
+            writer_txs.push(tx);
+            writers.push(tokio::spawn(run_writer(
+                store.clone(),
+                rx,
+                lane,
+                tuning.commit_batch_max.get(),
+                tuning.commit_linger,
+            )));
+        }
         let heartbeats = Arc::new(HeartbeatBatch::default());
         let flusher = tokio::spawn(run_heartbeat_flusher(
             store.clone(),
@@ -130,7 +140,7 @@ impl IngestService {
         ));
         let shared = Arc::new(Shared {
             store,
-            writer: writer_tx,
+            writers: writer_txs,
             heartbeats,
             revocations,
             limits: Limits {
@@ -141,7 +151,7 @@ impl IngestService {
             },
             shutdown,
         });
-        (IngestService { shared }, IngestTasks { writer, flusher })
+        (IngestService { shared }, IngestTasks { writers, flusher })
     }
 }
 
@@ -232,6 +242,7 @@ async fn run_stream(
     tx: &Outbound,
 ) -> Result<(), RpcError> {
     let limits = &shared.limits;
+    let writer = &shared.writers[crate::storage::lane_of(&identity.host_id, shared.writers.len())];
     let first = match tokio::time::timeout(limits.hello_timeout, inbound.message()).await {
         Err(_) => return Err(RpcError::HelloTimeout(limits.hello_timeout)),
         Ok(Err(status)) => return Err(RpcError::InvalidMessage(status.message().to_string())),
@@ -347,7 +358,7 @@ async fn run_stream(
                             done: done_tx,
                             queued: Instant::now(),
                         };
-                        shared.writer.send(job).await.map_err(|_| RpcError::ShuttingDown)?;
+                        writer.send(job).await.map_err(|_| RpcError::ShuttingDown)?;
                     }
                     Some(agent_message::Msg::Heartbeat(hb)) => {
                         shared.heartbeats.add(&identity.host_id, &hb);
@@ -509,11 +520,12 @@ impl WriterStats {
         }
     }
 
-    fn log(&self, period: Duration) {
+    fn log(&self, lane: usize, period: Duration) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         let per_batch = |d: Duration| ms(d) / self.batches.max(1) as f64;
         tracing::debug!(
             target: "driftwatch_collector::ingest::writer",
+            lane,
             period_s = period.as_secs_f64(),
             batches = self.batches,
             reports = self.reports,
@@ -537,12 +549,13 @@ fn records_of(r: &ReportToApply) -> usize {
     r.report.upserts.len() + r.report.removed_keys.len()
 }
 
-/// The group-commit writer: takes the first waiting job and every job already queued, waits up
-/// to `linger` for more (at most `batch_max` in all), applies them in one transaction, then answers every job. Ends when every
-/// sender is gone and the queue is empty.
+/// The group-commit writer of one write lane: takes the first waiting job and every job already
+/// queued, waits up to `linger` for more (at most `batch_max` in all), applies them in one
+/// transaction, then answers every job. Ends when every sender is gone and the queue is empty.
 async fn run_writer(
     store: Arc<dyn Storage>,
     mut rx: mpsc::Receiver<ApplyJob>,
+    lane: usize,
     batch_max: usize,
     linger: Duration,
 ) {
@@ -601,7 +614,7 @@ async fn run_writer(
             );
             let period = stats_since.elapsed();
             if period >= WRITER_STATS_PERIOD {
-                stats.log(period);
+                stats.log(lane, period);
                 stats = WriterStats::default();
                 stats_since = Instant::now();
             }
@@ -667,11 +680,20 @@ async fn run_heartbeat_flusher(
             _ = tick.tick() => false,
             _ = crate::server::stop_requested(&mut shutdown) => true,
         };
-        let records = batch.take();
-        if !records.is_empty()
-            && let Err(e) = store.record_heartbeats(records).await
-        {
-            tracing::warn!(error = %e, "writing heartbeats failed");
+        // One batch per write lane, written at once, each on its lane's connection.
+        let lanes = store.write_lanes().max(1);
+        let mut by_lane: Vec<Vec<HeartbeatRecord>> = (0..lanes).map(|_| Vec::new()).collect();
+        for r in batch.take() {
+            by_lane[crate::storage::lane_of(&r.host_id, lanes)].push(r);
+        }
+        let writes = by_lane
+            .into_iter()
+            .filter(|b| !b.is_empty())
+            .map(|b| store.record_heartbeats(b));
+        for r in futures_util::future::join_all(writes).await {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "writing heartbeats failed");
+            }
         }
         if stop {
             return;

@@ -18,7 +18,7 @@ use driftwatch_collector::storage::export::{ExportCursor, RowPosition, Violation
 use driftwatch_collector::storage::{
     AckRequest, ApiToken, ApplyOutcome, AuditEntry, EnrollmentToken, HeartbeatRecord, HelloInfo,
     IssuedCertificate, RegisteredBaseline, ReportToApply, RevokeOutcome, Role, SecurityEvent,
-    Storage, StorageError, TokenError, TransitionRecord, ViolationQuery,
+    Storage, StorageError, TokenError, TransitionRecord, ViolationQuery, lane_of,
 };
 use driftwatch_proto::set::{file_key, item_hash, package_key, set_digest};
 use driftwatch_proto::v1::{
@@ -152,6 +152,7 @@ conformance!(
     digest_mismatch_is_reported,
     recurrence_is_a_new_occurrence,
     group_commit_across_hosts_and_reports,
+    write_lanes_commit_at_once_alongside_other_writes,
     unknown_host_fails_the_batch_and_changes_nothing,
     incomplete_flag_reason_and_lost_reports,
     heartbeats_update_last_seen_and_scan,
@@ -968,6 +969,75 @@ async fn group_commit_across_hosts_and_reports(f: Fixture) {
         assert_eq!(open_keys(s, h).await.len(), 3);
     }
     assert!(s.apply_reports(vec![]).await.unwrap().is_empty());
+}
+
+/// What the ingest does with a backend of several write lanes: one batch per lane in flight at
+/// once (hosts partitioned by `lane_of`), with heartbeats and hellos on the other writer; every
+/// report lands once, in order, with the digests the agents computed.
+async fn write_lanes_commit_at_once_alongside_other_writes(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    let lanes = s.write_lanes();
+    assert!(lanes >= 1);
+    let hosts: Vec<String> = (0..24).map(|i| format!("lane-host-{i}")).collect();
+    for h in &hosts {
+        enroll(s, h).await;
+    }
+    let mut agents: Vec<Agent> = (0..hosts.len()).map(|_| Agent::new(7)).collect();
+    for round in 0..5i64 {
+        let mut batches: Vec<Vec<ReportToApply>> = vec![Vec::new(); lanes];
+        for (i, h) in hosts.iter().enumerate() {
+            // /srv/{h}/0 is removed in round 3 and not reported again.
+            let items = (0..20)
+                .filter(|n| round < 3 || *n != 0)
+                .map(|n| {
+                    file(
+                        format!("/srv/{h}/{n}").as_bytes(),
+                        ViolationKind::Modified,
+                        (round % 6) as i32,
+                        &[],
+                    )
+                })
+                .collect();
+            let removed = if round == 3 {
+                vec![file_key(format!("/srv/{h}/0").as_bytes())]
+            } else {
+                vec![]
+            };
+            batches[lane_of(h, lanes)].push(to_apply(
+                h,
+                agents[i].delta(items, removed),
+                T0 + round,
+            ));
+        }
+        let beats: Vec<HeartbeatRecord> = hosts
+            .iter()
+            .map(|h| HeartbeatRecord {
+                host_id: h.clone(),
+                received_ms: T0 + round,
+                last_scan_ms: T0 + round,
+                last_scan_status: ScanStatus::Complete,
+            })
+            .collect();
+        let applies =
+            futures_util::future::join_all(batches.into_iter().map(|b| s.apply_reports(b)));
+        let (outs, beat) = tokio::join!(applies, s.record_heartbeats(beats));
+        beat.unwrap();
+        for out in outs {
+            let out = out.unwrap();
+            assert!(out.iter().all(|o| *o == APPLIED), "{out:?}");
+        }
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        let summary = s.host(h).await.unwrap().unwrap();
+        assert_eq!(
+            summary.position.set_digest.to_vec(),
+            agents[i].digest(),
+            "{h}"
+        );
+        assert_eq!((summary.position.epoch, summary.position.last_seq), (7, 5));
+        assert_eq!(open_keys(s, h).await.len(), 19, "{h}");
+    }
 }
 
 async fn unknown_host_fails_the_batch_and_changes_nothing(f: Fixture) {

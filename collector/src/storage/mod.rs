@@ -235,6 +235,19 @@ pub struct SecurityEvent {
     pub detail: String,
 }
 
+/// The write lane of a host among `lanes` ([`Storage::write_lanes`]): a stable hash of its id
+/// (FNV-1a), so every report of a host goes through one lane, in order.
+pub fn lane_of(host_id: &str, lanes: usize) -> usize {
+    if lanes <= 1 {
+        return 0;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host_id.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    usize::try_from(h % lanes as u64).unwrap_or(0)
+}
+
 /// The collector's durable state. Every method is one transaction: it commits before it
 /// returns `Ok`, and a failure changes nothing.
 pub trait Storage:
@@ -303,8 +316,18 @@ pub trait Storage:
     /// the same epoch is a `Duplicate`. A report of a new epoch starts that epoch. Maintains
     /// occurrences (first/last seen, resolved), the stored digest, the incomplete flag and
     /// lost-report count.
+    ///
+    /// Batches may run at once when their hosts are in different write lanes
+    /// ([`Storage::write_lanes`], [`lane_of`]); a batch whose hosts are all in one lane runs on
+    /// that lane's connection.
     fn apply_reports(&self, batch: Vec<ReportToApply>) -> StoreFuture<'_, Vec<ApplyOutcome>>;
-    /// Writes a batch of heartbeats (last seen, last scan).
+    /// How many `apply_reports` batches the backend can commit at once, each for the hosts of
+    /// its lane (1: one at a time).
+    fn write_lanes(&self) -> usize {
+        1
+    }
+    /// Writes a batch of heartbeats (last seen, last scan). Like `apply_reports`, a batch whose
+    /// hosts are all in one write lane runs on that lane's connection.
     fn record_heartbeats(&self, batch: Vec<HeartbeatRecord>) -> StoreFuture<'_, ()>;
     /// Records a refusal and appends `audit` (`security.*`) in the same transaction.
     fn record_security_event(&self, event: SecurityEvent, audit: AuditEntry)
@@ -340,4 +363,33 @@ pub(crate) fn check_token(
         .into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lane_of;
+
+    #[test]
+    fn lanes_are_stable_and_spread_hosts() {
+        // A pure function of the id: stable across processes and releases.
+        assert_eq!(lane_of("web-1", 1), 0);
+        assert_eq!(lane_of("web-1", 2), lane_of("web-1", 2));
+        assert_eq!(lane_of("", 2), (0xcbf2_9ce4_8422_2325u64 % 2) as usize);
+        let mut counts = [0usize; 2];
+        for i in 0..10_000 {
+            counts[lane_of(&format!("host-{i:05}.example.org"), 2)] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (4_500..=5_500).contains(&c)),
+            "{counts:?}"
+        );
+        let mut four = [0usize; 4];
+        for i in 0..10_000 {
+            four[lane_of(&format!("l{i}"), 4)] += 1;
+        }
+        assert!(
+            four.iter().all(|&c| (2_000..=3_000).contains(&c)),
+            "{four:?}"
+        );
+    }
 }

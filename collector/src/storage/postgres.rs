@@ -1,13 +1,17 @@
 //! The PostgreSQL backend, for larger fleets and several collector replicas over one database.
 //!
-//! Connections: one **writer** and one **reader** per collector, each a single
-//! `tokio-postgres` connection behind an async mutex, reconnected on the next call when lost.
-//! Group commit makes one write transaction carry the reports of many streams, so parallel
-//! write transactions from one replica would buy little and contend on the same host rows;
-//! within a transaction, statements are pipelined (several requests in flight on the one
-//! connection) and every per-row write is a single array statement (`UNNEST`), so a batch costs
-//! a handful of round trips whatever its size. Reads use their own connection so the fleet view
-//! never waits behind an apply batch.
+//! Connections: [`WRITE_LANES`] **lane writers**, one **control writer** and one **reader** per
+//! collector, each a single `tokio-postgres` connection behind an async mutex, reconnected on
+//! the next call when lost. Group commit makes one write transaction carry the reports of many
+//! streams; the ingest partitions hosts between the lanes (`storage::lane_of`) and sends each
+//! lane's apply batches and heartbeats to that lane's writer, so two apply transactions run at
+//! once on disjoint host rows: while one waits for its commit to reach the disk, the server
+//! works on the other. Every other write (enrollment, lifecycle transitions, audit, tokens,
+//! actions) goes through the control writer, so a reconciler pass waiting for host row locks
+//! never holds up a lane's connection. Within a transaction, statements are pipelined (several requests in flight on
+//! the one connection) and every per-row write is a single array statement (`UNNEST`), so a
+//! batch costs a handful of round trips whatever its size. Reads use their own connection so
+//! the fleet view never waits behind an apply batch.
 //!
 //! Several replicas: every write transaction locks the host rows it changes (`FOR UPDATE`, in
 //! primary-key order, so two replicas never deadlock on each other's batches), the token
@@ -60,11 +64,16 @@ const MIGRATION_LOCK: i64 = 0x0000_6477_6174_6368;
 /// The writer's open-set cache holds at most this many items over all hosts.
 const OPEN_SET_CACHE_ITEMS: usize = 2_000_000;
 
+/// Lane writer connections, each applying the reports and heartbeats of its lane of hosts
+/// (module doc).
+pub const WRITE_LANES: usize = 2;
+
 /// A collector store in a PostgreSQL database.
 #[derive(Debug)]
 pub struct PgStore {
     url: String,
-    writer: Mutex<Option<Writer>>,
+    /// The control writer (every write but apply batches and heartbeats), then one per lane.
+    writers: Vec<Mutex<Option<Writer>>>,
     reader: Mutex<Option<Client>>,
 }
 
@@ -75,6 +84,18 @@ struct Writer {
     st: WriterStatements,
     open_sets: HashMap<i64, (i64, BTreeMap<Vec<u8>, OpenEntry>)>,
     cached_items: usize,
+}
+
+impl Writer {
+    async fn new(client: Client) -> Result<Self, StorageError> {
+        let st = WriterStatements::prepare(&client).await?;
+        Ok(Writer {
+            client,
+            st,
+            open_sets: HashMap::new(),
+            cached_items: 0,
+        })
+    }
 }
 
 impl std::fmt::Debug for Writer {
@@ -257,33 +278,40 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self, StorageError> {
         let mut client = connect_client(url).await?;
         migrate(&mut client).await?;
-        let st = WriterStatements::prepare(&client).await?;
+        let mut writers = vec![Mutex::new(Some(Writer::new(client).await?))];
+        for _ in 0..WRITE_LANES {
+            let client = connect_client(url).await?;
+            writers.push(Mutex::new(Some(Writer::new(client).await?)));
+        }
         let reader = connect_client(url).await?;
         Ok(PgStore {
             url: url.to_owned(),
-            writer: Mutex::new(Some(Writer {
-                client,
-                st,
-                open_sets: HashMap::new(),
-                cached_items: 0,
-            })),
+            writers,
             reader: Mutex::new(Some(reader)),
         })
     }
 
-    /// The writer connection, reconnected first if it was lost.
+    /// The control writer (every write but apply batches and heartbeats).
     async fn writer(&self) -> Result<MappedMutexGuard<'_, Writer>, StorageError> {
-        let mut guard = self.writer.lock().await;
+        self.writer_at(0).await
+    }
+
+    /// The writer of the lane of `host_id`.
+    async fn lane_writer(
+        &self,
+        host_id: &str,
+    ) -> Result<MappedMutexGuard<'_, Writer>, StorageError> {
+        self.writer_at(1 + super::lane_of(host_id, WRITE_LANES))
+            .await
+    }
+
+    /// Writer connection `i` (0: control, 1..: lanes), reconnected first if it was lost.
+    async fn writer_at(&self, i: usize) -> Result<MappedMutexGuard<'_, Writer>, StorageError> {
+        let mut guard = self.writers[i].lock().await;
         if guard.as_ref().is_none_or(|w| w.client.is_closed()) {
             *guard = None;
             let client = connect_client(&self.url).await?;
-            let st = WriterStatements::prepare(&client).await?;
-            *guard = Some(Writer {
-                client,
-                st,
-                open_sets: HashMap::new(),
-                cached_items: 0,
-            });
+            *guard = Some(Writer::new(client).await?);
         }
         MutexGuard::try_map(guard, Option::as_mut)
             .map_err(|_| StorageError::Backend("postgres: no writer connection".into()))
@@ -1087,9 +1115,13 @@ impl Storage for PgStore {
             if batch.is_empty() {
                 return Ok(Vec::new());
             }
-            let mut w = self.writer().await?;
+            let mut w = self.lane_writer(&batch[0].host_id).await?;
             apply_batch(&mut w, batch).await
         })
+    }
+
+    fn write_lanes(&self) -> usize {
+        WRITE_LANES
     }
 
     fn record_heartbeats(&self, batch: Vec<HeartbeatRecord>) -> StoreFuture<'_, ()> {
@@ -1112,7 +1144,7 @@ impl Storage for PgStore {
             let seen: Vec<i64> = merged.values().map(|v| v.0).collect();
             let scan: Vec<i64> = merged.values().map(|v| v.1).collect();
             let status: Vec<i32> = merged.values().map(|v| v.2).collect();
-            let mut w = self.writer().await?;
+            let mut w = self.lane_writer(&batch[0].host_id).await?;
             let tx = w.client.transaction().await.db()?;
             // Lock in pk order first, as apply does, so replicas never deadlock.
             tx.execute(
