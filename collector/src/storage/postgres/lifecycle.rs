@@ -3,7 +3,7 @@
 //! same host; a push locks the registry table against concurrent pushes (rare) before its
 //! version check.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use driftwatch_proto::v1::DriftItem;
 use prost::Message;
@@ -97,40 +97,58 @@ impl LifecycleStore for PgStore {
                 let state = state_or_enrolled("host_lifecycle", get(r, 2)?)?;
                 hosts.insert(get(r, 0)?, (get(r, 1)?, state));
             }
+            // Compare-and-set in order (a host may move twice in one batch), then write every
+            // accepted move in a fixed number of array statements: the host rows stay locked
+            // for a few round trips, not a few per move.
             let mut recorded = Vec::with_capacity(moves.len());
+            let mut accepted: Vec<(i64, &TransitionRecord, &AuditEntry)> = Vec::new();
             for (t, audit) in &moves {
                 let (pk, state) = hosts
                     .get_mut(&t.host_id)
                     .ok_or_else(|| StorageError::UnknownHost(t.host_id.clone()))?;
-                if *state != t.from {
-                    recorded.push(false);
-                    continue;
+                let ok = *state == t.from;
+                if ok {
+                    *state = t.to;
+                    accepted.push((*pk, t, audit));
                 }
+                recorded.push(ok);
+            }
+            // The newest state of each host (one row per host in an upsert).
+            let mut newest: BTreeMap<i64, (&str, i64)> = BTreeMap::new();
+            for (pk, t, _) in &accepted {
+                newest.insert(*pk, (t.to.name(), t.at_ms));
+            }
+            let pks: Vec<i64> = newest.keys().copied().collect();
+            let states: Vec<&str> = newest.values().map(|v| v.0).collect();
+            let since: Vec<i64> = newest.values().map(|v| v.1).collect();
+            if !pks.is_empty() {
                 tx.execute(
-                    "INSERT INTO host_lifecycle (host_pk, state, since_ms) VALUES ($1, $2, $3) \
+                    "INSERT INTO host_lifecycle (host_pk, state, since_ms) \
+                     SELECT * FROM unnest($1::int8[], $2::text[], $3::int8[]) \
                      ON CONFLICT (host_pk) DO UPDATE SET state = excluded.state, \
                      since_ms = excluded.since_ms",
-                    &[&*pk, &t.to.name(), &t.at_ms],
+                    &[&pks, &states, &since],
                 )
                 .await
                 .db()?;
+                let t_pk: Vec<i64> = accepted.iter().map(|a| a.0).collect();
+                let from: Vec<&str> = accepted.iter().map(|a| a.1.from.name()).collect();
+                let to: Vec<&str> = accepted.iter().map(|a| a.1.to.name()).collect();
+                let at: Vec<i64> = accepted.iter().map(|a| a.1.at_ms).collect();
+                let cause: Vec<&str> = accepted.iter().map(|a| a.1.cause.as_str()).collect();
+                let actor: Vec<&str> = accepted.iter().map(|a| a.1.actor.as_str()).collect();
+                // WITH ORDINALITY … ORDER BY: ids follow the batch's order.
                 tx.execute(
                     "INSERT INTO host_transitions (host_pk, from_state, to_state, at_ms, cause, actor) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[
-                        &*pk,
-                        &t.from.name(),
-                        &t.to.name(),
-                        &t.at_ms,
-                        &t.cause,
-                        &t.actor,
-                    ],
+                     SELECT p, f, t, a, c, r FROM unnest($1::int8[], $2::text[], $3::text[], \
+                       $4::int8[], $5::text[], $6::text[]) WITH ORDINALITY AS u(p, f, t, a, c, r, n) \
+                     ORDER BY n",
+                    &[&t_pk, &from, &to, &at, &cause, &actor],
                 )
                 .await
                 .db()?;
-                audit::append_tx(&tx, audit).await?;
-                *state = t.to;
-                recorded.push(true);
+                let audits: Vec<&AuditEntry> = accepted.iter().map(|a| a.2).collect();
+                audit::append_many_tx(&tx, &audits).await?;
             }
             tx.commit().await.db()?;
             Ok(recorded)
