@@ -22,6 +22,7 @@ PHASES=ingest,latency,idle
 BUILD=1
 LOADGEN_CPUS=
 COLLECTOR_CPUS=
+PG_SETTINGS=()
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 
 usage() {
@@ -38,6 +39,8 @@ usage: bench/collector.sh [options]
   --phases LIST       ingest,latency,idle (default $PHASES; latency needs ingest)
   --loadgen-cpus L    pin the load generator to these CPUs (taskset -c L; default: unpinned)
   --collector-cpus L  pin the collector likewise (PostgreSQL is never pinned)
+  --pg-setting K=V    extra PostgreSQL server setting (repeatable; e.g. shared_buffers=2GB);
+                      durability settings (fsync, synchronous_commit) are refused
   --no-build          use the existing release binaries
 Builds with CARGO_PROFILE_RELEASE_LTO=false unless that variable is already set. The collector
 logs its group-commit statistics every 5 s (RUST_LOG, default
@@ -60,6 +63,15 @@ while (($#)); do
         --phases) PHASES=$2; shift 2 ;;
         --loadgen-cpus) LOADGEN_CPUS=$2; shift 2 ;;
         --collector-cpus) COLLECTOR_CPUS=$2; shift 2 ;;
+        --pg-setting)
+            [[ $2 == *=* ]] || { echo "--pg-setting wants NAME=VALUE, got '$2'" >&2; exit 2; }
+            case ${2%%=*} in
+                fsync | synchronous_commit | full_page_writes | wal_level)
+                    echo "--pg-setting ${2%%=*}: the benchmark keeps durability at its defaults" >&2
+                    exit 2
+                    ;;
+            esac
+            PG_SETTINGS+=("$2"); shift 2 ;;
         --no-build) BUILD=0; shift ;;
         -h | --help) usage; exit 0 ;;
         *) echo "unknown option $1" >&2; usage >&2; exit 2 ;;
@@ -135,8 +147,11 @@ start_postgres() {
     pg initdb -D "$PG_DIR/data" -U postgres --auth=trust --encoding=UTF8 --locale=C >"$WORK/initdb.log" 2>&1 ||
         die "initdb failed: $(tail -n 3 "$WORK/initdb.log")"
     # Defaults for durability (fsync=on, synchronous_commit=on); only the socket is private.
-    pg pg_ctl -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 \
-        -o "-k $PG_DIR -p $PG_PORT -c listen_addresses='' -c max_connections=200 -c shared_buffers=128MB" \
+    local opts="-k $PG_DIR -p $PG_PORT -c listen_addresses='' -c max_connections=200 -c log_checkpoints=on"
+    local kv
+    for kv in "${PG_SETTINGS[@]}"; do opts+=" -c $kv"; done
+    log "postgres settings: ${PG_SETTINGS[*]:-(defaults)}"
+    pg pg_ctl -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 -o "$opts" \
         start >/dev/null || die "pg_ctl start failed"
     pg createdb -h "$PG_DIR" -p "$PG_PORT" -U postgres driftwatch || die "createdb failed"
 }
@@ -221,7 +236,10 @@ for backend in ${BACKENDS//,/ }; do
     ps -o rss= -p "$COLLECTOR_PID" >"$RESULTS/$backend-collector-rss-kib.txt" || true
     stop_collector
     cp "$WORK/$backend/collector.log" "$RESULTS/$backend-collector.log" || true
-    [[ $backend == postgres ]] && stop_postgres
+    if [[ $backend == postgres ]]; then
+        stop_postgres
+        cp "$WORK/pg/server.log" "$RESULTS/postgres-server.log" || true
+    fi
 done
 
 if has idle "$PHASES"; then
