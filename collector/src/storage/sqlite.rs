@@ -246,9 +246,21 @@ impl<T> Db<T> for Result<T, rusqlite::Error> {
 fn connect(path: &Path) -> Result<Connection, StorageError> {
     let conn = Connection::open(path).db()?;
     conn.busy_timeout(BUSY_TIMEOUT).db()?;
-    let mode: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
-        .db()?;
+    // Switching a new file to WAL upgrades a shared lock, and SQLite answers BUSY without
+    // calling the busy handler when another connection is doing the same (two replicas
+    // starting together): wait for it here, as long as any other lock.
+    let started = std::time::Instant::now();
+    let mode: String = loop {
+        match conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && started.elapsed() < BUSY_TIMEOUT =>
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => break r.db()?,
+        }
+    };
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(StorageError::Backend(format!(
             "sqlite: {} refuses WAL mode (journal_mode is {mode})",
@@ -306,16 +318,19 @@ impl SqliteStore {
     /// at startup or from `spawn_blocking`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StorageError> {
         let path = path.as_ref().to_path_buf();
-        let mut writer = connect(&path)?;
-        migrate(&mut writer)?;
+        let mut writer = connect(&path).map_err(|e| e.context("opening the writer connection"))?;
+        migrate(&mut writer).map_err(|e| e.context("migrating the schema"))?;
         writer
             .pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES)
-            .db()?;
+            .db()
+            .map_err(|e| e.context("setting wal_autocheckpoint"))?;
         writer
             .pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES)
-            .db()?;
-        let reader = connect(&path)?;
-        let checkpointer = connect(&path)?;
+            .db()
+            .map_err(|e| e.context("setting journal_size_limit"))?;
+        let reader = connect(&path).map_err(|e| e.context("opening the reader connection"))?;
+        let checkpointer =
+            connect(&path).map_err(|e| e.context("opening the checkpoint connection"))?;
         Ok(SqliteStore {
             writer: Worker::start("sqlite-writer", writer)?,
             reader: Worker::start("sqlite-reader", reader)?,
