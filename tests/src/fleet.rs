@@ -193,7 +193,7 @@ impl Collector {
 
     /// Every host's (host id, lifecycle), in the order `driftwatch hosts` lists them.
     pub fn lifecycles(&self) -> Result<Vec<(String, String)>, String> {
-        Ok(self
+        let mut v: Vec<(String, String)> = self
             .try_hosts()?
             .iter()
             .map(|h| {
@@ -202,21 +202,24 @@ impl Collector {
                     h["lifecycle"].as_str().unwrap_or("").to_string(),
                 )
             })
-            .collect())
+            .collect();
+        v.sort();
+        Ok(v)
     }
 
     /// Waits (at most `limit`, polling every 250 ms) until [`Collector::lifecycles`] is `want`.
     pub fn wait_lifecycles(&self, what: &str, limit: Duration, want: &[(&str, &str)]) {
-        let want: Vec<(String, String)> = want
+        let mut want: Vec<(String, String)> = want
             .iter()
             .map(|(h, l)| (h.to_string(), l.to_string()))
             .collect();
+        want.sort();
         wait_until(what, limit, Duration::from_millis(250), || {
             let got = self.lifecycles()?;
             if got == want {
                 Ok(())
             } else {
-                Err(format!("{got:?}"))
+                Err(format!("{got:?}, want {want:?}"))
             }
         });
     }

@@ -352,6 +352,19 @@ impl Machine {
             .to_string()
     }
 
+    /// `systemd-analyze verify` of installed units on the booted system: exit 0 and not one
+    /// warning.
+    pub fn verify_units(&self, units: &[&str]) {
+        let mut args = vec!["systemd-analyze", "verify", "--man=no"];
+        args.extend_from_slice(units);
+        let verify = self.exec(&args);
+        assert!(
+            verify.code == 0 && verify.stderr.trim().is_empty(),
+            "systemd-analyze verify {units:?}: {}",
+            verify.stderr
+        );
+    }
+
     /// Waits until `unit` is active, with its status and journal in the failure message.
     pub fn wait_active(&self, unit: &str, limit: Duration) {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

@@ -198,37 +198,10 @@ impl Fleet<'_> {
     }
 }
 
-/// (host id, lifecycle) of every host the collector knows, sorted.
-fn lifecycles(c: &Collector) -> Result<Vec<(String, String)>, String> {
-    let mut v: Vec<(String, String)> = c
-        .try_hosts()?
-        .iter()
-        .map(|h| {
-            (
-                h["host_id"].as_str().unwrap_or("").to_string(),
-                h["lifecycle"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
+/// [`Collector::wait_lifecycles`], with the servers' agent journals when it fails.
 fn wait_lifecycles(c: &Collector, fleet: &Fleet, what: &str, want: &[(&str, &str)]) {
-    let mut want: Vec<(String, String)> = want
-        .iter()
-        .map(|(h, l)| (h.to_string(), l.to_string()))
-        .collect();
-    want.sort();
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        wait_until(what, SETTLE, Duration::from_millis(500), || {
-            let got = lifecycles(c)?;
-            if got == want {
-                Ok(())
-            } else {
-                Err(format!("{got:?}, want {want:?}"))
-            }
-        })
+        c.wait_lifecycles(what, SETTLE, want)
     }));
     if let Err(e) = r {
         eprintln!("{}", fleet.journals());
@@ -435,7 +408,7 @@ fn a_fleet_booted_from_one_image_is_flagged_rebuilt_and_watched_for_silence() {
         SETTLE,
         Duration::from_millis(250),
         || {
-            let l = lifecycles(&collector)?;
+            let l = collector.lifecycles()?;
             let flagged_or_later = |h: &str| {
                 l.iter().any(|(id, s)| {
                     id == h && ["flagged", "rebuild_requested"].contains(&s.as_str())

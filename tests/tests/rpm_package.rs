@@ -218,18 +218,7 @@ fn rpm_metadata_install_upgrade_erase_on_a_booted_server() {
         m.unit_property("driftwatch-agent.service", "ActiveState"),
         "inactive"
     );
-    let verify = m.exec(&[
-        "systemd-analyze",
-        "verify",
-        "--man=no",
-        "driftwatch-agent.service",
-        "driftwatch-collector.service",
-    ]);
-    assert!(
-        verify.code == 0 && verify.stderr.trim().is_empty(),
-        "systemd-analyze verify: {}",
-        verify.stderr
-    );
+    m.verify_units(&["driftwatch-agent.service", "driftwatch-collector.service"]);
 
     m.ok(&["systemctl", "start", "driftwatch-collector.service"]);
     m.wait_active("driftwatch-collector.service", Duration::from_secs(60));
