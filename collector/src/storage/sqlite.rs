@@ -96,34 +96,69 @@ struct WorkerState {
     cached_items: usize,
 }
 
+/// A thread of the store, fed over a channel whose only sender this is. Dropping it closes the
+/// channel and joins the thread: the thread ends after the messages already queued, and
+/// "store dropped" means "connection closed" (a reopen sees a quiet file).
+struct OwnedThread<T> {
+    tx: Option<mpsc::Sender<T>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<T> std::fmt::Debug for OwnedThread<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedThread")
+            .field("running", &self.thread.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Send + 'static> OwnedThread<T> {
+    /// Starts `body` on a thread named `name`; it gets the receiving end.
+    fn spawn(
+        name: &str,
+        body: impl FnOnce(mpsc::Receiver<T>) + Send + 'static,
+    ) -> Result<Self, StorageError> {
+        let (tx, rx) = mpsc::channel::<T>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || body(rx))
+            .map_err(|e| StorageError::Backend(format!("starting the {name} thread: {e}")))?;
+        Ok(OwnedThread {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl<T> Drop for OwnedThread<T> {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// One connection on its own thread, fed jobs over a channel.
 #[derive(Debug)]
 struct Worker {
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+    jobs: OwnedThread<Job>,
 }
 
 impl Worker {
     fn start(name: &str, conn: Connection) -> Result<Self, StorageError> {
-        let (tx, rx) = mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name(name.to_owned())
-            .spawn(move || {
-                let mut state = WorkerState {
-                    conn,
-                    open_sets: HashMap::new(),
-                    cached_items: 0,
-                };
-                // Ends when the store (the only sender) is dropped.
-                while let Ok(job) = rx.recv() {
-                    job(&mut state);
-                }
-            })
-            .map_err(|e| StorageError::Backend(format!("starting the {name} thread: {e}")))?;
-        Ok(Worker {
-            jobs: Some(tx),
-            thread: Some(thread),
-        })
+        let jobs = OwnedThread::spawn(name, move |rx: mpsc::Receiver<Job>| {
+            let mut state = WorkerState {
+                conn,
+                open_sets: HashMap::new(),
+                cached_items: 0,
+            };
+            // Ends when the store (the only sender) is dropped.
+            while let Ok(job) = rx.recv() {
+                job(&mut state);
+            }
+        })?;
+        Ok(Worker { jobs })
     }
 
     fn run<T: Send + 'static>(
@@ -135,7 +170,7 @@ impl Worker {
             // The caller may have gone away (its future dropped): nothing to tell then.
             let _ = tx.send(f(state));
         });
-        let sent = self.jobs.as_ref().map(|j| j.send(job).is_ok()) == Some(true);
+        let sent = self.jobs.tx.as_ref().map(|j| j.send(job).is_ok()) == Some(true);
         Box::pin(async move {
             if !sent {
                 return Err(StorageError::Backend(
@@ -148,18 +183,7 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        // Closing the channel ends the thread after the jobs already queued; joining makes
-        // "store dropped" mean "connection closed" (a reopen sees a quiet file).
-        self.jobs = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// What the checkpointer has done, for tests and the writer's statistics.
+/// What the checkpointer has done (read by tests).
 #[derive(Debug, Default)]
 pub struct CheckpointStats {
     /// Passive checkpoints run.
@@ -173,63 +197,47 @@ pub struct CheckpointStats {
 /// The checkpointer thread (module doc). Stops, and is joined, when dropped.
 #[derive(Debug)]
 struct Checkpointer {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _thread: OwnedThread<()>,
     stats: Arc<CheckpointStats>,
 }
 
 impl Checkpointer {
     fn start(conn: Connection) -> Result<Self, StorageError> {
-        let (stop, stopped) = mpsc::channel::<()>();
         let stats = Arc::new(CheckpointStats::default());
         let st = Arc::clone(&stats);
-        let thread = std::thread::Builder::new()
-            .name("sqlite-checkpoint".into())
-            .spawn(move || {
-                let mut last_error = String::new();
-                // Ends when the store drops the sender.
-                while let Err(mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
-                {
-                    // (busy, frames in the WAL, of them copied back); -1, -1 when not in WAL.
-                    let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-                        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-                    });
-                    st.runs.fetch_add(1, Ordering::Relaxed);
-                    match r {
-                        Ok((log, done)) => {
-                            if log == done {
-                                st.caught_up.fetch_add(1, Ordering::Relaxed);
-                            }
-                            last_error.clear();
+        let thread = OwnedThread::spawn("sqlite-checkpoint", move |stopped: mpsc::Receiver<()>| {
+            let mut last_error = String::new();
+            // Ends when the store drops the sender.
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(CHECKPOINT_EVERY)
+            {
+                // (busy, frames in the WAL, of them copied back); -1, -1 when not in WAL.
+                let r = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                    Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                });
+                st.runs.fetch_add(1, Ordering::Relaxed);
+                match r {
+                    Ok((log, done)) => {
+                        if log == done {
+                            st.caught_up.fetch_add(1, Ordering::Relaxed);
                         }
-                        Err(e) => {
-                            st.failures.fetch_add(1, Ordering::Relaxed);
-                            // Once per distinct error, not five times a second.
-                            let e = e.to_string();
-                            if e != last_error {
-                                tracing::warn!(error = %e, "sqlite: WAL checkpoint failed; the writer's own checkpoint is the backstop");
-                                last_error = e;
-                            }
+                        last_error.clear();
+                    }
+                    Err(e) => {
+                        st.failures.fetch_add(1, Ordering::Relaxed);
+                        // Once per distinct error, not five times a second.
+                        let e = e.to_string();
+                        if e != last_error {
+                            tracing::warn!(error = %e, "sqlite: WAL checkpoint failed; the writer's own checkpoint is the backstop");
+                            last_error = e;
                         }
                     }
                 }
-            })
-            .map_err(|e| StorageError::Backend(format!("starting the checkpoint thread: {e}")))?;
+            }
+        })?;
         Ok(Checkpointer {
-            stop: Some(stop),
-            thread: Some(thread),
+            _thread: thread,
             stats,
         })
-    }
-}
-
-impl Drop for Checkpointer {
-    fn drop(&mut self) {
-        self.stop = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
