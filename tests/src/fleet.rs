@@ -191,7 +191,7 @@ impl Collector {
         Ok(r.stdout_str())
     }
 
-    /// Every host's (host id, lifecycle), in the order `driftwatch hosts` lists them.
+    /// Every host's (host id, lifecycle), sorted.
     pub fn lifecycles(&self) -> Result<Vec<(String, String)>, String> {
         let mut v: Vec<(String, String)> = self
             .try_hosts()?

@@ -8,10 +8,10 @@
 //! once on disjoint host rows: while one waits for its commit to reach the disk, the server
 //! works on the other. Every other write (enrollment, lifecycle transitions, audit, tokens,
 //! actions) goes through the control writer, so a reconciler pass waiting for host row locks
-//! never holds up a lane's connection. Within a transaction, statements are pipelined (several requests in flight on
-//! the one connection) and every per-row write is a single array statement (`UNNEST`), so a
-//! batch costs a handful of round trips whatever its size. Reads use their own connection so
-//! the fleet view never waits behind an apply batch.
+//! never holds up a lane's connection. Within a transaction, statements are pipelined (several
+//! requests in flight on the one connection) and every per-row write is a single array
+//! statement (`UNNEST`), so a batch costs a handful of round trips whatever its size. Reads use
+//! their own connection so the fleet view never waits behind an apply batch.
 //!
 //! Several replicas: every write transaction locks the host rows it changes (`FOR UPDATE`, in
 //! primary-key order, so two replicas never deadlock on each other's batches), the token
