@@ -172,6 +172,7 @@ conformance!(
     changes_are_audited_in_their_own_transaction,
     lifecycle_transitions_are_compare_and_set_with_audit,
     lifecycle_transition_batches_are_one_transaction_each_move_compared,
+    lifecycle_moves_race_once_and_never_wait_for_report_batches,
     acknowledgements_cover_the_named_open_items,
     registry_refuses_versions_not_newer,
     actions_are_created_once_per_key_with_audit,
@@ -2502,6 +2503,89 @@ async fn lifecycle_transition_batches_are_one_transaction_each_move_compared(f: 
     assert_eq!(s.audit_records(0, 1000).await.unwrap().len(), n);
     assert_eq!(s.transitions("b", 0).await.unwrap().len(), 1);
     drop(f);
+}
+
+async fn lifecycle_moves_race_once_and_never_wait_for_report_batches(f: Fixture) {
+    let s1 = f.open().await;
+    let s2 = f.open().await;
+    let hosts: Vec<String> = (0..20).map(|i| format!("r{i}")).collect();
+    for h in &hosts {
+        enroll(&*s1, h).await;
+    }
+    let before = action_names(&*s1).await.len();
+    // Two replicas' reconcilers moving the same hosts at once: each move is recorded once.
+    let moves = |s: Arc<dyn Storage>, hosts: Vec<String>| async move {
+        let mut won = 0;
+        for h in &hosts {
+            let t = transition(h, Lifecycle::Enrolled, Lifecycle::Flagged, T0 + MINUTE);
+            if s.record_transition(t, audit("host.flagged", h))
+                .await
+                .unwrap()
+            {
+                won += 1;
+            }
+        }
+        won
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(moves(Arc::clone(&s1), hosts.clone())),
+        tokio::spawn(moves(Arc::clone(&s2), hosts.clone())),
+    );
+    assert_eq!(
+        a.unwrap() + b.unwrap(),
+        hosts.len(),
+        "a move recorded twice or never"
+    );
+    assert_eq!(action_names(&*s1).await.len(), before + hosts.len());
+    for h in &hosts {
+        assert_eq!(s1.transitions(h, 10).await.unwrap().len(), 1, "{h}");
+    }
+
+    // PostgreSQL: a report batch holds its host rows locked while it commits, a lifecycle
+    // move's inserts take a key-share lock on theirs (foreign keys); neither waits for the
+    // other (a reconciler batch flagging a few hundred hosts held up every lane for seconds).
+    // One SQLite file has one writer at a time: there is nothing to overlap.
+    if f.kind == Kind::Postgres {
+        let (other, conn) = tokio_postgres::connect(&f.pg_url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let task = tokio::spawn(conn);
+        let limit = std::time::Duration::from_secs(10);
+        // What an in-flight report batch of host r0 holds (the same lock as apply takes).
+        other
+            .batch_execute("BEGIN; SELECT 1 FROM hosts WHERE host_id = 'r0' FOR NO KEY UPDATE")
+            .await
+            .unwrap();
+        let t = transition(
+            "r0",
+            Lifecycle::Flagged,
+            Lifecycle::Drifted,
+            T0 + 2 * MINUTE,
+        );
+        let moved = tokio::time::timeout(
+            limit,
+            s1.record_transition(t, audit("host.state_changed", "r0")),
+        )
+        .await
+        .expect("a lifecycle move waited for a report batch's host row lock");
+        assert!(moved.unwrap());
+        // What an in-flight lifecycle move of r1 holds on its host row.
+        other
+            .batch_execute(
+                "ROLLBACK; BEGIN; SELECT 1 FROM hosts WHERE host_id = 'r1' FOR KEY SHARE",
+            )
+            .await
+            .unwrap();
+        let mut agent = Agent::new(1);
+        let report = agent.full(vec![file(b"/etc/r1", ViolationKind::Modified, 3, &[])]);
+        let out = tokio::time::timeout(limit, s1.apply_reports(vec![to_apply("r1", report, T0)]))
+            .await
+            .expect("a report batch waited for a lifecycle move's key-share lock");
+        assert_eq!(out.unwrap(), vec![APPLIED]);
+        other.batch_execute("ROLLBACK").await.unwrap();
+        drop(other);
+        let _ = task.await;
+    }
 }
 
 async fn acknowledgements_cover_the_named_open_items(f: Fixture) {

@@ -124,7 +124,7 @@ impl WriterStatements {
                 .prepare(
                     "SELECT pk, host_id, apply_version, epoch, last_seq, incomplete, \
                      incomplete_reason, lost_reports, last_scan_ms, last_scan_status \
-                     FROM hosts WHERE host_id = ANY($1::text[]) ORDER BY pk FOR UPDATE",
+                     FROM hosts WHERE host_id = ANY($1::text[]) ORDER BY pk FOR NO KEY UPDATE",
                 )
                 .await
                 .db()?,
@@ -1148,7 +1148,8 @@ impl Storage for PgStore {
             let tx = w.client.transaction().await.db()?;
             // Lock in pk order first, as apply does, so replicas never deadlock.
             tx.execute(
-                "SELECT 1 FROM hosts WHERE host_id = ANY($1::text[]) ORDER BY pk FOR UPDATE",
+                "SELECT 1 FROM hosts WHERE host_id = ANY($1::text[]) ORDER BY pk \
+                 FOR NO KEY UPDATE",
                 &[&ids],
             )
             .await
