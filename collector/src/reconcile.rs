@@ -34,6 +34,10 @@ use crate::storage::{
 /// Default time between rounds.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 
+/// How long the background reconciler keeps judging a host on the open rows it read while
+/// the host's reports leave its open counts alone (see [`OpenCache::background`]).
+pub const DEFAULT_RECHECK_AFTER: Duration = Duration::from_secs(30);
+
 /// Most open items read per host per round (a host with more is judged on these).
 pub const MAX_OPEN_PER_HOST: u32 = 10_000;
 
@@ -49,6 +53,9 @@ pub struct Policy {
     pub image_defect_ratio: f64,
     /// Time between rounds.
     pub interval: Duration,
+    /// The background reconciler re-reads a host whose open counts did not change at most
+    /// this often.
+    pub recheck_after: Duration,
 }
 
 impl Default for Policy {
@@ -58,6 +65,7 @@ impl Default for Policy {
             silent_after: crate::host_state::DEFAULT_SILENT_AFTER,
             image_defect_ratio: registry::DEFAULT_IMAGE_DEFECT_RATIO,
             interval: DEFAULT_INTERVAL,
+            recheck_after: DEFAULT_RECHECK_AFTER,
         }
     }
 }
@@ -92,18 +100,34 @@ pub async fn gather(
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct OpenStamp {
     position: StreamPosition,
-    open_by_severity: [u64; 6],
-    open_packages: u64,
+    counts: OpenCounts,
+}
+
+/// How many items a host has open, by severity, and how many of them are packages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OpenCounts {
+    by_severity: [u64; 6],
+    packages: u64,
 }
 
 impl OpenStamp {
     fn of(h: &HostSummary) -> Self {
         OpenStamp {
             position: h.position.clone(),
-            open_by_severity: h.open_by_severity,
-            open_packages: h.open_packages,
+            counts: OpenCounts {
+                by_severity: h.open_by_severity,
+                packages: h.open_packages,
+            },
         }
     }
+}
+
+/// A host's open rows as a round read them.
+#[derive(Debug)]
+struct Held {
+    stamp: OpenStamp,
+    read_at: tokio::time::Instant,
+    rows: Arc<Vec<ViolationRecord>>,
 }
 
 /// Open drift read in earlier rounds, per host, with the [`OpenStamp`] it was read at. The
@@ -111,10 +135,31 @@ impl OpenStamp {
 /// reported since the last one, not of the whole fleet every few seconds.
 #[derive(Debug, Default)]
 pub struct OpenCache {
-    hosts: HashMap<String, (OpenStamp, Arc<Vec<ViolationRecord>>)>,
+    hosts: HashMap<String, Held>,
+    /// Zero, or how long a round may spread its reads of hosts that reported over.
+    read_spread: Duration,
+    /// Zero, or how long rows stay in use while a host's reports leave its open counts alone.
+    recheck_after: Duration,
 }
 
 impl OpenCache {
+    /// The background reconciler's cache. Its rounds spread their reads of hosts that
+    /// reported evenly over up to half the `interval` (they never wait once they are behind),
+    /// and a host whose reports since its last read left its open counts by severity and its
+    /// package count alone (the same items changing content again, or one item replaced by
+    /// another of the same severity) is read again only once `recheck_after` has passed since
+    /// that read; a change of any count is read at the next round. Both because these reads
+    /// are background work: read in one burst every round, the open rows of a busy fleet whose
+    /// drift churns held up the report batches committing alongside (issue 4: the p99
+    /// acknowledgement latency). `explain` and the image views read everything fresh.
+    pub fn background(interval: Duration, recheck_after: Duration) -> Self {
+        OpenCache {
+            read_spread: interval / 2,
+            recheck_after,
+            ..OpenCache::default()
+        }
+    }
+
     /// Hosts whose rows are held.
     pub fn len(&self) -> usize {
         self.hosts.len()
@@ -148,26 +193,51 @@ pub async fn gather_cached(
     let acks = store.acknowledgements(None, now_ms).await?;
     let mut open = HashMap::new();
     let mut kept = HashMap::new();
+    let mut stale = Vec::new();
     for h in &hosts {
         let has_open = h.open_by_severity.iter().any(|&n| n > 0) || h.open_packages > 0;
         if !has_open || image.is_some_and(|i| h.hello.image_id != i) {
             continue;
         }
         let stamp = OpenStamp::of(h);
-        let rows = match cache.hosts.remove(&h.host_id) {
-            Some((was, rows)) if was == stamp => rows,
-            _ => Arc::new(
-                store
-                    .search_violations(ViolationQuery {
-                        host_id: Some(h.host_id.clone()),
-                        limit: MAX_OPEN_PER_HOST,
-                        ..ViolationQuery::default()
-                    })
-                    .await?,
-            ),
+        match cache.hosts.remove(&h.host_id) {
+            Some(held)
+                if held.stamp == stamp
+                    || (held.stamp.counts == stamp.counts
+                        && held.read_at.elapsed() < cache.recheck_after) =>
+            {
+                open.insert(h.host_id.clone(), Arc::clone(&held.rows));
+                kept.insert(h.host_id.clone(), held);
+            }
+            _ => stale.push((h, stamp)),
+        }
+    }
+    let started = tokio::time::Instant::now();
+    let n = u32::try_from(stale.len()).unwrap_or(u32::MAX);
+    for (i, (h, stamp)) in (1..).zip(stale) {
+        let rows = Arc::new(
+            store
+                .search_violations(ViolationQuery {
+                    host_id: Some(h.host_id.clone()),
+                    limit: MAX_OPEN_PER_HOST,
+                    ..ViolationQuery::default()
+                })
+                .await?,
+        );
+        let held = Held {
+            stamp,
+            read_at: tokio::time::Instant::now(),
+            rows: Arc::clone(&rows),
         };
-        kept.insert(h.host_id.clone(), (stamp, Arc::clone(&rows)));
+        kept.insert(h.host_id.clone(), held);
         open.insert(h.host_id.clone(), rows);
+        if !cache.read_spread.is_zero() && i < n {
+            // The i-th of n reads is due to end by i/n of the spread.
+            tokio::time::sleep_until(
+                started + cache.read_spread.mul_f64(f64::from(i) / f64::from(n)),
+            )
+            .await;
+        }
     }
     cache.hosts = kept;
     Ok(Snapshot {
@@ -564,7 +634,15 @@ pub async fn reconcile_round(
     cache: &mut OpenCache,
 ) -> Result<usize, StorageError> {
     let snap = gather_cached(store, now_ms, None, cache).await?;
-    let verdicts = assess(&snap, policy);
+    // Judging a large fleet is a few hundred milliseconds of CPU: on a blocking thread, not on
+    // a runtime worker the report streams share.
+    let judge = policy.clone();
+    let verdicts = match tokio::task::spawn_blocking(move || assess(&snap, &judge)).await {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down: no round to finish.
+        Err(_) => return Ok(0),
+    };
     let planned = plan(&verdicts, policy, now_ms);
     if planned.is_empty() {
         return Ok(0);
@@ -658,7 +736,7 @@ pub fn spawn(
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut cache = OpenCache::default();
+        let mut cache = OpenCache::background(policy.interval, policy.recheck_after);
         let mut tick = tokio::time::interval(policy.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

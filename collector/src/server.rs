@@ -295,6 +295,7 @@ impl Server {
             silent_after: api_config.silent_after,
             image_defect_ratio: settings.image_defect_ratio.0,
             interval: settings.reconcile_interval,
+            recheck_after: crate::reconcile::DEFAULT_RECHECK_AFTER,
         });
         let reconciler = crate::reconcile::spawn(store.clone(), policy.clone(), stop_rx.clone());
         let mut stop_for_http = stop_rx.clone();

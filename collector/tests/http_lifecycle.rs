@@ -241,6 +241,92 @@ async fn reconcile_rounds_reread_hosts_that_reported_since() {
     assert_eq!(snap.open, fresh.open);
 }
 
+/// The background reconciler's cache spreads a round's reads over half its interval, and
+/// keeps judging a host on the rows it read while the host's reports leave its open counts
+/// alone, until `recheck_after` has passed; a change of counts is read at the next round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_cache_spreads_reads_and_rechecks_unchanged_counts_later() {
+    use driftwatch_proto::v1::{Severity, ViolationKind};
+    let Fleet { store, .. } = fleet().await;
+    let (interval, recheck) = (Duration::from_secs(2), Duration::from_secs(3));
+    let mut cache = reconcile::OpenCache::background(interval, recheck);
+    let started = std::time::Instant::now();
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+        .await
+        .unwrap();
+    // web-1 and old-1 have open drift: two reads over 1 s, the first due at 0.5 s.
+    assert_eq!(snap.open.len(), 2);
+    let took = started.elapsed();
+    assert!(
+        took >= interval / 4,
+        "two reads spread over 1 s took {took:?}"
+    );
+    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    assert_eq!(snap.open, fresh.open);
+
+    // old-1's sshd_config changes content again, at the same severity: counts unchanged.
+    let mut old = Agent::default();
+    let _ = old.report(true, vec![sshd_config()], vec![]); // applied by the fixture
+    let sshd = |digest: &str| {
+        fleet_fixture::file(
+            b"/etc/ssh/sshd_config",
+            ViolationKind::Modified,
+            Severity::High,
+            &[("content", "blake3:aaaa", digest)],
+        )
+    };
+    apply(
+        &*store,
+        "old-1",
+        old.report(true, vec![sshd("blake3:cccc")], vec![]),
+        now_ms(),
+    )
+    .await;
+    let held = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+        .await
+        .unwrap();
+    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    assert!(started.elapsed() < recheck, "too slow to see the rows held");
+    assert_eq!(
+        held.open["old-1"], snap.open["old-1"],
+        "re-read before recheck_after"
+    );
+    assert_ne!(held.open["old-1"], fresh.open["old-1"]);
+
+    // A new item changes the counts: read at once.
+    let motd = fleet_fixture::file(b"/etc/motd", ViolationKind::Modified, Severity::Low, &[]);
+    apply(
+        &*store,
+        "old-1",
+        old.report(false, vec![motd], vec![]),
+        now_ms(),
+    )
+    .await;
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+        .await
+        .unwrap();
+    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    assert_eq!(snap.open["old-1"].len(), 2);
+    assert_eq!(snap.open, fresh.open);
+
+    // Content only again: held, until recheck_after has passed since that read.
+    apply(
+        &*store,
+        "old-1",
+        old.report(false, vec![sshd("blake3:dddd")], vec![]),
+        now_ms(),
+    )
+    .await;
+    let read_again = std::time::Instant::now();
+    tokio::time::sleep(recheck).await;
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+        .await
+        .unwrap();
+    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    assert!(read_again.elapsed() >= recheck);
+    assert_eq!(snap.open, fresh.open, "not re-read after recheck_after");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconciler_records_transitions_the_api_shows() {
     let Fleet { store, .. } = fleet().await;
