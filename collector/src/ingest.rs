@@ -32,6 +32,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::ca::{ClientIdentity, unix_ms};
 use crate::config::Settings;
 use crate::failpoint;
+use crate::reconcile::OpenCache;
 use crate::revocation::Revocations;
 use crate::rpc_error::RpcError;
 use crate::security;
@@ -116,6 +117,7 @@ impl IngestService {
         settings: &Settings,
         store: Arc<dyn Storage>,
         revocations: Revocations,
+        open_rows: Arc<OpenCache>,
         shutdown: watch::Receiver<bool>,
     ) -> (IngestService, IngestTasks) {
         let tuning = &settings.tuning;
@@ -125,6 +127,7 @@ impl IngestService {
             writer_txs.push(tx);
             writers.push(tokio::spawn(run_writer(
                 store.clone(),
+                open_rows.clone(),
                 rx,
                 lane,
                 tuning.commit_batch_max.get(),
@@ -554,6 +557,7 @@ fn records_of(r: &ReportToApply) -> usize {
 /// transaction, then answers every job. Ends when every sender is gone and the queue is empty.
 async fn run_writer(
     store: Arc<dyn Storage>,
+    open_rows: Arc<OpenCache>,
     mut rx: mpsc::Receiver<ApplyJob>,
     lane: usize,
     batch_max: usize,
@@ -597,6 +601,12 @@ async fn run_writer(
         let (reports, dones): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.report, j.done)).unzip();
         let count = reports.len();
+        // Copies of the reports of hosts whose open rows the reconciler holds, to move those
+        // rows along once the batch committed.
+        let replay: Vec<Option<ReportToApply>> = reports
+            .iter()
+            .map(|r| open_rows.holds(&r.host_id).then(|| r.clone()))
+            .collect();
         let result = match store.apply_reports(reports).await {
             Ok(outcomes) if outcomes.len() == count => Ok(outcomes),
             Ok(outcomes) => Err(Arc::new(StorageError::Backend(format!(
@@ -621,11 +631,20 @@ async fn run_writer(
         }
         match result {
             Ok(outcomes) => {
+                let replay: Vec<(ReportToApply, ApplyOutcome)> = replay
+                    .into_iter()
+                    .zip(&outcomes)
+                    .filter_map(|(r, o)| Some((r?, o.clone())))
+                    .collect();
                 failpoint::hit("collector-after-commit-before-ack");
                 for (done, outcome) in dones.into_iter().zip(outcomes) {
                     // A stream that went away meanwhile: its agent resends, and gets a
                     // duplicate ack.
                     let _ = done.send(Ok(outcome));
+                }
+                // After the acks, so they do not wait for it.
+                for (r, outcome) in replay {
+                    open_rows.advance(&r.host_id, r.report, r.received_ms, &outcome);
                 }
             }
             Err(e) => {

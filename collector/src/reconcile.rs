@@ -34,10 +34,6 @@ use crate::storage::{
 /// Default time between rounds.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// How long the background reconciler keeps judging a host on the open rows it read while
-/// the host's reports leave its open counts alone (see [`OpenCache::background`]).
-pub const DEFAULT_RECHECK_AFTER: Duration = Duration::from_secs(30);
-
 /// Most open items read per host per round (a host with more is judged on these).
 pub const MAX_OPEN_PER_HOST: u32 = 10_000;
 
@@ -53,9 +49,6 @@ pub struct Policy {
     pub image_defect_ratio: f64,
     /// Time between rounds.
     pub interval: Duration,
-    /// The background reconciler re-reads a host whose open counts did not change at most
-    /// this often.
-    pub recheck_after: Duration,
 }
 
 impl Default for Policy {
@@ -65,7 +58,6 @@ impl Default for Policy {
             silent_after: crate::host_state::DEFAULT_SILENT_AFTER,
             image_defect_ratio: registry::DEFAULT_IMAGE_DEFECT_RATIO,
             interval: DEFAULT_INTERVAL,
-            recheck_after: DEFAULT_RECHECK_AFTER,
         }
     }
 }
@@ -90,7 +82,7 @@ pub async fn gather(
     now_ms: i64,
     image: Option<&str>,
 ) -> Result<Snapshot, StorageError> {
-    gather_cached(store, now_ms, image, &mut OpenCache::default()).await
+    gather_cached(store, now_ms, image, &OpenCache::default()).await
 }
 
 /// What a host's stored open drift is read at: every write to a host's violations is a report
@@ -122,52 +114,233 @@ impl OpenStamp {
     }
 }
 
-/// A host's open rows as a round read them.
+/// A host's open rows and the stamp they are the stored ones at.
 #[derive(Debug)]
 struct Held {
     stamp: OpenStamp,
-    read_at: tokio::time::Instant,
     rows: Arc<Vec<ViolationRecord>>,
 }
 
-/// Open drift read in earlier rounds, per host, with the [`OpenStamp`] it was read at. The
-/// reconciler keeps one across rounds, so a round reads the open rows only of hosts that
-/// reported since the last one, not of the whole fleet every few seconds.
+/// Open drift of earlier rounds, per host, with the [`OpenStamp`] it is the stored drift at.
+/// The reconciler keeps one across rounds and reads a host's open rows again only when its
+/// stamp moved. The ingest shares it ([`OpenCache::advance`]): a report this collector applied
+/// moves the rows it holds for that host along with the stored ones, so a host of a busy fleet
+/// whose drift churns costs its rounds no reads either.
 #[derive(Debug, Default)]
 pub struct OpenCache {
-    hosts: HashMap<String, Held>,
-    /// Zero, or how long a round may spread its reads of hosts that reported over.
+    hosts: std::sync::Mutex<HashMap<String, Held>>,
+    /// Zero, or how long a round may spread its reads over.
     read_spread: Duration,
-    /// Zero, or how long rows stay in use while a host's reports leave its open counts alone.
-    recheck_after: Duration,
+    /// Hosts read from storage so far.
+    reads: std::sync::atomic::AtomicU64,
 }
 
 impl OpenCache {
-    /// The background reconciler's cache. Its rounds spread their reads of hosts that
-    /// reported evenly over up to half the `interval` (they never wait once they are behind),
-    /// and a host whose reports since its last read left its open counts by severity and its
-    /// package count alone (the same items changing content again, or one item replaced by
-    /// another of the same severity) is read again only once `recheck_after` has passed since
-    /// that read; a change of any count is read at the next round. Both because these reads
-    /// are background work: read in one burst every round, the open rows of a busy fleet whose
-    /// drift churns held up the report batches committing alongside (issue 4: the p99
-    /// acknowledgement latency). `explain` and the image views read everything fresh.
-    pub fn background(interval: Duration, recheck_after: Duration) -> Self {
+    /// The background reconciler's cache: a round spreads its reads evenly over up to half the
+    /// `interval` (it never waits once it is behind). Its reads are background work; read in
+    /// one burst, every host that reported since the last round, they held up the report
+    /// batches committing alongside (issue 4: the p99 acknowledgement latency).
+    pub fn background(interval: Duration) -> Self {
         OpenCache {
             read_spread: interval / 2,
-            recheck_after,
             ..OpenCache::default()
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
+        // The map stays consistent whatever a panicking holder did (each entry is replaced
+        // whole), so a poisoned lock is still usable.
+        self.hosts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How many hosts' open rows were read from storage so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether rows are held for `host_id`: only then does [`OpenCache::advance`] need its
+    /// reports.
+    pub fn holds(&self, host_id: &str) -> bool {
+        self.lock().contains_key(host_id)
+    }
+
+    /// Moves the rows held for `host_id` by `report`, which storage applied with `outcome`
+    /// after the position they are held at, as the storage's apply does (upserts before
+    /// removals; a full report resolves what it does not list; first and last seen at
+    /// `received_ms`). Called in the order the reports were applied. A report that does not
+    /// follow the held position directly (a gap, a new epoch, a report another replica
+    /// applied in between), a digest mismatch, rows that do not come out as the set the
+    /// report's digest names, or more than [`MAX_OPEN_PER_HOST`] rows drop the host instead:
+    /// its next round reads it. Rows read after later commits than their stamp (a round's read
+    /// racing the ingest) come out right once the replay reaches the position they were read
+    /// at, and are never used before: a round uses rows only at the stamp it lists.
+    pub fn advance(
+        &self,
+        host_id: &str,
+        report: driftwatch_proto::v1::Report,
+        received_ms: i64,
+        outcome: &crate::storage::ApplyOutcome,
+    ) {
+        let mut hosts = self.lock();
+        let Some(held) = hosts.get_mut(host_id) else {
+            return;
+        };
+        let pos = &held.stamp.position;
+        if report.epoch == pos.epoch && report.seq <= pos.last_seq {
+            return;
+        }
+        let follows = report.epoch == pos.epoch && report.seq == pos.last_seq + 1;
+        let matches = matches!(
+            outcome,
+            crate::storage::ApplyOutcome::Applied {
+                digest_matches: true
+            }
+        );
+        let (epoch, seq) = (report.epoch, report.seq);
+        let Ok(digest) = <[u8; 32]>::try_from(report.set_digest.as_slice()) else {
+            hosts.remove(host_id);
+            return;
+        };
+        if !follows || !matches {
+            hosts.remove(host_id);
+            return;
+        }
+        let rows = Arc::make_mut(&mut held.rows);
+        apply_to_rows(rows, host_id, report, received_ms);
+        // The rows must be the set the stored digest names (they are not when a replay landed
+        // on rows already past it, see above): else the next round reads them.
+        if rows.len() > MAX_OPEN_PER_HOST as usize || digest_of(rows) != digest {
+            hosts.remove(host_id);
+            return;
+        }
+        let counts = counts_of(rows);
+        held.stamp = OpenStamp {
+            position: StreamPosition {
+                epoch,
+                last_seq: seq,
+                set_digest: digest,
+            },
+            counts,
+        };
+    }
+
     /// Hosts whose rows are held.
     pub fn len(&self) -> usize {
-        self.hosts.len()
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hosts.is_empty()
+        self.lock().is_empty()
     }
+}
+
+/// [`OpenCache::advance`]'s replay of one applied report on a host's open rows (the report's
+/// items are moved into them).
+fn apply_to_rows(
+    rows: &mut Vec<ViolationRecord>,
+    host_id: &str,
+    report: driftwatch_proto::v1::Report,
+    received_ms: i64,
+) {
+    let driftwatch_proto::v1::Report {
+        full,
+        upserts,
+        removed_keys,
+        ..
+    } = report;
+    // Where each upsert and removal lands among the rows as they were.
+    let (targets, removed): (Vec<Option<usize>>, Vec<usize>) = {
+        let at: HashMap<&[u8], usize> = rows
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.key.as_slice(), i))
+            .collect();
+        (
+            upserts
+                .iter()
+                .map(|u| at.get(u.key.as_slice()).copied())
+                .collect(),
+            removed_keys
+                .iter()
+                .filter_map(|k| at.get(k.as_slice()).copied())
+                .collect(),
+        )
+    };
+    let mut keep = vec![!full; rows.len()];
+    // Keys this report opens (listed twice: the second is an update).
+    let mut opened: HashMap<Vec<u8>, usize> = HashMap::new();
+    for (item, target) in upserts.into_iter().zip(targets) {
+        match target.or_else(|| opened.get(&item.key).copied()) {
+            Some(i) => {
+                if let (Some(r), Some(k)) = (rows.get_mut(i), keep.get_mut(i)) {
+                    r.item = item;
+                    r.last_seen_ms = received_ms;
+                    *k = true;
+                }
+            }
+            None => {
+                opened.insert(item.key.clone(), rows.len());
+                rows.push(ViolationRecord {
+                    host_id: host_id.to_owned(),
+                    key: item.key.clone(),
+                    item,
+                    first_seen_ms: received_ms,
+                    last_seen_ms: received_ms,
+                    resolved_ms: None,
+                });
+                keep.push(true);
+            }
+        }
+    }
+    // Removals after upserts: a key in both ends resolved.
+    let opened_removed = removed_keys.iter().filter_map(|k| opened.get(k).copied());
+    for i in removed.into_iter().chain(opened_removed) {
+        if let Some(k) = keep.get_mut(i) {
+            *k = false;
+        }
+    }
+    let mut kept = keep.into_iter();
+    rows.retain(|_| kept.next().unwrap_or(false));
+}
+
+/// The set digest of a host's open rows (`driftwatch_proto::set::set_digest`).
+fn digest_of(rows: &[ViolationRecord]) -> [u8; 32] {
+    let mut hashed: Vec<(&[u8], [u8; 32])> = rows
+        .iter()
+        .map(|r| (r.key.as_slice(), driftwatch_proto::set::item_hash(&r.item)))
+        .collect();
+    hashed.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut d = driftwatch_proto::set::SetDigest::new();
+    for (key, hash) in &hashed {
+        // A key twice (it cannot be: rows are by key) makes the digest wrong, not a panic.
+        let _ = d.push(key, hash);
+    }
+    d.finish()
+}
+
+/// The open counts storage keeps for a host, of its rows.
+fn counts_of(rows: &[ViolationRecord]) -> OpenCounts {
+    let mut counts = OpenCounts {
+        by_severity: [0; 6],
+        packages: 0,
+    };
+    for r in rows {
+        let (severity, package) = match &r.item.item {
+            Some(drift_item::Item::File(f)) => (f.severity, false),
+            Some(drift_item::Item::Package(p)) => (p.severity, true),
+            None => (0, false),
+        };
+        // As storage counts them: an unknown severity as 0.
+        let slot = usize::try_from(severity)
+            .ok()
+            .filter(|s| *s < 6)
+            .unwrap_or(0);
+        counts.by_severity[slot] += 1;
+        counts.packages += u64::from(package);
+    }
+    counts
 }
 
 /// [`gather`], reusing the open rows `cache` holds for hosts whose stamp has not moved and
@@ -176,7 +349,7 @@ pub async fn gather_cached(
     store: &dyn Storage,
     now_ms: i64,
     image: Option<&str>,
-    cache: &mut OpenCache,
+    cache: &OpenCache,
 ) -> Result<Snapshot, StorageError> {
     let hosts = store.list_hosts().await?;
     let states = store
@@ -192,24 +365,21 @@ pub async fn gather_cached(
     }
     let acks = store.acknowledgements(None, now_ms).await?;
     let mut open = HashMap::new();
-    let mut kept = HashMap::new();
     let mut stale = Vec::new();
-    for h in &hosts {
-        let has_open = h.open_by_severity.iter().any(|&n| n > 0) || h.open_packages > 0;
-        if !has_open || image.is_some_and(|i| h.hello.image_id != i) {
-            continue;
-        }
-        let stamp = OpenStamp::of(h);
-        match cache.hosts.remove(&h.host_id) {
-            Some(held)
-                if held.stamp == stamp
-                    || (held.stamp.counts == stamp.counts
-                        && held.read_at.elapsed() < cache.recheck_after) =>
-            {
-                open.insert(h.host_id.clone(), Arc::clone(&held.rows));
-                kept.insert(h.host_id.clone(), held);
+    {
+        let held = cache.lock();
+        for h in &hosts {
+            let has_open = h.open_by_severity.iter().any(|&n| n > 0) || h.open_packages > 0;
+            if !has_open || image.is_some_and(|i| h.hello.image_id != i) {
+                continue;
             }
-            _ => stale.push((h, stamp)),
+            let stamp = OpenStamp::of(h);
+            match held.get(&h.host_id) {
+                Some(x) if x.stamp == stamp => {
+                    open.insert(h.host_id.clone(), Arc::clone(&x.rows));
+                }
+                _ => stale.push((h, stamp)),
+            }
         }
     }
     let started = tokio::time::Instant::now();
@@ -224,12 +394,17 @@ pub async fn gather_cached(
                 })
                 .await?,
         );
-        let held = Held {
+        cache
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // The rows may be newer than the stamp (a report committed since the listing): the
+        // next round then reads them again, or the ingest's replay of that report moves the
+        // stamp to them.
+        let x = Held {
             stamp,
-            read_at: tokio::time::Instant::now(),
             rows: Arc::clone(&rows),
         };
-        kept.insert(h.host_id.clone(), held);
+        cache.lock().insert(h.host_id.clone(), x);
         open.insert(h.host_id.clone(), rows);
         if !cache.read_spread.is_zero() && i < n {
             // The i-th of n reads is due to end by i/n of the spread.
@@ -239,7 +414,10 @@ pub async fn gather_cached(
             .await;
         }
     }
-    cache.hosts = kept;
+    if image.is_none() {
+        // Hosts without open drift (or gone) are not held.
+        cache.lock().retain(|h, _| open.contains_key(h));
+    }
     Ok(Snapshot {
         now_ms,
         hosts,
@@ -621,7 +799,7 @@ pub async fn reconcile_once(
     policy: &Policy,
     now_ms: i64,
 ) -> Result<usize, StorageError> {
-    reconcile_round(store, policy, now_ms, &mut OpenCache::default()).await
+    reconcile_round(store, policy, now_ms, &OpenCache::default()).await
 }
 
 /// [`reconcile_once`] with the open rows of earlier rounds (see [`OpenCache`]). The round's
@@ -631,7 +809,7 @@ pub async fn reconcile_round(
     store: &dyn Storage,
     policy: &Policy,
     now_ms: i64,
-    cache: &mut OpenCache,
+    cache: &OpenCache,
 ) -> Result<usize, StorageError> {
     let snap = gather_cached(store, now_ms, None, cache).await?;
     // Judging a large fleet is a few hundred milliseconds of CPU: on a blocking thread, not on
@@ -733,10 +911,10 @@ pub async fn after_enrollment(
 pub fn spawn(
     store: Arc<dyn Storage>,
     policy: Arc<Policy>,
+    open: Arc<OpenCache>,
     mut stop: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut cache = OpenCache::background(policy.interval, policy.recheck_after);
         let mut tick = tokio::time::interval(policy.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -747,7 +925,7 @@ pub fn spawn(
             // A round is bounded by the interval's worth of storage calls plus a margin; a
             // stuck database must not make rounds pile up.
             let limit = policy.interval.max(Duration::from_secs(30));
-            let round = reconcile_round(&*store, &policy, now_ms(), &mut cache);
+            let round = reconcile_round(&*store, &policy, now_ms(), &open);
             match tokio::time::timeout(limit, round).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "reconcile round failed"),

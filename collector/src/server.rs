@@ -210,10 +210,15 @@ impl Server {
 
         let revocations =
             Revocations::start(store.clone(), tuning.revocation_refresh, stop_rx.clone()).await?;
+        // The reconciler's open rows, which the ingest moves along with the reports it applies.
+        let open_rows = Arc::new(crate::reconcile::OpenCache::background(
+            settings.reconcile_interval,
+        ));
         let (ingest, ingest_tasks) = IngestService::start(
             &settings,
             store.clone(),
             revocations.clone(),
+            open_rows.clone(),
             stop_rx.clone(),
         );
         let enrollment = EnrollmentService::new(
@@ -295,9 +300,9 @@ impl Server {
             silent_after: api_config.silent_after,
             image_defect_ratio: settings.image_defect_ratio.0,
             interval: settings.reconcile_interval,
-            recheck_after: crate::reconcile::DEFAULT_RECHECK_AFTER,
         });
-        let reconciler = crate::reconcile::spawn(store.clone(), policy.clone(), stop_rx.clone());
+        let reconciler =
+            crate::reconcile::spawn(store.clone(), policy.clone(), open_rows, stop_rx.clone());
         let mut stop_for_http = stop_rx.clone();
         let http_stop = async move { stop_requested(&mut stop_for_http).await };
         let router = crate::http::router_with(

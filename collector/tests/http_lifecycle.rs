@@ -5,6 +5,7 @@
 
 mod fleet_fixture;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +14,9 @@ use base64::Engine;
 use driftwatch_collector::flagging::{FlaggingPolicy, RawFlagging};
 use driftwatch_collector::http::{self, ApiConfig};
 use driftwatch_collector::reconcile::{self, Policy};
-use driftwatch_collector::storage::{Role, Storage};
+use driftwatch_collector::storage::{ReportToApply, Role, Storage, ViolationRecord};
 use driftwatch_proto::envelope;
+use driftwatch_proto::v1::Report;
 use fleet_fixture::{
     Agent, Fleet, apply, fleet, get, keypair, now_ms, raw_key, signed_header, sshd_config,
 };
@@ -195,15 +197,15 @@ async fn explain_names_the_reasons_and_acknowledgements_silence_them() {
 async fn reconcile_rounds_reread_hosts_that_reported_since() {
     let Fleet { store, .. } = fleet().await;
     let p = policy();
-    let mut cache = reconcile::OpenCache::default();
-    let n = reconcile::reconcile_round(&*store, &p, now_ms(), &mut cache)
+    let cache = reconcile::OpenCache::default();
+    let n = reconcile::reconcile_round(&*store, &p, now_ms(), &cache)
         .await
         .unwrap();
     assert!(n >= 3, "{n} transitions");
     // web-1 and old-1 have open drift.
     assert_eq!(cache.len(), 2);
     assert_eq!(
-        reconcile::reconcile_round(&*store, &p, now_ms(), &mut cache)
+        reconcile::reconcile_round(&*store, &p, now_ms(), &cache)
             .await
             .unwrap(),
         0
@@ -213,11 +215,11 @@ async fn reconcile_rounds_reread_hosts_that_reported_since() {
     let _ = db.report(true, vec![], vec![]); // its first report, already applied
     let r = db.report(false, vec![sshd_config()], vec![]);
     apply(&*store, "db-1", r, now_ms()).await;
-    reconcile::reconcile_round(&*store, &p, now_ms(), &mut cache)
+    reconcile::reconcile_round(&*store, &p, now_ms(), &cache)
         .await
         .unwrap();
     assert_eq!(cache.len(), 3);
-    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
         .await
         .unwrap();
     assert_eq!(snap.open["db-1"].len(), 1);
@@ -233,7 +235,7 @@ async fn reconcile_rounds_reread_hosts_that_reported_since() {
         vec![],
     );
     apply(&*store, "db-1", r, now_ms()).await;
-    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
         .await
         .unwrap();
     assert_eq!(snap.open["db-1"].len(), 2);
@@ -241,22 +243,34 @@ async fn reconcile_rounds_reread_hosts_that_reported_since() {
     assert_eq!(snap.open, fresh.open);
 }
 
-/// The background reconciler's cache spreads a round's reads over half its interval, and
-/// keeps judging a host on the rows it read while the host's reports leave its open counts
-/// alone, until `recheck_after` has passed; a change of counts is read at the next round.
+/// A snapshot's open rows, each host's sorted by key (a replay keeps them in another order).
+fn open_by_key(snap: &reconcile::Snapshot) -> BTreeMap<String, Vec<ViolationRecord>> {
+    snap.open
+        .iter()
+        .map(|(h, rows)| {
+            let mut rows = rows.to_vec();
+            rows.sort_by(|a, b| a.key.cmp(&b.key));
+            (h.clone(), rows)
+        })
+        .collect()
+}
+
+/// The background reconciler's cache spreads a round's reads over half its interval, and the
+/// reports the ingest applies move the rows it holds along with the stored ones, so the next
+/// round needs no read; a report that does not follow the held position drops the host.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_background_cache_spreads_reads_and_rechecks_unchanged_counts_later() {
+async fn the_background_cache_spreads_reads_and_follows_applied_reports() {
     use driftwatch_proto::v1::{Severity, ViolationKind};
     let Fleet { store, .. } = fleet().await;
-    let (interval, recheck) = (Duration::from_secs(2), Duration::from_secs(3));
-    let mut cache = reconcile::OpenCache::background(interval, recheck);
+    let interval = Duration::from_secs(2);
+    let cache = reconcile::OpenCache::background(interval);
     let started = std::time::Instant::now();
-    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
         .await
         .unwrap();
     // web-1 and old-1 have open drift: two reads over 1 s, the first due at 0.5 s.
-    assert_eq!(snap.open.len(), 2);
     let took = started.elapsed();
+    assert_eq!((snap.open.len(), cache.reads()), (2, 2));
     assert!(
         took >= interval / 4,
         "two reads spread over 1 s took {took:?}"
@@ -264,9 +278,20 @@ async fn the_background_cache_spreads_reads_and_rechecks_unchanged_counts_later(
     let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
     assert_eq!(snap.open, fresh.open);
 
-    // old-1's sshd_config changes content again, at the same severity: counts unchanged.
-    let mut old = Agent::default();
-    let _ = old.report(true, vec![sshd_config()], vec![]); // applied by the fixture
+    // What the ingest does with each batch: apply, then advance the held rows.
+    let apply_and_advance = |report: Report, at: i64| {
+        let store = store.clone();
+        let cache = &cache;
+        async move {
+            let to = ReportToApply {
+                host_id: "old-1".into(),
+                report: report.clone(),
+                received_ms: at,
+            };
+            let outcome = store.apply_reports(vec![to]).await.unwrap().remove(0);
+            cache.advance("old-1", report, at, &outcome);
+        }
+    };
     let sshd = |digest: &str| {
         fleet_fixture::file(
             b"/etc/ssh/sshd_config",
@@ -275,56 +300,57 @@ async fn the_background_cache_spreads_reads_and_rechecks_unchanged_counts_later(
             &[("content", "blake3:aaaa", digest)],
         )
     };
-    apply(
-        &*store,
-        "old-1",
-        old.report(true, vec![sshd("blake3:cccc")], vec![]),
-        now_ms(),
+    let motd = |sev| fleet_fixture::file(b"/etc/motd", ViolationKind::Modified, sev, &[]);
+    let issue = fleet_fixture::file(b"/etc/issue", ViolationKind::Added, Severity::Low, &[]);
+    let mut old = Agent::default();
+    let _ = old.report(true, vec![sshd_config()], vec![]); // seq 1, applied by the fixture
+    let t = now_ms();
+    // New content, a new item, a changed one and a removal, then a full report.
+    apply_and_advance(old.report(false, vec![sshd("blake3:cccc")], vec![]), t).await;
+    apply_and_advance(
+        old.report(false, vec![motd(Severity::Low), issue.clone()], vec![]),
+        t + 1,
     )
     .await;
-    let held = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+    apply_and_advance(
+        old.report(
+            false,
+            vec![motd(Severity::Critical)],
+            vec![issue.key.clone()],
+        ),
+        t + 2,
+    )
+    .await;
+    apply_and_advance(
+        old.report(
+            true,
+            vec![motd(Severity::Critical), sshd("blake3:dddd")],
+            vec![],
+        ),
+        t + 3,
+    )
+    .await;
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
         .await
         .unwrap();
     let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
-    assert!(started.elapsed() < recheck, "too slow to see the rows held");
     assert_eq!(
-        held.open["old-1"], snap.open["old-1"],
-        "re-read before recheck_after"
+        cache.reads(),
+        2,
+        "a host the ingest moved along was read again"
     );
-    assert_ne!(held.open["old-1"], fresh.open["old-1"]);
-
-    // A new item changes the counts: read at once.
-    let motd = fleet_fixture::file(b"/etc/motd", ViolationKind::Modified, Severity::Low, &[]);
-    apply(
-        &*store,
-        "old-1",
-        old.report(false, vec![motd], vec![]),
-        now_ms(),
-    )
-    .await;
-    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
-        .await
-        .unwrap();
-    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
     assert_eq!(snap.open["old-1"].len(), 2);
-    assert_eq!(snap.open, fresh.open);
+    assert_eq!(open_by_key(&snap), open_by_key(&fresh));
 
-    // Content only again: held, until recheck_after has passed since that read.
-    apply(
-        &*store,
-        "old-1",
-        old.report(false, vec![sshd("blake3:dddd")], vec![]),
-        now_ms(),
-    )
-    .await;
-    let read_again = std::time::Instant::now();
-    tokio::time::sleep(recheck).await;
-    let snap = reconcile::gather_cached(&*store, now_ms(), None, &mut cache)
+    // A gap (seq 7 after 5): the rows cannot follow it, the next round reads the host.
+    let _ = old.report(false, vec![], vec![]);
+    apply_and_advance(old.report(false, vec![motd(Severity::Low)], vec![]), t + 4).await;
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
         .await
         .unwrap();
     let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
-    assert!(read_again.elapsed() >= recheck);
-    assert_eq!(snap.open, fresh.open, "not re-read after recheck_after");
+    assert_eq!(cache.reads(), 3);
+    assert_eq!(open_by_key(&snap), open_by_key(&fresh));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
