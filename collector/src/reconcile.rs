@@ -148,8 +148,9 @@ impl OpenCache {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
-        // The map stays consistent whatever a panicking holder did (each entry is replaced
-        // whole), so a poisoned lock is still usable.
+        // Still usable after a panic of a holder: at worst one host's rows were left half
+        // replayed under their old stamp, which no later listing shows (the report was stored
+        // before the replay), so that host is read again.
         self.hosts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
