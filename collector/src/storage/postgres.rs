@@ -7,14 +7,16 @@
 //! lane's apply batches and heartbeats to that lane's writer, so two apply transactions run at
 //! once on disjoint host rows: while one waits for its commit to reach the disk, the server
 //! works on the other. Every other write (enrollment, lifecycle transitions, audit, tokens,
-//! actions) goes through the control writer, so a reconciler pass waiting for host row locks
-//! never holds up a lane's connection. Within a transaction, statements are pipelined (several
-//! requests in flight on the one connection) and every per-row write is a single array
-//! statement (`UNNEST`), so a batch costs a handful of round trips whatever its size. Reads use
-//! their own connection so the fleet view never waits behind an apply batch.
+//! actions) goes through the control writer, so none of it occupies a lane's connection. Within
+//! a transaction, statements are pipelined (several requests in flight on the one connection)
+//! and every per-row write is a single array statement (`UNNEST`), so a batch costs a handful
+//! of round trips whatever its size. Reads use their own connection so the fleet view never
+//! waits behind an apply batch.
 //!
-//! Several replicas: every write transaction locks the host rows it changes (`FOR UPDATE`, in
-//! primary-key order, so two replicas never deadlock on each other's batches), the token
+//! Several replicas: report batches, heartbeats and acknowledgements lock the host rows they
+//! change (`FOR NO KEY UPDATE`, in primary-key order, so two replicas never deadlock on each
+//! other's batches; other tables' foreign-key checks pass), lifecycle transitions serialise on a
+//! transaction-scoped advisory lock instead of host rows (`postgres/lifecycle.rs`), the token
 //! consumption locks the token row, and migrations run under a transaction-scoped advisory lock.
 //!
 //! TLS to PostgreSQL is not supported yet (`NoTls`): run the database on the same host or a
