@@ -148,9 +148,8 @@ impl OpenCache {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
-        // Still usable after a panic of a holder: at worst one host's rows were left half
-        // replayed under their old stamp, which no later listing shows (the report was stored
-        // before the replay), so that host is read again.
+        // Nothing is changed while it is held (rows are replayed outside it), so a panic of
+        // a holder leaves the map as it was.
         self.hosts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -184,12 +183,18 @@ impl OpenCache {
         received_ms: i64,
         outcome: &crate::storage::ApplyOutcome,
     ) {
-        let mut hosts = self.lock();
-        let Some(held) = hosts.get_mut(host_id) else {
+        // Out of the map while it is replayed: the other lane's replays and a round's reads
+        // wait only for the map, not for this host's rows to be replayed and hashed. Not put
+        // back means dropped; a round that read the host meanwhile keeps its own rows.
+        let Some(mut held) = self.lock().remove(host_id) else {
             return;
+        };
+        let put_back = |held: Held| {
+            self.lock().entry(host_id.to_owned()).or_insert(held);
         };
         let pos = &held.stamp.position;
         if report.epoch == pos.epoch && report.seq <= pos.last_seq {
+            put_back(held);
             return;
         }
         let follows = report.epoch == pos.epoch && report.seq == pos.last_seq + 1;
@@ -201,11 +206,9 @@ impl OpenCache {
         );
         let (epoch, seq) = (report.epoch, report.seq);
         let Ok(digest) = <[u8; 32]>::try_from(report.set_digest.as_slice()) else {
-            hosts.remove(host_id);
             return;
         };
         if !follows || !matches {
-            hosts.remove(host_id);
             return;
         }
         let rows = Arc::make_mut(&mut held.rows);
@@ -213,18 +216,17 @@ impl OpenCache {
         // The rows must be the set the stored digest names (they are not when a replay landed
         // on rows already past it, see above): else the next round reads them.
         if rows.len() > MAX_OPEN_PER_HOST as usize || digest_of(rows) != digest {
-            hosts.remove(host_id);
             return;
         }
-        let counts = counts_of(rows);
         held.stamp = OpenStamp {
             position: StreamPosition {
                 epoch,
                 last_seq: seq,
                 set_digest: digest,
             },
-            counts,
+            counts: counts_of(rows),
         };
+        put_back(held);
     }
 
     /// Hosts whose rows are held.
