@@ -45,8 +45,9 @@ usage: bench/collector.sh [options]
                       durability settings (fsync, synchronous_commit) are refused
   --no-build          use the existing release binaries
 Builds with CARGO_PROFILE_RELEASE_LTO=false unless that variable is already set. The collector
-logs its group-commit statistics every 5 s (RUST_LOG, default
-info,driftwatch_collector::ingest::writer=debug); logs are copied next to the JSON results.
+logs its group-commit statistics every 5 s and each reconcile round's reads (RUST_LOG, default
+info,driftwatch_collector::ingest::writer=debug,driftwatch_collector::reconcile=debug); logs
+are copied next to the JSON results.
 Example (the whole issue-4 measurement, PASS/MISS per target at the end):
   sudo bench/collector.sh --runs 3 --duration 15s
 EOF
@@ -176,7 +177,7 @@ start_collector() {
         fi
     } >"$CONFIG"
     # The group-commit writer's statistics (batch sizes, commit times, waits) every 5 s.
-    RUST_LOG=${RUST_LOG:-info,driftwatch_collector::ingest::writer=debug} \
+    RUST_LOG=${RUST_LOG:-info,driftwatch_collector::ingest::writer=debug,driftwatch_collector::reconcile=debug} \
         ${COLLECTOR_CPUS:+taskset -c "$COLLECTOR_CPUS"} "$COLLECTOR" serve --config "$CONFIG" >"$state/collector.log" 2>&1 &
     COLLECTOR_PID=$!
     for _ in $(seq 300); do

@@ -103,6 +103,20 @@ struct OpenCounts {
 }
 
 impl OpenStamp {
+    /// Whether rows held at `self` may stand for the stored ones at `listed`: the same stamp,
+    /// or a later report of the same epoch. The ingest moves held rows only after a commit, so
+    /// rows held past a round's listing are the stored rows of a later moment (a report
+    /// committed between the listing and the lookup), not a guess.
+    fn covers(&self, listed: &OpenStamp) -> bool {
+        self == listed || self.is_after(listed)
+    }
+
+    /// A later report of the same epoch than `other`.
+    fn is_after(&self, other: &OpenStamp) -> bool {
+        self.position.epoch == other.position.epoch
+            && self.position.last_seq > other.position.last_seq
+    }
+
     fn of(h: &HostSummary) -> Self {
         OpenStamp {
             position: h.position.clone(),
@@ -155,6 +169,19 @@ impl OpenCache {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Keeps `held` for `host_id` unless rows of a later report are held already (the ingest
+    /// moved them along, or a round read them, while `held` was being made).
+    fn keep(&self, host_id: &str, held: Held) {
+        let mut map = self.lock();
+        match map.get_mut(host_id) {
+            Some(x) if x.stamp.covers(&held.stamp) => {}
+            Some(x) => *x = held,
+            None => {
+                map.insert(host_id.to_owned(), held);
+            }
+        }
+    }
+
     /// How many hosts' open rows were read from storage so far.
     pub fn reads(&self) -> u64 {
         self.reads.load(std::sync::atomic::Ordering::Relaxed)
@@ -185,13 +212,11 @@ impl OpenCache {
     ) {
         // Out of the map while it is replayed: the other lane's replays and a round's reads
         // wait only for the map, not for this host's rows to be replayed and hashed. Not put
-        // back means dropped; a round that read the host meanwhile keeps its own rows.
+        // back means dropped; rows a round read meanwhile stay unless these are later.
         let Some(mut held) = self.lock().remove(host_id) else {
             return;
         };
-        let put_back = |held: Held| {
-            self.lock().entry(host_id.to_owned()).or_insert(held);
-        };
+        let put_back = |held: Held| self.keep(host_id, held);
         let pos = &held.stamp.position;
         if report.epoch == pos.epoch && report.seq <= pos.last_seq {
             put_back(held);
@@ -378,36 +403,35 @@ pub async fn gather_cached(
             }
             let stamp = OpenStamp::of(h);
             match held.get(&h.host_id) {
-                Some(x) if x.stamp == stamp => {
+                Some(x) if x.stamp.covers(&stamp) => {
                     open.insert(h.host_id.clone(), Arc::clone(&x.rows));
                 }
-                _ => stale.push((h, stamp)),
+                _ => stale.push(h),
             }
         }
     }
+    let reused = open.len();
+    let mut unsettled = 0usize;
     let started = tokio::time::Instant::now();
     let n = u32::try_from(stale.len()).unwrap_or(u32::MAX);
-    for (i, (h, stamp)) in (1..).zip(stale) {
-        let rows = Arc::new(
-            store
-                .search_violations(ViolationQuery {
-                    host_id: Some(h.host_id.clone()),
-                    limit: MAX_OPEN_PER_HOST,
-                    ..ViolationQuery::default()
-                })
-                .await?,
-        );
+    for (i, h) in (1..).zip(stale) {
+        let (rows, stamp) = read_open(store, &h.host_id).await?;
         cache
             .reads
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // The rows may be newer than the stamp (a report committed since the listing): the
-        // next round then reads them again, or the ingest's replay of that report moves the
-        // stamp to them.
-        let x = Held {
-            stamp,
-            rows: Arc::clone(&rows),
-        };
-        cache.lock().insert(h.host_id.clone(), x);
+        let rows = Arc::new(rows);
+        match stamp {
+            Some(stamp) => cache.keep(
+                &h.host_id,
+                Held {
+                    stamp,
+                    rows: Arc::clone(&rows),
+                },
+            ),
+            // A report committed during the read: the rows serve this round; the next round
+            // reads the host again unless the ingest's replays hold it by then.
+            None => unsettled += 1,
+        }
         open.insert(h.host_id.clone(), rows);
         if !cache.read_spread.is_zero() && i < n {
             // The i-th of n reads is due to end by i/n of the spread.
@@ -421,6 +445,13 @@ pub async fn gather_cached(
         // Hosts without open drift (or gone) are not held.
         cache.lock().retain(|h, _| open.contains_key(h));
     }
+    tracing::debug!(
+        hosts = hosts.len(),
+        reused,
+        read = open.len() - reused,
+        unsettled,
+        "reconcile round: open rows"
+    );
     Ok(Snapshot {
         now_ms,
         hosts,
@@ -429,6 +460,28 @@ pub async fn gather_cached(
         acks,
         open,
     })
+}
+
+/// A host's open rows, with the stamp they are the stored rows at when no report committed
+/// while they were read (the host's stamp was the same before and after; positions only move
+/// forward, so an unchanged one means no apply in between). The stamp is never the round's
+/// listing: reads are spread over seconds, and rows read later than the stamp they are held at
+/// cannot follow the ingest's next report, so the host was read again every round.
+async fn read_open(
+    store: &dyn Storage,
+    host_id: &str,
+) -> Result<(Vec<ViolationRecord>, Option<OpenStamp>), StorageError> {
+    let before = store.host(host_id).await?.map(|h| OpenStamp::of(&h));
+    let rows = store
+        .search_violations(ViolationQuery {
+            host_id: Some(host_id.to_owned()),
+            limit: MAX_OPEN_PER_HOST,
+            ..ViolationQuery::default()
+        })
+        .await?;
+    let after = store.host(host_id).await?.map(|h| OpenStamp::of(&h));
+    let stamp = before.filter(|b| after.as_ref() == Some(b));
+    Ok((rows, stamp))
 }
 
 /// The judgement on one host.

@@ -353,6 +353,95 @@ async fn the_background_cache_spreads_reads_and_follows_applied_reports() {
     assert_eq!(open_by_key(&snap), open_by_key(&fresh));
 }
 
+/// What the ingest does with each batch of one report: note whether the reconciler holds the
+/// host's rows, apply, then move the held rows along.
+async fn ingest_one(
+    store: &Arc<dyn Storage>,
+    cache: &reconcile::OpenCache,
+    host: &str,
+    report: Report,
+) {
+    let held = cache.holds(host);
+    let at = now_ms();
+    let to = ReportToApply {
+        host_id: host.into(),
+        report: report.clone(),
+        received_ms: at,
+    };
+    let outcome = store.apply_reports(vec![to]).await.unwrap().remove(0);
+    if held {
+        cache.advance(host, report, at, &outcome);
+    }
+}
+
+/// A round spreads its reads over seconds, and reports keep committing meanwhile: rows read
+/// after a commit must be held at the position they were read at, not at the round's older
+/// listing — else the ingest's next report does not follow them, the host is dropped, and a
+/// busy fleet is read again every round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_read_while_reports_commit_are_held_where_they_were_read() {
+    use driftwatch_proto::v1::{Severity, ViolationKind};
+    let Fleet { store, .. } = fleet().await;
+    // Two hosts with open drift: one read at once, the other 1 s later (spread over 2 s).
+    let cache = Arc::new(reconcile::OpenCache::background(Duration::from_secs(4)));
+    let motd = |sev| fleet_fixture::file(b"/etc/motd", ViolationKind::Modified, sev, &[]);
+    // The fixture applied web-1's seq 1 and 2 and old-1's seq 1.
+    let mut web = Agent::default();
+    let _ = web.report(true, vec![], vec![]);
+    let _ = web.report(true, vec![], vec![]);
+    let mut old = Agent::default();
+    let _ = old.report(true, vec![sshd_config()], vec![]);
+
+    let round = tokio::spawn({
+        let (store, cache) = (store.clone(), cache.clone());
+        async move { reconcile::gather_cached(&*store, now_ms(), None, &cache).await }
+    });
+    // Between the round's listing (and its first read) and its second read.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ingest_one(
+        &store,
+        &cache,
+        "web-1",
+        web.report(true, vec![motd(Severity::Low)], vec![]),
+    )
+    .await;
+    ingest_one(
+        &store,
+        &cache,
+        "old-1",
+        old.report(false, vec![motd(Severity::Low)], vec![]),
+    )
+    .await;
+    let snap = round.await.unwrap().unwrap();
+    assert_eq!((snap.open.len(), cache.reads()), (2, 2));
+
+    // The next reports follow the held rows of both hosts, whichever was read after the commit.
+    ingest_one(
+        &store,
+        &cache,
+        "web-1",
+        web.report(false, vec![motd(Severity::High)], vec![]),
+    )
+    .await;
+    ingest_one(
+        &store,
+        &cache,
+        "old-1",
+        old.report(false, vec![motd(Severity::High)], vec![]),
+    )
+    .await;
+    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
+        .await
+        .unwrap();
+    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    assert_eq!(
+        cache.reads(),
+        2,
+        "a host read after a commit during the round was read again"
+    );
+    assert_eq!(open_by_key(&snap), open_by_key(&fresh));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconciler_records_transitions_the_api_shows() {
     let Fleet { store, .. } = fleet().await;
