@@ -44,6 +44,14 @@ for tool in cargo-deb cargo-generate-rpm; do
   fi
 done
 
+# The agent's dpkg unit test reads the cached Debian root but cannot depend on the tests crate
+# that builds it (debootstrap, as root): build it first, so a fresh machine does not depend on
+# which test binary runs first.
+if [ "$(id -u)" = 0 ]; then
+  echo "== Debian test root (cargo run -p driftwatch-tests --bin debian-root)" >&2
+  cargo run --quiet -p driftwatch-tests --bin debian-root
+fi
+
 echo "== systemd units (packaging/check-units.sh)" >&2
 bash packaging/check-units.sh
 
