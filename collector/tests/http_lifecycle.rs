@@ -384,52 +384,47 @@ async fn rows_read_while_reports_commit_are_held_where_they_were_read() {
     let Fleet { store, .. } = fleet().await;
     // Two hosts with open drift: one read at once, the other 1 s later (spread over 2 s).
     let cache = Arc::new(reconcile::OpenCache::background(Duration::from_secs(4)));
-    let motd = |sev| fleet_fixture::file(b"/etc/motd", ViolationKind::Modified, sev, &[]);
     // The fixture applied web-1's seq 1 and 2 and old-1's seq 1.
     let mut web = Agent::default();
     let _ = web.report(true, vec![], vec![]);
     let _ = web.report(true, vec![], vec![]);
     let mut old = Agent::default();
     let _ = old.report(true, vec![sshd_config()], vec![]);
+    // The next report of each host, as the ingest applies it: /etc/motd at `sev` (web-1's
+    // first one a full report, which resolves what it does not list).
+    let mut next = |sev: Severity| {
+        let motd = fleet_fixture::file(b"/etc/motd", ViolationKind::Modified, sev, &[]);
+        let full = web.report(sev == Severity::Low, vec![motd.clone()], vec![]);
+        let upsert = old.report(false, vec![motd], vec![]);
+        let (store, cache) = (store.clone(), cache.clone());
+        async move {
+            ingest_one(&store, &cache, "web-1", full).await;
+            ingest_one(&store, &cache, "old-1", upsert).await;
+        }
+    };
 
     let round = tokio::spawn({
         let (store, cache) = (store.clone(), cache.clone());
         async move { reconcile::gather_cached(&*store, now_ms(), None, &cache).await }
     });
-    // Between the round's listing (and its first read) and its second read.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    ingest_one(
-        &store,
-        &cache,
-        "web-1",
-        web.report(true, vec![motd(Severity::Low)], vec![]),
-    )
-    .await;
-    ingest_one(
-        &store,
-        &cache,
-        "old-1",
-        old.report(false, vec![motd(Severity::Low)], vec![]),
-    )
-    .await;
+    // Once the round's first read is held, before its second read (due 1 s after the first).
+    for _ in 0..100 {
+        if cache.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        cache.len(),
+        1,
+        "the round's first read is not held after 0.5 s"
+    );
+    next(Severity::Low).await;
     let snap = round.await.unwrap().unwrap();
     assert_eq!((snap.open.len(), cache.reads()), (2, 2));
 
     // The next reports follow the held rows of both hosts, whichever was read after the commit.
-    ingest_one(
-        &store,
-        &cache,
-        "web-1",
-        web.report(false, vec![motd(Severity::High)], vec![]),
-    )
-    .await;
-    ingest_one(
-        &store,
-        &cache,
-        "old-1",
-        old.report(false, vec![motd(Severity::High)], vec![]),
-    )
-    .await;
+    next(Severity::High).await;
     let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
         .await
         .unwrap();
