@@ -243,6 +243,18 @@ async fn reconcile_rounds_reread_hosts_that_reported_since() {
     assert_eq!(snap.open, fresh.open);
 }
 
+/// A round through `cache`, then a fresh snapshot of the same store to compare it with.
+async fn round_and_fresh(
+    store: &dyn Storage,
+    cache: &reconcile::OpenCache,
+) -> (reconcile::Snapshot, reconcile::Snapshot) {
+    let snap = reconcile::gather_cached(store, now_ms(), None, cache)
+        .await
+        .unwrap();
+    let fresh = reconcile::gather(store, now_ms(), None).await.unwrap();
+    (snap, fresh)
+}
+
 /// A snapshot's open rows, each host's sorted by key (a replay keeps them in another order).
 fn open_by_key(snap: &reconcile::Snapshot) -> BTreeMap<String, Vec<ViolationRecord>> {
     snap.open
@@ -330,10 +342,7 @@ async fn the_background_cache_spreads_reads_and_follows_applied_reports() {
         t + 3,
     )
     .await;
-    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
-        .await
-        .unwrap();
-    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    let (snap, fresh) = round_and_fresh(&*store, &cache).await;
     assert_eq!(
         cache.reads(),
         2,
@@ -345,10 +354,7 @@ async fn the_background_cache_spreads_reads_and_follows_applied_reports() {
     // A gap (seq 7 after 5): the rows cannot follow it, the next round reads the host.
     let _ = old.report(false, vec![], vec![]);
     apply_and_advance(old.report(false, vec![motd(Severity::Low)], vec![]), t + 4).await;
-    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
-        .await
-        .unwrap();
-    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    let (snap, fresh) = round_and_fresh(&*store, &cache).await;
     assert_eq!(cache.reads(), 3);
     assert_eq!(open_by_key(&snap), open_by_key(&fresh));
 }
@@ -425,10 +431,7 @@ async fn rows_read_while_reports_commit_are_held_where_they_were_read() {
 
     // The next reports follow the held rows of both hosts, whichever was read after the commit.
     next(Severity::High).await;
-    let snap = reconcile::gather_cached(&*store, now_ms(), None, &cache)
-        .await
-        .unwrap();
-    let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
+    let (snap, fresh) = round_and_fresh(&*store, &cache).await;
     assert_eq!(
         cache.reads(),
         2,
