@@ -200,9 +200,8 @@ impl OpenCache {
     /// follow the held position directly (a gap, a new epoch, a report another replica
     /// applied in between), a digest mismatch, rows that do not come out as the set the
     /// report's digest names, or more than [`MAX_OPEN_PER_HOST`] rows drop the host instead:
-    /// its next round reads it. Rows read after later commits than their stamp (a round's read
-    /// racing the ingest) come out right once the replay reaches the position they were read
-    /// at, and are never used before: a round uses rows only at the stamp it lists.
+    /// its next round reads it. A report at or before the held position (a round read the
+    /// rows after it committed) leaves them as they are.
     pub fn advance(
         &self,
         host_id: &str,
@@ -238,8 +237,8 @@ impl OpenCache {
         }
         let rows = Arc::make_mut(&mut held.rows);
         apply_to_rows(rows, host_id, report, received_ms);
-        // The rows must be the set the stored digest names (they are not when a replay landed
-        // on rows already past it, see above): else the next round reads them.
+        // The rows must be the set the stored digest names (a replay that differs from the
+        // storage's apply, or rows cut at MAX_OPEN_PER_HOST): else the next round reads them.
         if rows.len() > MAX_OPEN_PER_HOST as usize || digest_of(rows) != digest {
             return;
         }
@@ -350,29 +349,21 @@ fn digest_of(rows: &[ViolationRecord]) -> [u8; 32] {
 
 /// The open counts storage keeps for a host, of its rows.
 fn counts_of(rows: &[ViolationRecord]) -> OpenCounts {
-    let mut counts = OpenCounts {
-        by_severity: [0; 6],
-        packages: 0,
-    };
-    for r in rows {
-        let (severity, package) = match &r.item.item {
+    let (by_severity, packages) =
+        crate::storage::open_counts(rows.iter().map(|r| match &r.item.item {
             Some(drift_item::Item::File(f)) => (f.severity, false),
             Some(drift_item::Item::Package(p)) => (p.severity, true),
             None => (0, false),
-        };
-        // As storage counts them: an unknown severity as 0.
-        let slot = usize::try_from(severity)
-            .ok()
-            .filter(|s| *s < 6)
-            .unwrap_or(0);
-        counts.by_severity[slot] += 1;
-        counts.packages += u64::from(package);
+        }));
+    OpenCounts {
+        by_severity,
+        packages,
     }
-    counts
 }
 
-/// [`gather`], reusing the open rows `cache` holds for hosts whose stamp has not moved and
-/// leaving in it the rows of this snapshot (hosts without open drift dropped).
+/// [`gather`], reusing the open rows `cache` holds for hosts at the stamp listed or a later
+/// one ([`OpenStamp::covers`]) and leaving in it the rows of this snapshot (hosts without open
+/// drift dropped).
 pub async fn gather_cached(
     store: &dyn Storage,
     now_ms: i64,

@@ -323,18 +323,8 @@ pub(crate) fn plan(
             continue;
         };
         st.apply_version += 1;
-        let mut open_by_severity = [0i64; 6];
-        let mut open_packages = 0;
-        for e in st.open.values() {
-            let sev = usize::try_from(e.severity)
-                .ok()
-                .filter(|s| *s < 6)
-                .unwrap_or(0);
-            open_by_severity[sev] += 1;
-            if e.is_package {
-                open_packages += 1;
-            }
-        }
+        let (by_severity, packages) =
+            super::open_counts(st.open.values().map(|e| (e.severity, e.is_package)));
         plan.hosts.push(HostUpdate {
             pk: st.pk,
             apply_version: st.apply_version,
@@ -347,8 +337,8 @@ pub(crate) fn plan(
             last_report_ms,
             last_scan_ms: st.last_scan_ms,
             last_scan_status: st.last_scan_status,
-            open_by_severity,
-            open_packages,
+            open_by_severity: by_severity.map(to_i64),
+            open_packages: to_i64(packages),
         });
     }
     Ok(plan)

@@ -246,6 +246,24 @@ pub struct SecurityEvent {
     pub detail: String,
 }
 
+/// A host's open counts as stored (`HostSummary::open_by_severity`, `open_packages`), of its
+/// open items' (severity, is package): per severity, an unknown one counted as 0, and how many
+/// are packages. The reconciler compares counts it derives with the stored ones, so both come
+/// from here.
+pub fn open_counts(items: impl IntoIterator<Item = (i32, bool)>) -> ([u64; 6], u64) {
+    let mut by_severity = [0u64; 6];
+    let mut packages = 0;
+    for (severity, is_package) in items {
+        let slot = usize::try_from(severity)
+            .ok()
+            .filter(|s| *s < by_severity.len())
+            .unwrap_or(0);
+        by_severity[slot] += 1;
+        packages += u64::from(is_package);
+    }
+    (by_severity, packages)
+}
+
 /// The write lane of a host among `lanes` ([`Storage::write_lanes`]): a stable hash of its id
 /// (FNV-1a), so every report of a host goes through one lane, in order.
 pub fn lane_of(host_id: &str, lanes: usize) -> usize {
