@@ -154,6 +154,7 @@ conformance!(
     group_commit_across_hosts_and_reports,
     write_lanes_commit_at_once_alongside_other_writes,
     unknown_host_fails_the_batch_and_changes_nothing,
+    a_batch_whose_writes_fail_changes_nothing_and_the_next_applies,
     incomplete_flag_reason_and_lost_reports,
     heartbeats_update_last_seen_and_scan,
     host_summaries_count_open_items_by_severity,
@@ -1069,6 +1070,68 @@ async fn unknown_host_fails_the_batch_and_changes_nothing(f: Fixture) {
     let r = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
     assert_eq!(apply1(s, "h", r, T0 + 1).await, APPLIED);
     assert_eq!(open_keys(s, "h").await, vec![file_key(b"/a")]);
+}
+
+async fn a_batch_whose_writes_fail_changes_nothing_and_the_next_applies(f: Fixture) {
+    let s = f.open().await;
+    let s = s.as_ref();
+    enroll(s, "h").await;
+    let mut agent = Agent::new(1);
+    let r = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
+    assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+    // The database refuses one new row: the batch fails after its other writes went out.
+    f.sql(match f.kind {
+        Kind::Sqlite => {
+            "CREATE TRIGGER refuse BEFORE INSERT ON violations WHEN NEW.severity = 5 \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;"
+        }
+        Kind::Postgres => {
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.severity = 5 THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+             RETURN NEW; END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON violations FOR EACH ROW \
+             EXECUTE FUNCTION refuse();"
+        }
+    })
+    .await;
+    let second = agent.delta(
+        vec![
+            file(b"/a", ViolationKind::Modified, 2, &[]),
+            file(b"/b", ViolationKind::Added, 5, &[]),
+        ],
+        vec![],
+    );
+    let e = s
+        .apply_reports(vec![to_apply("h", second.clone(), T0 + 1)])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("refused by the test"), "{e}");
+    assert_eq!(open_keys(s, "h").await, vec![file_key(b"/a")]);
+    let stored = s.host("h").await.unwrap().unwrap();
+    assert_eq!(
+        stored.position.last_seq, 1,
+        "the failed report was not applied"
+    );
+    let recs = s.search_violations(all_of("h")).await.unwrap();
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        recs[0].item,
+        file(b"/a", ViolationKind::Added, 1, &[]),
+        "the failed batch's update of /a was kept"
+    );
+
+    // The same connection goes on: the same report applies once the database takes it.
+    f.sql(match f.kind {
+        Kind::Sqlite => "DROP TRIGGER refuse;",
+        Kind::Postgres => "DROP TRIGGER refuse ON violations; DROP FUNCTION refuse();",
+    })
+    .await;
+    assert_eq!(apply1(s, "h", second, T0 + 2).await, APPLIED);
+    assert_eq!(
+        open_keys(s, "h").await,
+        vec![file_key(b"/a"), file_key(b"/b")]
+    );
+    assert_eq!(s.host("h").await.unwrap().unwrap().position.last_seq, 2);
 }
 
 async fn incomplete_flag_reason_and_lost_reports(f: Fixture) {

@@ -399,7 +399,8 @@ impl ApplyTimer {
         self.plan = self.lap();
     }
 
-    /// The rows written (not yet committed).
+    /// The rows written (not yet committed; PostgreSQL pipelines its `COMMIT` behind the
+    /// writes, so there this includes the commit and `commit_ms` is about 0).
     pub fn written(&mut self) {
         self.write = self.lap();
     }

@@ -9,9 +9,9 @@
 //! works on the other. Every other write (enrollment, lifecycle transitions, audit, tokens,
 //! actions) goes through the control writer, so none of it occupies a lane's connection. Within
 //! a transaction, statements are pipelined (several requests in flight on the one connection)
-//! and every per-row write is a single array statement (`UNNEST`), so a batch costs a handful
-//! of round trips whatever its size. Reads use their own connection so the fleet view never
-//! waits behind an apply batch.
+//! and every per-row write is a single array statement (`UNNEST`), so a report batch costs two
+//! round trips whatever its size (`apply_batch`). Reads use their own connection so the fleet
+//! view never waits behind an apply batch.
 //!
 //! Several replicas: report batches, heartbeats and acknowledgements lock the host rows they
 //! change (`FOR NO KEY UPDATE`, in primary-key order, so two replicas never deadlock on each
@@ -22,7 +22,7 @@
 //! TLS to PostgreSQL is not supported yet (`NoTls`): run the database on the same host or a
 //! trusted network; TLS is a later issue.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use driftwatch_proto::set::SetDigest;
 use driftwatch_proto::v1::{DriftItem, ScanStatus};
@@ -86,6 +86,8 @@ struct Writer {
     st: WriterStatements,
     open_sets: HashMap<i64, (i64, BTreeMap<Vec<u8>, OpenEntry>)>,
     cached_items: usize,
+    /// Violation ids taken from `violations_id_seq` and not used yet.
+    ids: VecDeque<i64>,
 }
 
 impl Writer {
@@ -96,6 +98,7 @@ impl Writer {
             st,
             open_sets: HashMap::new(),
             cached_items: 0,
+            ids: VecDeque::new(),
         })
     }
 }
@@ -483,14 +486,38 @@ async fn apply_batch(
         st,
         open_sets,
         cached_items,
+        ids,
     } = w;
     let mut timer = apply::ApplyTimer::start();
     let reports = batch.len();
-    let tx = client.transaction().await.db()?;
     let mut host_ids: Vec<&str> = batch.iter().map(|r| r.host_id.as_str()).collect();
     host_ids.sort_unstable();
     host_ids.dedup();
-    let rows = tx.query(&st.lock_hosts, &[&host_ids]).await.db()?;
+    // Two round trips in all (statements pipelined on the one connection): BEGIN, more ids
+    // when few are left, and the host rows' locks; then, once planned, the writes and the
+    // COMMIT. A paced load commits batches of one or two reports, and every extra exchange
+    // with the server is a wait for two busy processes to be scheduled.
+    let refill = ids.len() < ID_POOL_LOW;
+    let rollback = Rollback::armed(client);
+    let (_, fetched, rows) = futures_util::future::try_join3(
+        client.batch_execute("BEGIN"),
+        async {
+            if refill {
+                client
+                    .query(&st.new_ids, &[&ID_POOL_REFILL])
+                    .await
+                    .map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+        client.query(&st.lock_hosts, &[&host_ids]),
+    )
+    .await
+    .db()?;
+    for r in fetched.iter().flatten() {
+        ids.push_back(get(r, 0)?);
+    }
     let mut hosts: HashMap<String, HostState> = HashMap::with_capacity(rows.len());
     let mut to_load: Vec<i64> = Vec::new();
     let mut pk_to_host: HashMap<i64, String> = HashMap::new();
@@ -526,7 +553,7 @@ async fn apply_batch(
         hosts.insert(id, host);
     }
     if !to_load.is_empty() {
-        for r in tx.query(&st.open_sets, &[&to_load]).await.db()? {
+        for r in client.query(&st.open_sets, &[&to_load]).await.db()? {
             let pk: i64 = get(&r, 0)?;
             let Some(host) = pk_to_host.get(&pk).and_then(|id| hosts.get_mut(id)) else {
                 continue;
@@ -546,17 +573,15 @@ async fn apply_batch(
     let plan = apply::plan(&mut hosts, batch)?;
     timer.planned();
 
-    let new_ids: Vec<i64> = if plan.inserts.is_empty() {
-        Vec::new()
-    } else {
-        let n = plan.inserts.len() as i64;
-        tx.query(&st.new_ids, &[&n])
-            .await
-            .db()?
-            .iter()
-            .map(|r| get(r, 0))
-            .collect::<Result<_, _>>()?
-    };
+    // Ids come from the sequence alone, so they are unique; ids drawn and never used (a
+    // failed batch, a restart) are gaps.
+    if plan.inserts.len() > ids.len() {
+        let n = (plan.inserts.len() - ids.len()) as i64 + ID_POOL_REFILL;
+        for r in client.query(&st.new_ids, &[&n]).await.db()? {
+            ids.push_back(get(&r, 0)?);
+        }
+    }
+    let new_ids: Vec<i64> = ids.drain(..plan.inserts.len()).collect();
 
     // Column arrays for the UNNEST statements.
     let mut content = ContentColumns::default();
@@ -593,7 +618,9 @@ async fn apply_batch(
     let hc = HostColumns::new(&plan.hosts);
 
     // Pipelined: sent in this order on the one connection, executed in this order (the
-    // updates may resolve an occurrence whose key an insert opens again).
+    // updates may resolve an occurrence whose key an insert opens again), then the COMMIT. If
+    // a statement fails, the server has aborted the transaction, so the COMMIT sent behind it
+    // rolls back.
     let content_params: Params<'_> = vec![
         &content.id,
         &content.item,
@@ -623,40 +650,41 @@ async fn apply_batch(
         &ins.resolved,
     ];
     let host_params = hc.params();
-    futures_util::future::try_join4(
+    futures_util::future::try_join5(
         async {
             if content.id.is_empty() {
                 Ok(0)
             } else {
-                tx.execute(&st.update_content, &content_params).await
+                client.execute(&st.update_content, &content_params).await
             }
         },
         async {
             if touch_ids.is_empty() {
                 Ok(0)
             } else {
-                tx.execute(&st.update_touch, &touch_params).await
+                client.execute(&st.update_touch, &touch_params).await
             }
         },
         async {
             if ins.id.is_empty() {
                 Ok(0)
             } else {
-                tx.execute(&st.insert, &insert_params).await
+                client.execute(&st.insert, &insert_params).await
             }
         },
         async {
             if hc.pk.is_empty() {
                 Ok(0)
             } else {
-                tx.execute(&st.update_hosts, &host_params).await
+                client.execute(&st.update_hosts, &host_params).await
             }
         },
+        async { client.batch_execute("COMMIT").await.map(|()| 0) },
     )
     .await
     .db()?;
+    rollback.disarm();
     timer.written();
-    tx.commit().await.db()?;
     timer.committed("postgres", &plan, reports, to_load.len());
 
     for (_, mut host) in hosts {
@@ -669,6 +697,41 @@ async fn apply_batch(
         *cached_items = 0;
     }
     Ok(plan.outcomes)
+}
+
+/// Ids drawn from `violations_id_seq` at a time, and the stock below which the next batch
+/// draws more (in its first round trip, so a batch of a few hundred new rows rarely waits for
+/// ids).
+const ID_POOL_REFILL: i64 = 4096;
+const ID_POOL_LOW: usize = 2048;
+
+/// Rolls back the writer's open transaction unless disarmed after its COMMIT: on an error, or
+/// when the batch's future is dropped half-way, as `tokio_postgres::Transaction` does.
+struct Rollback<'a> {
+    client: Option<&'a Client>,
+}
+
+impl<'a> Rollback<'a> {
+    fn armed(client: &'a Client) -> Self {
+        Rollback {
+            client: Some(client),
+        }
+    }
+
+    fn disarm(mut self) {
+        self.client = None;
+    }
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if let Some(client) = self.client {
+            // The first poll queues the statement on the connection; its reply is not awaited
+            // (the next batch's statements queue behind it). After a COMMIT that failed the
+            // server may answer with a warning that no transaction is in progress.
+            let _ = futures_util::FutureExt::now_or_never(client.batch_execute("ROLLBACK"));
+        }
+    }
 }
 
 /// Item columns as arrays.
