@@ -23,7 +23,7 @@ use driftwatch_proto::set::key_matches;
 use driftwatch_proto::v1::ingest_server::Ingest;
 use driftwatch_proto::v1::{
     Ack, AgentMessage, CollectorMessage, Heartbeat, Hello, Report, Resync, ScanStatus, Welcome,
-    agent_message, collector_message,
+    agent_message, collector_message, drift_item,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -396,6 +396,7 @@ fn hello_info(h: Hello) -> Result<HelloInfo, RpcError> {
                 "Hello.{name} is longer than {MAX_HELLO_FIELD} bytes"
             )));
         }
+        no_nul(value, || format!("Hello.{name}"))?;
     }
     if !(h.baseline_root.is_empty() || h.baseline_root.len() == driftwatch_proto::HASH_LEN) {
         return Err(RpcError::InvalidMessage(
@@ -413,6 +414,19 @@ fn hello_info(h: Hello) -> Result<HelloInfo, RpcError> {
 }
 
 /// Checks one report before it goes near storage. Pure.
+/// Refuses a NUL character in a string the collector stores as text: PostgreSQL cannot hold
+/// one in a text column, and the failed statement would fail the whole group commit, with the
+/// reports of every other host in it.
+fn no_nul(value: &str, what: impl FnOnce() -> String) -> Result<(), RpcError> {
+    if value.contains('\0') {
+        return Err(RpcError::InvalidMessage(format!(
+            "{} contains a NUL character",
+            what()
+        )));
+    }
+    Ok(())
+}
+
 fn check_report(r: &Report, stream_epoch: u64, last_seq: Option<u64>) -> Result<(), RpcError> {
     let bad = |m: String| Err(RpcError::InvalidMessage(m));
     if r.epoch != stream_epoch {
@@ -441,6 +455,7 @@ fn check_report(r: &Report, stream_epoch: u64, last_seq: Option<u64>) -> Result<
     if ScanStatus::try_from(r.status).is_err() {
         return bad(format!("Report.status {} is not a ScanStatus", r.status));
     }
+    no_nul(&r.status_reason, || "Report.status_reason".into())?;
     let mut keys = HashSet::with_capacity(r.upserts.len());
     for item in &r.upserts {
         if item.key.len() > MAX_KEY_BYTES {
@@ -451,6 +466,19 @@ fn check_report(r: &Report, stream_epoch: u64, last_seq: Option<u64>) -> Result<
                 "item key {:?} does not match its content",
                 String::from_utf8_lossy(&item.key)
             ));
+        }
+        let strings: Vec<&String> = match &item.item {
+            Some(drift_item::Item::File(v)) => v.packages.iter().collect(),
+            Some(drift_item::Item::Package(p)) => vec![&p.name, &p.arch],
+            None => Vec::new(),
+        };
+        for text in strings {
+            no_nul(text, || {
+                format!(
+                    "a package name of item {:?}",
+                    String::from_utf8_lossy(&item.key)
+                )
+            })?;
         }
         if !keys.insert(item.key.as_slice()) {
             return bad(format!(
@@ -724,7 +752,8 @@ async fn run_heartbeat_flusher(
 mod tests {
     use super::*;
     use driftwatch_proto::set::file_key;
-    use driftwatch_proto::v1::{DriftItem, Violation, drift_item::Item};
+    use driftwatch_proto::set::package_key;
+    use driftwatch_proto::v1::{DriftItem, PackageDrift, Violation, drift_item::Item};
 
     fn item(path: &[u8]) -> DriftItem {
         DriftItem {
@@ -785,6 +814,26 @@ mod tests {
         let mut r = report(1);
         r.removed_keys.push(b"x".to_vec());
         assert!(refused(&r, None).contains("removed key"));
+        // Text the database stores as text holds no NUL (PostgreSQL refuses it, failing the
+        // whole batch).
+        let mut r = report(1);
+        r.status_reason = "scan\0failed".into();
+        assert!(refused(&r, None).contains("Report.status_reason contains a NUL"));
+        let mut r = report(1);
+        if let Some(Item::File(v)) = &mut r.upserts[0].item {
+            v.packages = vec!["openssh-server:amd64".into(), "evil\0:amd64".into()];
+        }
+        assert!(refused(&r, None).contains("a package name of item"));
+        let mut r = report(1);
+        r.upserts.push(DriftItem {
+            key: package_key("libc6", "amd\x0064"),
+            item: Some(Item::Package(PackageDrift {
+                name: "libc6".into(),
+                arch: "amd\x0064".into(),
+                ..Default::default()
+            })),
+        });
+        assert!(refused(&r, None).contains("NUL"));
     }
 
     #[test]
@@ -794,6 +843,16 @@ mod tests {
             ..Default::default()
         };
         assert!(hello_info(h).unwrap_err().to_string().contains("image_id"));
+        let h = Hello {
+            agent_version: "0.1\0".into(),
+            ..Default::default()
+        };
+        assert!(
+            hello_info(h)
+                .unwrap_err()
+                .to_string()
+                .contains("Hello.agent_version contains a NUL")
+        );
         let h = Hello {
             baseline_root: vec![1; 31],
             ..Default::default()
