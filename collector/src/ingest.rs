@@ -413,7 +413,6 @@ fn hello_info(h: Hello) -> Result<HelloInfo, RpcError> {
     })
 }
 
-/// Checks one report before it goes near storage. Pure.
 /// Refuses a NUL character in a string the collector stores as text: PostgreSQL cannot hold
 /// one in a text column, and the failed statement would fail the whole group commit, with the
 /// reports of every other host in it.
@@ -427,6 +426,7 @@ fn no_nul(value: &str, what: impl FnOnce() -> String) -> Result<(), RpcError> {
     Ok(())
 }
 
+/// Checks one report before it goes near storage. Pure.
 fn check_report(r: &Report, stream_epoch: u64, last_seq: Option<u64>) -> Result<(), RpcError> {
     let bad = |m: String| Err(RpcError::InvalidMessage(m));
     if r.epoch != stream_epoch {
@@ -751,8 +751,7 @@ async fn run_heartbeat_flusher(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use driftwatch_proto::set::file_key;
-    use driftwatch_proto::set::package_key;
+    use driftwatch_proto::set::{file_key, package_key};
     use driftwatch_proto::v1::{DriftItem, PackageDrift, Violation, drift_item::Item};
 
     fn item(path: &[u8]) -> DriftItem {
