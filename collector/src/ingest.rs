@@ -467,18 +467,25 @@ fn check_report(r: &Report, stream_epoch: u64, last_seq: Option<u64>) -> Result<
                 String::from_utf8_lossy(&item.key)
             ));
         }
-        let strings: Vec<&String> = match &item.item {
-            Some(drift_item::Item::File(v)) => v.packages.iter().collect(),
-            Some(drift_item::Item::Package(p)) => vec![&p.name, &p.arch],
-            None => Vec::new(),
-        };
-        for text in strings {
+        let package_text = |text: &str| {
             no_nul(text, || {
                 format!(
                     "a package name of item {:?}",
                     String::from_utf8_lossy(&item.key)
                 )
-            })?;
+            })
+        };
+        match &item.item {
+            Some(drift_item::Item::File(v)) => {
+                for owner in &v.packages {
+                    package_text(owner)?;
+                }
+            }
+            Some(drift_item::Item::Package(p)) => {
+                package_text(&p.name)?;
+                package_text(&p.arch)?;
+            }
+            None => {}
         }
         if !keys.insert(item.key.as_slice()) {
             return bad(format!(
