@@ -255,6 +255,27 @@ async fn round_and_fresh(
     (snap, fresh)
 }
 
+/// What the ingest does with each batch of one report, received at `at`: note whether the
+/// reconciler holds the host's rows, apply, then move the held rows along.
+async fn ingest_one(
+    store: &Arc<dyn Storage>,
+    cache: &reconcile::OpenCache,
+    host: &str,
+    report: Report,
+    at: i64,
+) {
+    let held = cache.holds(host);
+    let to = ReportToApply {
+        host_id: host.into(),
+        report: report.clone(),
+        received_ms: at,
+    };
+    let outcome = store.apply_reports(vec![to]).await.unwrap().remove(0);
+    if held {
+        cache.advance(host, report, at, &outcome);
+    }
+}
+
 /// A snapshot's open rows, each host's sorted by key (a replay keeps them in another order).
 fn open_by_key(snap: &reconcile::Snapshot) -> BTreeMap<String, Vec<ViolationRecord>> {
     snap.open
@@ -290,20 +311,8 @@ async fn the_background_cache_spreads_reads_and_follows_applied_reports() {
     let fresh = reconcile::gather(&*store, now_ms(), None).await.unwrap();
     assert_eq!(snap.open, fresh.open);
 
-    // What the ingest does with each batch: apply, then advance the held rows.
-    let apply_and_advance = |report: Report, at: i64| {
-        let store = store.clone();
-        let cache = &cache;
-        async move {
-            let to = ReportToApply {
-                host_id: "old-1".into(),
-                report: report.clone(),
-                received_ms: at,
-            };
-            let outcome = store.apply_reports(vec![to]).await.unwrap().remove(0);
-            cache.advance("old-1", report, at, &outcome);
-        }
-    };
+    let apply_and_advance =
+        |report: Report, at: i64| ingest_one(&store, &cache, "old-1", report, at);
     let sshd = |digest: &str| {
         fleet_fixture::file(
             b"/etc/ssh/sshd_config",
@@ -359,27 +368,6 @@ async fn the_background_cache_spreads_reads_and_follows_applied_reports() {
     assert_eq!(open_by_key(&snap), open_by_key(&fresh));
 }
 
-/// What the ingest does with each batch of one report: note whether the reconciler holds the
-/// host's rows, apply, then move the held rows along.
-async fn ingest_one(
-    store: &Arc<dyn Storage>,
-    cache: &reconcile::OpenCache,
-    host: &str,
-    report: Report,
-) {
-    let held = cache.holds(host);
-    let at = now_ms();
-    let to = ReportToApply {
-        host_id: host.into(),
-        report: report.clone(),
-        received_ms: at,
-    };
-    let outcome = store.apply_reports(vec![to]).await.unwrap().remove(0);
-    if held {
-        cache.advance(host, report, at, &outcome);
-    }
-}
-
 /// A round spreads its reads over seconds, and reports keep committing meanwhile: rows read
 /// after a commit must be held at the position they were read at, not at the round's older
 /// listing — else the ingest's next report does not follow them, the host is dropped, and a
@@ -404,8 +392,8 @@ async fn rows_read_while_reports_commit_are_held_where_they_were_read() {
         let upsert = old.report(false, vec![motd], vec![]);
         let (store, cache) = (store.clone(), cache.clone());
         async move {
-            ingest_one(&store, &cache, "web-1", full).await;
-            ingest_one(&store, &cache, "old-1", upsert).await;
+            ingest_one(&store, &cache, "web-1", full, now_ms()).await;
+            ingest_one(&store, &cache, "old-1", upsert, now_ms()).await;
         }
     };
 
