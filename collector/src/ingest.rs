@@ -310,7 +310,7 @@ async fn run_stream(
                     resync_outstanding = false;
                 }
                 send(tx, collector_message::Msg::Ack(Ack { seq: p.seq })).await?;
-                if let ApplyOutcome::Applied { digest_matches: false } = outcome
+                if let ApplyOutcome::Applied { digest_matches: false, .. } = outcome
                     && !resync_outstanding
                 {
                     resync_outstanding = true;
@@ -636,11 +636,11 @@ async fn run_writer(
         let (reports, dones): (Vec<_>, Vec<_>) =
             jobs.into_iter().map(|j| (j.report, j.done)).unzip();
         let count = reports.len();
-        // Copies of the reports of hosts whose open rows the reconciler holds, to move those
-        // rows along once the batch committed.
+        // Copies of the reports the reconciler's cache can use (`OpenCache::wants`), to move
+        // the rows it holds along, or start them, once the batch committed.
         let replay: Vec<Option<ReportToApply>> = reports
             .iter()
-            .map(|r| open_rows.holds(&r.host_id).then(|| r.clone()))
+            .map(|r| open_rows.wants(&r.host_id, &r.report).then(|| r.clone()))
             .collect();
         let result = match store.apply_reports(reports).await {
             Ok(outcomes) if outcomes.len() == count => Ok(outcomes),

@@ -187,10 +187,16 @@ impl OpenCache {
         self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Whether rows are held for `host_id`: only then does [`OpenCache::advance`] need its
-    /// reports.
+    /// Whether rows are held for `host_id`.
     pub fn holds(&self, host_id: &str) -> bool {
         self.lock().contains_key(host_id)
+    }
+
+    /// Whether [`OpenCache::advance`] may use `report` of `host_id`, so the ingest keeps a copy
+    /// of it until it is applied: rows are held for the host, or the report opens items (if
+    /// the host had none open, they are its rows).
+    pub fn wants(&self, host_id: &str, report: &driftwatch_proto::v1::Report) -> bool {
+        !report.upserts.is_empty() || self.holds(host_id)
     }
 
     /// Moves the rows held for `host_id` by `report`, which storage applied with `outcome`
@@ -202,6 +208,11 @@ impl OpenCache {
     /// report's digest names, or more than [`MAX_OPEN_PER_HOST`] rows drop the host instead:
     /// its next round reads it. A report at or before the held position (a round read the
     /// rows after it committed) leaves them as they are.
+    ///
+    /// Rows of a host that is not held start from its report when the host had no open item
+    /// before it (`from_empty`): a fleet's new hosts, or a clean host that drifted, are held
+    /// from their first drift on, and no round reads them (each read is a query of all the
+    /// host's open rows; a rollout of hundreds of new hosts made one round read them all).
     pub fn advance(
         &self,
         host_id: &str,
@@ -209,32 +220,49 @@ impl OpenCache {
         received_ms: i64,
         outcome: &crate::storage::ApplyOutcome,
     ) {
+        // Applied with the digest the report names: whether the host had no open item before.
+        let applied = match *outcome {
+            crate::storage::ApplyOutcome::Applied {
+                digest_matches: true,
+                from_empty,
+            } => Some(from_empty),
+            _ => None,
+        };
         // Out of the map while it is replayed: the other lane's replays and a round's reads
         // wait only for the map, not for this host's rows to be replayed and hashed. Not put
         // back means dropped; rows a round read meanwhile stay unless these are later.
-        let Some(mut held) = self.lock().remove(host_id) else {
-            return;
-        };
-        let put_back = |held: Held| self.keep(host_id, held);
-        let pos = &held.stamp.position;
-        if report.epoch == pos.epoch && report.seq <= pos.last_seq {
-            put_back(held);
-            return;
-        }
-        let follows = report.epoch == pos.epoch && report.seq == pos.last_seq + 1;
-        let matches = matches!(
-            outcome,
-            crate::storage::ApplyOutcome::Applied {
-                digest_matches: true
+        let taken = self.lock().remove(host_id);
+        let mut held = match taken {
+            Some(held) => {
+                let pos = &held.stamp.position;
+                if report.epoch == pos.epoch && report.seq <= pos.last_seq {
+                    self.keep(host_id, held);
+                    return;
+                }
+                let follows = report.epoch == pos.epoch && report.seq == pos.last_seq + 1;
+                if !follows || applied.is_none() {
+                    return;
+                }
+                held
             }
-        );
+            // Its stamp is set below, once the rows are checked against the digest.
+            None if applied == Some(true) && !report.upserts.is_empty() => Held {
+                stamp: OpenStamp {
+                    position: StreamPosition {
+                        epoch: 0,
+                        last_seq: 0,
+                        set_digest: [0; 32],
+                    },
+                    counts: counts_of(&[]),
+                },
+                rows: Arc::new(Vec::new()),
+            },
+            None => return,
+        };
         let (epoch, seq) = (report.epoch, report.seq);
         let Ok(digest) = <[u8; 32]>::try_from(report.set_digest.as_slice()) else {
             return;
         };
-        if !follows || !matches {
-            return;
-        }
         let rows = Arc::make_mut(&mut held.rows);
         apply_to_rows(rows, host_id, report, received_ms);
         // The rows must be the set the stored digest names (a replay that differs from the
@@ -250,7 +278,7 @@ impl OpenCache {
             },
             counts: counts_of(rows),
         };
-        put_back(held);
+        self.keep(host_id, held);
     }
 
     /// Hosts whose rows are held.

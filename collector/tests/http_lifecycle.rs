@@ -256,7 +256,7 @@ async fn round_and_fresh(
 }
 
 /// What the ingest does with each batch of one report, received at `at`: note whether the
-/// reconciler holds the host's rows, apply, then move the held rows along.
+/// reconciler's cache wants the report, apply, then move (or start) the held rows.
 async fn ingest_one(
     store: &Arc<dyn Storage>,
     cache: &reconcile::OpenCache,
@@ -264,14 +264,14 @@ async fn ingest_one(
     report: Report,
     at: i64,
 ) {
-    let held = cache.holds(host);
+    let wanted = cache.wants(host, &report);
     let to = ReportToApply {
         host_id: host.into(),
         report: report.clone(),
         received_ms: at,
     };
     let outcome = store.apply_reports(vec![to]).await.unwrap().remove(0);
-    if held {
+    if wanted {
         cache.advance(host, report, at, &outcome);
     }
 }
@@ -366,6 +366,79 @@ async fn the_background_cache_spreads_reads_and_follows_applied_reports() {
     let (snap, fresh) = round_and_fresh(&*store, &cache).await;
     assert_eq!(cache.reads(), 3);
     assert_eq!(open_by_key(&snap), open_by_key(&fresh));
+}
+
+/// Hosts with no open item (a fleet's new hosts, a clean one) are held from the report that
+/// opens their first items, with the rows the storage has: the next round reads neither. A host
+/// that had open items, or a report whose digest the storage does not reach, starts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_that_drift_from_clean_are_held_without_a_read() {
+    let Fleet { store, .. } = fleet().await;
+    let cache = reconcile::OpenCache::default();
+    let _ = reconcile::gather_cached(&*store, now_ms(), None, &cache)
+        .await
+        .unwrap();
+    // web-1 and old-1 have open drift; db-1 is clean; new-1 never reported.
+    assert_eq!((cache.len(), cache.reads()), (2, 2));
+    let t = now_ms();
+    let mut new = Agent::default();
+    let first = new.report(true, vec![sshd_config()], vec![]);
+    ingest_one(&store, &cache, "new-1", first, t).await;
+    let mut db = Agent::default();
+    let _ = db.report(true, vec![], vec![]); // seq 1, applied by the fixture
+    let motd = fleet_fixture::file(
+        b"/etc/motd",
+        driftwatch_proto::v1::ViolationKind::Modified,
+        driftwatch_proto::v1::Severity::Low,
+        &[],
+    );
+    ingest_one(
+        &store,
+        &cache,
+        "db-1",
+        db.report(false, vec![sshd_config(), motd], vec![]),
+        t + 1,
+    )
+    .await;
+    assert!(cache.holds("new-1") && cache.holds("db-1"));
+    let (snap, fresh) = round_and_fresh(&*store, &cache).await;
+    assert_eq!(
+        cache.reads(),
+        2,
+        "a host held from its first drift was read"
+    );
+    assert_eq!((snap.open["new-1"].len(), snap.open["db-1"].len()), (1, 2));
+    assert_eq!(open_by_key(&snap), open_by_key(&fresh));
+
+    // Nothing held: old-1 had open drift before its report, so its rows are not started from
+    // it, not even from a full report, which names the whole set: sshd_config was first seen
+    // three days before it.
+    let empty = reconcile::OpenCache::default();
+    let mut old = Agent::default();
+    let _ = old.report(true, vec![sshd_config()], vec![]); // seq 1, applied by the fixture
+    let motd = fleet_fixture::file(
+        b"/etc/motd",
+        driftwatch_proto::v1::ViolationKind::Added,
+        driftwatch_proto::v1::Severity::Low,
+        &[],
+    );
+    ingest_one(
+        &store,
+        &empty,
+        "old-1",
+        old.report(true, vec![sshd_config(), motd], vec![]),
+        t + 2,
+    )
+    .await;
+    assert!(!empty.holds("old-1"));
+    // A clean host whose report does not come out as the digest it names (the ingest then asks
+    // for a resync) is not held either.
+    let mut inc = Agent::default();
+    let _ = inc.report(true, vec![], vec![]); // seq 1, applied by the fixture
+    let mut r = inc.report(false, vec![sshd_config()], vec![]);
+    r.set_digest = vec![0; 32];
+    ingest_one(&store, &empty, "inc-1", r, t + 3).await;
+    assert!(empty.is_empty());
 }
 
 /// A round spreads its reads over seconds, and reports keep committing meanwhile: rows read

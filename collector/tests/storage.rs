@@ -324,8 +324,15 @@ async fn apply1(s: &dyn Storage, host: &str, report: Report, at: i64) -> ApplyOu
     out.remove(0)
 }
 
+/// Applied to a host with open items.
 const APPLIED: ApplyOutcome = ApplyOutcome::Applied {
     digest_matches: true,
+    from_empty: false,
+};
+/// Applied to a host with no open item before it.
+const APPLIED_FROM_EMPTY: ApplyOutcome = ApplyOutcome::Applied {
+    digest_matches: true,
+    from_empty: true,
 };
 
 fn query() -> ViolationQuery {
@@ -607,10 +614,10 @@ async fn hello_returns_the_stream_position(f: Fixture) {
 
     let mut agent = Agent::new(5);
     let item = file(b"/etc/passwd", ViolationKind::Modified, 3, &[]);
-    for _ in 0..3 {
+    for i in 0..3 {
         assert_eq!(
             apply1(s, "h", agent.delta(vec![item.clone()], vec![]), T0).await,
-            APPLIED
+            if i == 0 { APPLIED_FROM_EMPTY } else { APPLIED }
         );
     }
     // Same epoch: the position is kept.
@@ -636,7 +643,7 @@ async fn delta_reports_add_update_remove(f: Fixture) {
     let b = file(b"/etc/b", ViolationKind::Modified, 3, &["coreutils:amd64"]);
     let p = package("openssl", PackageDriftKind::Changed, 4);
     let r = agent.delta(vec![a.clone(), b.clone(), p.clone()], vec![]);
-    assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+    assert_eq!(apply1(s, "h", r, T0).await, APPLIED_FROM_EMPTY);
     assert_eq!(
         occurrences(s, all_of("h")).await,
         vec![
@@ -695,7 +702,7 @@ async fn full_report_replaces_the_set(f: Fixture) {
         .collect();
     assert_eq!(
         apply1(s, "h", agent.delta(items.clone(), vec![]), T0).await,
-        APPLIED
+        APPLIED_FROM_EMPTY
     );
     // Full: keeps f1, f3 (f3 changed), adds g; f0, f2, f4 are resolved.
     let mut f3 = items[3].clone();
@@ -738,7 +745,7 @@ async fn duplicates_are_detected_by_seq(f: Fixture) {
     let mut agent = Agent::new(3);
     let r1 = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
     let r2 = agent.delta(vec![file(b"/b", ViolationKind::Added, 1, &[])], vec![]);
-    assert_eq!(apply1(s, "h", r1.clone(), T0).await, APPLIED);
+    assert_eq!(apply1(s, "h", r1.clone(), T0).await, APPLIED_FROM_EMPTY);
     assert_eq!(apply1(s, "h", r2.clone(), T0 + 1).await, APPLIED);
     // Resent after a lost ack, alone and inside a batch with a new one.
     assert_eq!(
@@ -781,7 +788,8 @@ async fn new_epoch_starts_a_new_sequence_space(f: Fixture) {
             )],
             vec![],
         );
-        assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+        let expect = if i == 0 { APPLIED_FROM_EMPTY } else { APPLIED };
+        assert_eq!(apply1(s, "h", r, T0).await, expect);
     }
     // The agent lost its spool: new epoch, seq from 1, a full report.
     let mut agent2 = Agent::new(2);
@@ -802,12 +810,13 @@ async fn gap_still_applies_and_digest_checks(f: Fixture) {
     let r1 = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
     let _lost = agent.delta(vec![file(b"/b", ViolationKind::Added, 1, &[])], vec![]);
     let r3 = agent.delta(vec![file(b"/c", ViolationKind::Added, 1, &[])], vec![]);
-    assert_eq!(apply1(s, "h", r1, T0).await, APPLIED);
+    assert_eq!(apply1(s, "h", r1, T0).await, APPLIED_FROM_EMPTY);
     // Seq 3 after 1: applied, but the set lacks /b, so the digest disagrees.
     assert_eq!(
         apply1(s, "h", r3, T0 + 1).await,
         ApplyOutcome::Applied {
-            digest_matches: false
+            digest_matches: false,
+            from_empty: false,
         }
     );
     assert_eq!(s.host("h").await.unwrap().unwrap().position.last_seq, 3);
@@ -838,7 +847,8 @@ async fn digest_mismatch_is_reported(f: Fixture) {
     assert_eq!(
         apply1(s, "h", r, T0).await,
         ApplyOutcome::Applied {
-            digest_matches: false
+            digest_matches: false,
+            from_empty: true,
         }
     );
     // Stored digest is the one of the stored set, whatever the agent claimed.
@@ -865,7 +875,8 @@ async fn digest_mismatch_is_reported(f: Fixture) {
     assert_eq!(
         apply1(s, "h", r, T0 + 1).await,
         ApplyOutcome::Applied {
-            digest_matches: false
+            digest_matches: false,
+            from_empty: false,
         }
     );
     let _ = other;
@@ -879,7 +890,7 @@ async fn recurrence_is_a_new_occurrence(f: Fixture) {
     let a = file(b"/etc/shadow", ViolationKind::Modified, 5, &[]);
     assert_eq!(
         apply1(s, "h", agent.delta(vec![a.clone()], vec![]), T0).await,
-        APPLIED
+        APPLIED_FROM_EMPTY
     );
     assert_eq!(
         apply1(s, "h", agent.delta(vec![a.clone()], vec![]), T0 + 1).await,
@@ -889,9 +900,10 @@ async fn recurrence_is_a_new_occurrence(f: Fixture) {
         apply1(s, "h", agent.delta(vec![], vec![a.key.clone()]), T0 + 2).await,
         APPLIED
     );
+    // Resolved: the host had no open item before the recurrence.
     assert_eq!(
         apply1(s, "h", agent.delta(vec![a.clone()], vec![]), T0 + 3).await,
-        APPLIED
+        APPLIED_FROM_EMPTY
     );
     assert_eq!(
         occurrences(s, all_of("h")).await,
@@ -912,7 +924,7 @@ async fn recurrence_is_a_new_occurrence(f: Fixture) {
         ])
         .await
         .unwrap();
-    assert_eq!(out, vec![APPLIED; 3]);
+    assert_eq!(out, vec![APPLIED, APPLIED_FROM_EMPTY, APPLIED]);
     assert_eq!(
         occurrences(s, all_of("h")).await,
         vec![
@@ -925,7 +937,7 @@ async fn recurrence_is_a_new_occurrence(f: Fixture) {
     // And again in a later batch (the open set the backend may have cached is right).
     assert_eq!(
         apply1(s, "h", agent.delta(vec![a.clone()], vec![]), T0 + 7).await,
-        APPLIED
+        APPLIED_FROM_EMPTY
     );
     assert_eq!(open_keys(s, "h").await, vec![a.key.clone()]);
 }
@@ -960,7 +972,10 @@ async fn group_commit_across_hosts_and_reports(f: Fixture) {
         }
     }
     let out = s.apply_reports(batch).await.unwrap();
-    assert_eq!(out, vec![APPLIED; 12]);
+    // Each host's first report (round 0) finds it without open items.
+    let mut expect = vec![APPLIED_FROM_EMPTY; 3];
+    expect.extend([APPLIED; 9]);
+    assert_eq!(out, expect);
     for (i, h) in hosts.iter().enumerate() {
         let summary = s.host(h).await.unwrap().unwrap();
         assert_eq!(summary.position.set_digest.to_vec(), agents[i].digest());
@@ -1027,7 +1042,13 @@ async fn write_lanes_commit_at_once_alongside_other_writes(f: Fixture) {
         beat.unwrap();
         for out in outs {
             let out = out.unwrap();
-            assert!(out.iter().all(|o| *o == APPLIED), "{out:?}");
+            // Round 0 finds every host without open items.
+            let expect = if round == 0 {
+                APPLIED_FROM_EMPTY
+            } else {
+                APPLIED
+            };
+            assert!(out.iter().all(|o| *o == expect), "{out:?}");
         }
     }
     for (i, h) in hosts.iter().enumerate() {
@@ -1068,7 +1089,7 @@ async fn unknown_host_fails_the_batch_and_changes_nothing(f: Fixture) {
     assert_eq!(s.host("h").await.unwrap().unwrap().position.last_seq, 0);
     agent.seq = 0;
     let r = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
-    assert_eq!(apply1(s, "h", r, T0 + 1).await, APPLIED);
+    assert_eq!(apply1(s, "h", r, T0 + 1).await, APPLIED_FROM_EMPTY);
     assert_eq!(open_keys(s, "h").await, vec![file_key(b"/a")]);
 }
 
@@ -1078,7 +1099,7 @@ async fn a_batch_whose_writes_fail_changes_nothing_and_the_next_applies(f: Fixtu
     enroll(s, "h").await;
     let mut agent = Agent::new(1);
     let r = agent.delta(vec![file(b"/a", ViolationKind::Added, 1, &[])], vec![]);
-    assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+    assert_eq!(apply1(s, "h", r, T0).await, APPLIED_FROM_EMPTY);
     // The database refuses one new row: the batch fails after its other writes went out.
     f.sql(match f.kind {
         Kind::Sqlite => {
@@ -1139,11 +1160,12 @@ async fn incomplete_flag_reason_and_lost_reports(f: Fixture) {
     let s = s.as_ref();
     enroll(s, "h").await;
     let mut agent = Agent::new(1);
+    // No report of this host opens an item: each finds it without open items.
     let mut r = agent.delta(vec![], vec![]);
     r.status = ScanStatus::Incomplete as i32;
     r.status_reason = "scan failed: /var unreadable".into();
     r.scan_finished_unix_ms = T0 - 5;
-    assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+    assert_eq!(apply1(s, "h", r, T0).await, APPLIED_FROM_EMPTY);
     let h = s.host("h").await.unwrap().unwrap();
     assert!(h.incomplete);
     assert_eq!(h.incomplete_reason, "scan failed: /var unreadable");
@@ -1155,12 +1177,12 @@ async fn incomplete_flag_reason_and_lost_reports(f: Fixture) {
     let mut r = agent.delta(vec![], vec![]);
     r.status = ScanStatus::Complete as i32;
     r.lost_reports = 3;
-    assert_eq!(apply1(s, "h", r, T0 + 1).await, APPLIED);
+    assert_eq!(apply1(s, "h", r, T0 + 1).await, APPLIED_FROM_EMPTY);
     let mut r = agent.delta(vec![], vec![]);
     r.status = ScanStatus::Incomplete as i32;
     r.lost_reports = 2;
     r.status_reason = "spool overflow".into();
-    assert_eq!(apply1(s, "h", r, T0 + 2).await, APPLIED);
+    assert_eq!(apply1(s, "h", r, T0 + 2).await, APPLIED_FROM_EMPTY);
     let h = s.host("h").await.unwrap().unwrap();
     assert!(h.incomplete);
     assert_eq!(h.incomplete_reason, "spool overflow");
@@ -1168,7 +1190,10 @@ async fn incomplete_flag_reason_and_lost_reports(f: Fixture) {
 
     // A complete report clears the flag; the lost count stays (it is history).
     let items: Vec<_> = agent.set.values().cloned().collect();
-    assert_eq!(apply1(s, "h", agent.full(items), T0 + 3).await, APPLIED);
+    assert_eq!(
+        apply1(s, "h", agent.full(items), T0 + 3).await,
+        APPLIED_FROM_EMPTY
+    );
     let h = s.host("h").await.unwrap().unwrap();
     assert!(!h.incomplete);
     assert_eq!(h.incomplete_reason, "");
@@ -1223,7 +1248,7 @@ async fn host_summaries_count_open_items_by_severity(f: Fixture) {
     ];
     assert_eq!(
         apply1(s, "a", agent.delta(items, vec![]), T0).await,
-        APPLIED
+        APPLIED_FROM_EMPTY
     );
     let r = agent.delta(
         vec![file(b"/4", ViolationKind::Added, 2, &[])],
@@ -1299,7 +1324,7 @@ async fn search_by_path_glob(f: Fixture) {
     let mut agent = Agent::new(1);
     assert_eq!(
         apply1(s, "h", agent.delta(items, vec![]), T0).await,
-        APPLIED
+        APPLIED_FROM_EMPTY
     );
 
     let v = |x: &[&[u8]]| x.iter().map(|p| p.to_vec()).collect::<Vec<_>>();
@@ -1418,7 +1443,7 @@ async fn search_filters(f: Fixture) {
             T0
         )
         .await,
-        APPLIED
+        APPLIED_FROM_EMPTY
     );
     assert_eq!(
         apply1(
@@ -1428,7 +1453,7 @@ async fn search_filters(f: Fixture) {
             T0 + 10 * MINUTE
         )
         .await,
-        APPLIED
+        APPLIED_FROM_EMPTY
     );
     // Resolve w2 at +20 minutes.
     assert_eq!(
@@ -1916,7 +1941,7 @@ async fn reopen_keeps_everything(f: Fixture) {
             ],
             vec![],
         );
-        assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+        assert_eq!(apply1(s, "h", r, T0).await, APPLIED_FROM_EMPTY);
         s.record_security_event(
             SecurityEvent {
                 at_ms: T0,
@@ -2644,7 +2669,7 @@ async fn lifecycle_moves_race_once_and_never_wait_for_report_batches(f: Fixture)
         let out = tokio::time::timeout(limit, s1.apply_reports(vec![to_apply("r1", report, T0)]))
             .await
             .expect("a report batch waited for a lifecycle move's key-share lock");
-        assert_eq!(out.unwrap(), vec![APPLIED]);
+        assert_eq!(out.unwrap(), vec![APPLIED_FROM_EMPTY]);
         other.batch_execute("ROLLBACK").await.unwrap();
         drop(other);
         let _ = task.await;
@@ -2660,7 +2685,7 @@ async fn acknowledgements_cover_the_named_open_items(f: Fixture) {
     let curl = package("curl", PackageDriftKind::Installed, 3);
     let mut agent = Agent::new(1);
     let r = agent.full(vec![motd.clone(), odd.clone(), curl.clone()]);
-    assert_eq!(apply1(s, "h", r, T0).await, APPLIED);
+    assert_eq!(apply1(s, "h", r, T0).await, APPLIED_FROM_EMPTY);
 
     let req = |paths: Vec<Vec<u8>>, packages: Vec<&str>, all: bool| AckRequest {
         host_id: "h".into(),

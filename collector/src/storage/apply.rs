@@ -233,6 +233,7 @@ pub(crate) fn plan(
             continue;
         }
         let now = received_ms;
+        let from_empty = st.open.is_empty();
         if report.full {
             let keep: HashSet<&[u8]> = report.upserts.iter().map(|i| i.key.as_slice()).collect();
             let gone: Vec<Vec<u8>> = st
@@ -314,6 +315,7 @@ pub(crate) fn plan(
         let digest = digest_of(&st.open);
         plan.outcomes.push(ApplyOutcome::Applied {
             digest_matches: report.set_digest.as_slice() == digest.as_slice(),
+            from_empty,
         });
         touched.insert(host_id, (now, digest));
     }

@@ -153,7 +153,12 @@ pub struct ReportToApply {
 pub enum ApplyOutcome {
     /// Committed. `digest_matches` is false when the stored set's digest after applying differs
     /// from the report's `set_digest`: the ingest then asks the agent for a resync.
-    Applied { digest_matches: bool },
+    /// `from_empty`: the host had no open item right before this report (as stored, under the
+    /// batch's lock of the host row), so its open set after it is made of this report alone.
+    Applied {
+        digest_matches: bool,
+        from_empty: bool,
+    },
     /// (host, epoch, seq) was committed before: nothing changed (at-least-once delivery).
     Duplicate,
 }
