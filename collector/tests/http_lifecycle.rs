@@ -373,6 +373,7 @@ async fn the_background_cache_spreads_reads_and_follows_applied_reports() {
 /// that had open items, or a report whose digest the storage does not reach, starts nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hosts_that_drift_from_clean_are_held_without_a_read() {
+    use driftwatch_proto::v1::{Severity, ViolationKind};
     let Fleet { store, .. } = fleet().await;
     let cache = reconcile::OpenCache::default();
     let _ = reconcile::gather_cached(&*store, now_ms(), None, &cache)
@@ -386,17 +387,12 @@ async fn hosts_that_drift_from_clean_are_held_without_a_read() {
     ingest_one(&store, &cache, "new-1", first, t).await;
     let mut db = Agent::default();
     let _ = db.report(true, vec![], vec![]); // seq 1, applied by the fixture
-    let motd = fleet_fixture::file(
-        b"/etc/motd",
-        driftwatch_proto::v1::ViolationKind::Modified,
-        driftwatch_proto::v1::Severity::Low,
-        &[],
-    );
+    let motd = fleet_fixture::file(b"/etc/motd", ViolationKind::Modified, Severity::Low, &[]);
     ingest_one(
         &store,
         &cache,
         "db-1",
-        db.report(false, vec![sshd_config(), motd], vec![]),
+        db.report(false, vec![sshd_config(), motd.clone()], vec![]),
         t + 1,
     )
     .await;
@@ -416,12 +412,6 @@ async fn hosts_that_drift_from_clean_are_held_without_a_read() {
     let empty = reconcile::OpenCache::default();
     let mut old = Agent::default();
     let _ = old.report(true, vec![sshd_config()], vec![]); // seq 1, applied by the fixture
-    let motd = fleet_fixture::file(
-        b"/etc/motd",
-        driftwatch_proto::v1::ViolationKind::Added,
-        driftwatch_proto::v1::Severity::Low,
-        &[],
-    );
     ingest_one(
         &store,
         &empty,
