@@ -161,6 +161,9 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Streams the collector allows on one connection (`max_concurrent_streams`).
+const STREAMS_PER_CONNECTION: usize = 8;
+
 fn ca_der(common: &Common) -> Result<CertificateDer<'static>> {
     CertificateDer::from_pem_file(&common.ca_file)
         .with_context(|| format!("reading the CA certificate {}", common.ca_file.display()))
@@ -168,25 +171,35 @@ fn ca_der(common: &Common) -> Result<CertificateDer<'static>> {
 
 /// Enrolls `common.agents` hosts concurrently (one token, many uses), over a few
 /// unauthenticated channels (the server allows 8 streams per connection).
+///
+/// Each channel has its own 8 permits. A shared pool alone let a channel whose calls happened
+/// to finish last hold more than 8 of the calls in flight; until the server's SETTINGS frame
+/// arrives the client does not know the limit, and the server refused the extra stream
+/// (`REFUSED_STREAM`), which failed the whole run.
 async fn enroll_all(common: &Common, url: &CollectorUrl) -> Result<Vec<Identity>> {
     let ca = ca_der(common)?;
-    let channels = common.enroll_concurrency.div_ceil(8).max(1);
+    let channels = common
+        .enroll_concurrency
+        .div_ceil(STREAMS_PER_CONNECTION)
+        .max(1);
     let mut clients = Vec::with_capacity(channels);
     for _ in 0..channels {
         let config = transport::client_config(ServerTrust::Roots(vec![ca.clone()]), None)?;
-        clients.push(EnrollmentClient::new(
-            transport::connect(url, config).await?,
+        clients.push((
+            EnrollmentClient::new(transport::connect(url, config).await?),
+            Arc::new(Semaphore::new(STREAMS_PER_CONNECTION)),
         ));
     }
     let permits = Arc::new(Semaphore::new(common.enroll_concurrency.max(1)));
     let mut set = JoinSet::new();
     for n in 0..common.agents {
         let host = format!("{}{n}", common.host_prefix);
-        let mut client = clients[n % channels].clone();
+        let (mut client, on_channel) = clients[n % channels].clone();
         let token = common.token.clone();
         let permits = permits.clone();
         set.spawn(async move {
             let _p = permits.acquire_owned().await?;
+            let _c = on_channel.acquire_owned().await?;
             let (key, csr_der) = key_and_csr(&host)?;
             let resp = client
                 .enroll(EnrollRequest {
