@@ -172,10 +172,11 @@ fn ca_der(common: &Common) -> Result<CertificateDer<'static>> {
 /// Enrolls `common.agents` hosts concurrently (one token, many uses), over a few
 /// unauthenticated channels (the server allows 8 streams per connection).
 ///
-/// Each channel has its own 8 permits. A shared pool alone let a channel whose calls happened
-/// to finish last hold more than 8 of the calls in flight; until the server's SETTINGS frame
-/// arrives the client does not know the limit, and the server refused the extra stream
-/// (`REFUSED_STREAM`), which failed the whole run.
+/// Each channel has its own 8 permits. With the shared pool alone, the calls took permits in
+/// the order the runtime first polled them, not in turn over the channels, so one channel
+/// could start more than 8 calls at once. Until the server's SETTINGS frame arrives the client
+/// does not know the limit, and the server refused the extra stream (`REFUSED_STREAM`), which
+/// failed the whole run.
 async fn enroll_all(common: &Common, url: &CollectorUrl) -> Result<Vec<Identity>> {
     let ca = ca_der(common)?;
     let channels = common
