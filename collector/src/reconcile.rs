@@ -886,18 +886,45 @@ pub async fn reconcile_round(
     now_ms: i64,
     cache: &OpenCache,
 ) -> Result<usize, StorageError> {
+    let started = std::time::Instant::now();
     let snap = gather_cached(store, now_ms, None, cache).await?;
+    let gathered = started.elapsed();
+    let hosts = snap.hosts.len();
     // Judging a large fleet is a few hundred milliseconds of CPU: on a blocking thread, not on
     // a runtime worker the report streams share.
     let judge = policy.clone();
-    let verdicts = match tokio::task::spawn_blocking(move || assess(&snap, &judge)).await {
+    let assessing = std::time::Instant::now();
+    let verdicts = match tokio::task::spawn_blocking(move || {
+        let t = std::time::Instant::now();
+        let v = assess(&snap, &judge);
+        // The snapshot (and the rows it shares with the cache) is let go here.
+        (v, t.elapsed())
+    })
+    .await
+    {
         Ok(v) => v,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         // The runtime is shutting down: no round to finish.
         Err(_) => return Ok(0),
     };
+    let (verdicts, assess_time) = verdicts;
+    let assessed = assessing.elapsed();
     let planned = plan(&verdicts, policy, now_ms);
+    // What a round costs, for tuning the interval against the ingest (docs/benchmarks.md):
+    // `assess_ms` is the assessment itself, `assessed_ms` adds the wait for a blocking thread.
+    let timing = |moves: usize| {
+        tracing::debug!(
+            hosts,
+            gather_ms = gathered.as_secs_f64() * 1e3,
+            assess_ms = assess_time.as_secs_f64() * 1e3,
+            assessed_ms = assessed.as_secs_f64() * 1e3,
+            total_ms = started.elapsed().as_secs_f64() * 1e3,
+            moves,
+            "reconcile round: timing"
+        );
+    };
     if planned.is_empty() {
+        timing(0);
         return Ok(0);
     }
     let moves: Vec<TransitionRecord> = planned.iter().map(|p| p.transition.clone()).collect();
@@ -916,6 +943,7 @@ pub async fn reconcile_round(
             recorded += 1;
         }
     }
+    timing(moves.len());
     Ok(recorded)
 }
 
