@@ -894,7 +894,7 @@ pub async fn reconcile_round(
     // a runtime worker the report streams share.
     let judge = policy.clone();
     let assessing = std::time::Instant::now();
-    let verdicts = match tokio::task::spawn_blocking(move || {
+    let (verdicts, assess_time) = match tokio::task::spawn_blocking(move || {
         let t = std::time::Instant::now();
         let v = assess(&snap, &judge);
         // The snapshot (and the rows it shares with the cache) is let go here.
@@ -907,7 +907,6 @@ pub async fn reconcile_round(
         // The runtime is shutting down: no round to finish.
         Err(_) => return Ok(0),
     };
-    let (verdicts, assess_time) = verdicts;
     let assessed = assessing.elapsed();
     let planned = plan(&verdicts, policy, now_ms);
     // What a round costs, for tuning the interval against the ingest (docs/benchmarks.md):
