@@ -234,7 +234,7 @@ pub struct OpenItem {
     /// Package items: the drifted package (`name` or `name:arch`).
     pub package: Option<String>,
     /// `added`, `modified`, … or `package_installed`, … (the API's kind names).
-    pub kind: String,
+    pub kind: &'static str,
     /// `driftwatch.v1.Severity` number.
     pub severity: i32,
     /// A file change no package change explains.
@@ -473,7 +473,7 @@ mod tests {
         OpenItem {
             path: Some(path.as_bytes().to_vec()),
             package: None,
-            kind: "modified".into(),
+            kind: "modified",
             severity,
             unexplained,
             first_seen_ms: NOW - age_ms,
@@ -485,7 +485,7 @@ mod tests {
         OpenItem {
             path: None,
             package: Some(name.into()),
-            kind: "package_installed".into(),
+            kind: "package_installed",
             severity: 3,
             unexplained: false,
             first_seen_ms: NOW,

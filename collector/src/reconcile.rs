@@ -524,9 +524,8 @@ pub struct Verdict {
 
 /// Open items of a host as the policy sees them, with exclusions applied.
 fn open_items(
-    host: &HostSummary,
     rows: &[ViolationRecord],
-    acks: &HashMap<(&str, &[u8]), &Acknowledgement>,
+    acks: Option<&HashMap<&[u8], &Acknowledgement>>,
     defects: &BTreeSet<Vec<u8>>,
 ) -> Vec<OpenItem> {
     rows.iter()
@@ -534,7 +533,7 @@ fn open_items(
             let mut item = OpenItem {
                 path: None,
                 package: None,
-                kind: String::new(),
+                kind: "",
                 severity: 0,
                 unexplained: false,
                 first_seen_ms: v.first_seen_ms,
@@ -543,7 +542,7 @@ fn open_items(
             match &v.item.item {
                 Some(drift_item::Item::File(f)) => {
                     item.path = Some(f.path.clone());
-                    item.kind = file_kind_name(f.kind).into();
+                    item.kind = file_kind_name(f.kind);
                     item.severity = f.severity;
                     item.unexplained = f.class == ViolationClass::Unexplained as i32;
                 }
@@ -553,14 +552,15 @@ fn open_items(
                     } else {
                         format!("{}:{}", p.name, p.arch)
                     });
-                    item.kind = package_kind_name(p.kind).into();
+                    item.kind = package_kind_name(p.kind);
                     item.severity = p.severity;
                 }
                 None => {}
             }
-            let hash = driftwatch_proto::set::item_hash(&v.item);
-            if let Some(a) = acks.get(&(host.host_id.as_str(), v.key.as_slice()))
-                && a.item_hash == hash
+            // The item's hash only where an acknowledgement names its key: hashing every
+            // open item of the fleet was about a fifth of a round's assessment.
+            if let Some(a) = acks.and_then(|a| a.get(v.key.as_slice()))
+                && a.item_hash == driftwatch_proto::set::item_hash(&v.item)
             {
                 item.excluded = Some(Exclusion::Acknowledged {
                     by: a.actor.clone(),
@@ -619,6 +619,27 @@ fn members(snap: &Snapshot, image_id: &str) -> Vec<ImageMember> {
         .collect()
 }
 
+/// The drifted paths of each image member of a snapshot ([`members`], borrowed).
+fn member_paths<'a>(
+    snap: &'a Snapshot,
+    image_id: &'a str,
+) -> impl Iterator<Item = impl Iterator<Item = &'a [u8]>> {
+    snap.hosts
+        .iter()
+        .filter(move |h| h.hello.image_id == image_id)
+        .filter(|h| is_live(h, state_of(snap, &h.host_id, h.enrolled_ms).0))
+        .map(|h| {
+            snap.open
+                .get(&h.host_id)
+                .map_or(&[][..], |r| r.as_slice())
+                .iter()
+                .filter_map(|v| match &v.item.item {
+                    Some(drift_item::Item::File(f)) => Some(f.path.as_slice()),
+                    _ => None,
+                })
+        })
+}
+
 /// Consensus, outliers and likely defects of one image.
 pub fn analyse(snap: &Snapshot, policy: &Policy, image_id: &str) -> ImageAnalysis {
     registry::analyse_image(
@@ -633,11 +654,13 @@ pub fn analyse(snap: &Snapshot, policy: &Policy, image_id: &str) -> ImageAnalysi
 /// Judges every host of the snapshot (pure).
 pub fn assess(snap: &Snapshot, policy: &Policy) -> Vec<Verdict> {
     let now = snap.now_ms;
-    let acks: HashMap<(&str, &[u8]), &Acknowledgement> = snap
-        .acks
-        .iter()
-        .map(|a| ((a.host_id.as_str(), a.key.as_slice()), a))
-        .collect();
+    // Per host: a host without acknowledgements costs its items no lookup.
+    let mut acks: HashMap<&str, HashMap<&[u8], &Acknowledgement>> = HashMap::new();
+    for a in &snap.acks {
+        acks.entry(a.host_id.as_str())
+            .or_default()
+            .insert(a.key.as_slice(), a);
+    }
     let images: BTreeSet<&str> = snap
         .hosts
         .iter()
@@ -647,7 +670,7 @@ pub fn assess(snap: &Snapshot, policy: &Policy) -> Vec<Verdict> {
     let defects: HashMap<&str, BTreeSet<Vec<u8>>> = images
         .iter()
         .map(|i| {
-            let d = registry::image_defects(&members(snap, i), policy.image_defect_ratio);
+            let d = registry::defects_of(member_paths(snap, i), policy.image_defect_ratio);
             (*i, d.into_iter().map(|d| d.path).collect())
         })
         .collect();
@@ -661,9 +684,8 @@ pub fn assess(snap: &Snapshot, policy: &Policy) -> Vec<Verdict> {
             let (state, since_ms) = state_of(snap, &h.host_id, h.enrolled_ms);
             let rows = snap.open.get(&h.host_id).map_or(&[][..], |r| r.as_slice());
             let items = open_items(
-                h,
                 rows,
-                &acks,
+                acks.get(h.host_id.as_str()),
                 defects
                     .get(h.hello.image_id.as_str())
                     .unwrap_or(&no_defects),
@@ -1335,5 +1357,49 @@ mod tests {
         );
         assert_eq!(p[0].audit.action, "host.replaced");
         assert_eq!(p[0].audit.detail["successor"], "new");
+    }
+
+    /// The cost of one round's assessment on a fleet shaped like the collector benchmark's
+    /// (`bench/collector.sh`): 200, 600 and 1,200 hosts of one image, 500 open file items
+    /// each, every path its host's own. Not a pass/fail timing: it prints the median of 5 assessments, for
+    /// docs/benchmarks.md (run it with `--release --ignored --nocapture`).
+    #[test]
+    #[ignore = "a measurement: cargo test --release -p driftwatch-collector assess_cost -- --ignored --nocapture"]
+    fn assess_cost() {
+        for n in [200usize, 600, 1200] {
+            let mut hosts = Vec::new();
+            let mut open = Vec::new();
+            for i in 0..n {
+                let id = format!("l1-{i}");
+                hosts.push(host(&id, "img", 1));
+                for k in 0..500u64 {
+                    let path = format!("/srv/{id}/usr/lib/x86_64-linux-gnu/lib{k:06}.so.1");
+                    let mut v = violation(&id, &path, Severity::Low);
+                    if let Some(drift_item::Item::File(f)) = &mut v.item.item {
+                        f.severity = (k % 6) as i32;
+                        f.packages = vec![format!("libpkg{}:amd64", k % 97)];
+                        f.reason = "generation 7".into();
+                    }
+                    open.push(v);
+                }
+            }
+            let snap = snapshot(hosts, open);
+            let policy = Policy::default();
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                let v = assess(&snap, &policy);
+                times.push(t.elapsed());
+                assert_eq!(v.len(), n);
+                assert!(v.iter().all(|v| v.assessment == Some(Assessment::Flagged)));
+            }
+            times.sort();
+            let ms = times[2].as_secs_f64() * 1e3;
+            println!(
+                "assess: {n} hosts, {} items: median {ms:.1} ms ({:.2} us per item)",
+                n * 500,
+                ms * 1e3 / (n * 500) as f64
+            );
+        }
     }
 }

@@ -17,7 +17,7 @@
 //! No I/O here: the trusted keys are loaded by the configuration (`crate::config`).
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use driftwatch_proto::v1::{Header, SignedHeader};
 use driftwatch_proto::{BASELINE_FORMAT_VERSION, HASH_ALGORITHM, envelope};
@@ -190,21 +190,43 @@ pub struct ImageAnalysis {
 
 /// Paths drifted on more than `ratio` of `members` and on at least [`MIN_DEFECT_HOSTS`].
 pub fn image_defects(members: &[ImageMember], ratio: f64) -> Vec<ImageDefect> {
-    let mut counts: BTreeMap<&[u8], usize> = BTreeMap::new();
+    defects_of(
+        members
+            .iter()
+            .map(|m| m.drifted_paths.iter().map(Vec::as_slice)),
+        ratio,
+    )
+}
+
+/// [`image_defects`] of members given as each one's drifted paths (each path once per member),
+/// borrowed: the reconciler counts the paths of a whole fleet every round, and copying each
+/// one was a large part of that count's cost. Sorted by path.
+pub fn defects_of<'a, M, P>(members: M, ratio: f64) -> Vec<ImageDefect>
+where
+    M: IntoIterator<Item = P>,
+    P: IntoIterator<Item = &'a [u8]>,
+{
+    // foldhash, not SipHash: with a whole fleet's paths, hashing them was most of the count.
+    // The paths come from enrolled agents only, and the seed is random per process.
+    let mut counts: foldhash::HashMap<&[u8], usize> = foldhash::HashMap::default();
+    let mut total = 0usize;
     for m in members {
-        for p in &m.drifted_paths {
-            *counts.entry(p.as_slice()).or_default() += 1;
+        total += 1;
+        for p in m {
+            *counts.entry(p).or_default() += 1;
         }
     }
-    let total = members.len() as f64;
-    counts
+    let total = total as f64;
+    let mut out: Vec<ImageDefect> = counts
         .into_iter()
         .filter(|(_, n)| *n >= MIN_DEFECT_HOSTS && (*n as f64) > ratio * total)
         .map(|(p, n)| ImageDefect {
             path: p.to_vec(),
             hosts: n,
         })
-        .collect()
+        .collect();
+    out.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    out
 }
 
 /// Splits an image's live hosts into consensus and outliers against the registered root.

@@ -208,7 +208,7 @@ async fn explain(
             Some(lapi::NotCounted {
                 path: i.path.clone().map(RawBytes),
                 package: i.package.clone(),
-                kind: i.kind.clone(),
+                kind: i.kind.into(),
                 why: why.into(),
                 acknowledged_by: by,
                 reason,
