@@ -21,6 +21,7 @@ pub mod http;
 pub mod ingest;
 pub mod lifecycle;
 pub mod logging;
+pub mod priority;
 pub mod reconcile;
 pub mod registry;
 pub mod revocation;

@@ -128,6 +128,29 @@ impl OpenStamp {
     }
 }
 
+/// Marks an assessment running (see [`reconcile_round`]) until dropped.
+struct AssessGuard(Arc<std::sync::atomic::AtomicBool>);
+
+impl AssessGuard {
+    /// The guard, or `None` while another one is held.
+    fn take(flag: &Arc<std::sync::atomic::AtomicBool>) -> Option<AssessGuard> {
+        flag.compare_exchange(
+            false,
+            true,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        )
+        .ok()
+        .map(|_| AssessGuard(Arc::clone(flag)))
+    }
+}
+
+impl Drop for AssessGuard {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// A host's open rows and the stamp they are the stored ones at.
 #[derive(Debug)]
 struct Held {
@@ -147,6 +170,8 @@ pub struct OpenCache {
     read_spread: Duration,
     /// Hosts read from storage so far.
     reads: std::sync::atomic::AtomicU64,
+    /// Set while a round's assessment runs.
+    assessing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl OpenCache {
@@ -912,27 +937,49 @@ pub async fn reconcile_round(
     let snap = gather_cached(store, now_ms, None, cache).await?;
     let gathered = started.elapsed();
     let hosts = snap.hosts.len();
-    // Judging a large fleet is a few hundred milliseconds of CPU: on a blocking thread, not on
-    // a runtime worker the report streams share.
+    // Judging a large fleet is up to a second of CPU: on a thread of its own at a lower
+    // priority ([`crate::priority`]), not on a runtime worker the report streams share, and not
+    // on a blocking-pool thread (which would stay lowered for the storage work it runs next).
+    // One at a time: a round that timed out while its thread still runs skips the next ones.
+    let Some(busy) = AssessGuard::take(&cache.assessing) else {
+        tracing::warn!(
+            hosts,
+            "reconcile round skipped: the previous assessment still runs"
+        );
+        return Ok(0);
+    };
     let judge = policy.clone();
     let assessing = std::time::Instant::now();
-    let (verdicts, assess_time) = match tokio::task::spawn_blocking(move || {
-        let t = std::time::Instant::now();
-        let v = assess(&snap, &judge);
-        // The snapshot (and the rows it shares with the cache) is let go here.
-        (v, t.elapsed())
-    })
-    .await
-    {
-        Ok(v) => v,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        // The runtime is shutting down: no round to finish.
-        Err(_) => return Ok(0),
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("dw-assess".into())
+        .spawn(move || {
+            let _busy = busy;
+            if let Err(e) = crate::priority::lower_this_thread(crate::priority::BACKGROUND_NICE) {
+                tracing::debug!(error = %e, "assessment thread keeps its priority");
+            }
+            let t = std::time::Instant::now();
+            let v = assess(&snap, &judge);
+            let took = t.elapsed();
+            // The snapshot (and the rows it shares with the cache) is let go before the
+            // verdicts are handed over.
+            drop(snap);
+            // The round may have timed out and gone: then nobody needs them.
+            let _ = tx.send((v, took));
+        });
+    if let Err(e) = thread {
+        tracing::warn!(error = %e, "reconcile round skipped: no thread to assess on");
+        return Ok(0);
+    }
+    let Ok((verdicts, assess_time)) = rx.await else {
+        // Only a panic drops the sender unsent; its message is on stderr.
+        tracing::error!("reconcile round failed: the assessment panicked");
+        return Ok(0);
     };
     let assessed = assessing.elapsed();
     let planned = plan(&verdicts, policy, now_ms);
     // What a round costs, for tuning the interval against the ingest (docs/benchmarks.md):
-    // `assess_ms` is the assessment itself, `assessed_ms` adds the wait for a blocking thread.
+    // `assess_ms` is the assessment itself, `assessed_ms` adds its thread's start and hand-over.
     let timing = |moves: usize| {
         tracing::debug!(
             hosts,
@@ -1357,6 +1404,22 @@ mod tests {
         );
         assert_eq!(p[0].audit.action, "host.replaced");
         assert_eq!(p[0].audit.detail["successor"], "new");
+    }
+
+    /// One assessment at a time: while a guard is held (a round that timed out, its thread
+    /// still running), no second one is handed out; its drop, also by a panicking thread,
+    /// releases it.
+    #[test]
+    fn one_assessment_at_a_time() {
+        let cache = OpenCache::default();
+        let first = AssessGuard::take(&cache.assessing).unwrap();
+        assert!(AssessGuard::take(&cache.assessing).is_none());
+        let t = std::thread::spawn(move || {
+            let _held = first;
+            panic!("an assessment that panics");
+        });
+        assert!(t.join().is_err());
+        assert!(AssessGuard::take(&cache.assessing).is_some());
     }
 
     /// The cost of one round's assessment on a fleet shaped like the collector benchmark's
