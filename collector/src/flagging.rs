@@ -256,7 +256,8 @@ pub struct HostFacts {
     pub registered_root: Option<Vec<u8>>,
     /// Newest of heartbeat, `Hello` and report; its enrollment when never heard from.
     pub last_heard_ms: i64,
-    pub open: Vec<OpenItem>,
+    /// Shared with the reconciler's memo of earlier rounds.
+    pub open: std::sync::Arc<Vec<OpenItem>>,
 }
 
 /// Machine-readable reason codes (stable; documented in `docs/api.md`).
@@ -500,7 +501,7 @@ mod tests {
             baseline_root: vec![1; 32],
             registered_root: Some(vec![1; 32]),
             last_heard_ms: NOW,
-            open,
+            open: open.into(),
         }
     }
 
