@@ -1,9 +1,11 @@
 //! Scheduling priority of the collector's background threads.
 //!
-//! The reconciler's assessment is CPU work of up to a second per round on a large fleet (issue
-//! 4, docs/benchmarks.md perf12), on a machine the report streams and the database share. It
+//! The reconciler's assessment is a burst of CPU work every round (up to 1.5 s with 1,200 hosts
+//! held before its memo; issue 4, docs/benchmarks.md perf11 and perf12), on a machine the report
+//! streams and the database share. It
 //! runs on a thread of its own at a lower priority, so it takes the CPU the streams leave
-//! instead of delaying their acknowledgements. Linux applies `setpriority(PRIO_PROCESS, tid)`
+//! instead of delaying their acknowledgements (on its own this did not measurably move the
+//! benchmark's tail; the round's lower cost did). Linux applies `setpriority(PRIO_PROCESS, tid)`
 //! to one thread; nix has no wrapper, so this module calls libc and is the one place in the
 //! collector that may use `unsafe`.
 #![allow(unsafe_code)]
