@@ -173,7 +173,7 @@ pub struct OpenCache {
     /// Set while a round's assessment runs.
     assessing: Arc<std::sync::atomic::AtomicBool>,
     /// What earlier rounds' assessments worked out (taken while one runs).
-    paths: std::sync::Mutex<RoundMemo>,
+    memo: std::sync::Mutex<RoundMemo>,
 }
 
 impl OpenCache {
@@ -1088,10 +1088,10 @@ pub async fn reconcile_round(
         return Ok(0);
     };
     let judge = policy.clone();
-    // A round that times out loses it; the next one hashes every path again.
+    // A round that times out loses it; the next one starts afresh.
     let mut memo = std::mem::take(
         &mut *cache
-            .paths
+            .memo
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
@@ -1123,7 +1123,7 @@ pub async fn reconcile_round(
         return Ok(0);
     };
     *cache
-        .paths
+        .memo
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = memo;
     let assessed = assessing.elapsed();
@@ -1322,6 +1322,25 @@ mod tests {
         }
     }
 
+    /// An acknowledgement of `v` as it is, until `until_ms`.
+    fn ack(v: &ViolationRecord, until_ms: i64) -> Acknowledgement {
+        let path = match &v.item.item {
+            Some(drift_item::Item::File(f)) => Some(f.path.clone()),
+            _ => None,
+        };
+        Acknowledgement {
+            host_id: v.host_id.clone(),
+            key: v.key.clone(),
+            item_hash: driftwatch_proto::set::item_hash(&v.item),
+            path,
+            package: None,
+            reason: "rotating".into(),
+            actor: "token:op".into(),
+            at_ms: NOW - 1000,
+            expires_ms: until_ms,
+        }
+    }
+
     fn state(id: &str, s: Lifecycle, since: i64, enrolled: i64, image: &str) -> HostLifecycle {
         HostLifecycle {
             host_id: id.into(),
@@ -1421,17 +1440,7 @@ mod tests {
     fn acknowledged_items_do_not_flag_until_they_change() {
         let v = violation("c", "/etc/shadow", Severity::Critical);
         let mut snap = snapshot(vec![host("c", "web", 1)], vec![v.clone()]);
-        snap.acks.push(Acknowledgement {
-            host_id: "c".into(),
-            key: v.key.clone(),
-            item_hash: driftwatch_proto::set::item_hash(&v.item),
-            path: Some(b"/etc/shadow".to_vec()),
-            package: None,
-            reason: "rotating".into(),
-            actor: "token:op".into(),
-            at_ms: NOW - 1000,
-            expires_ms: NOW + 1000,
-        });
+        snap.acks.push(ack(&v, NOW + 1000));
         let out = assess(&snap, &Policy::default());
         assert_eq!(out[0].assessment, Some(Assessment::Drifted));
         assert!(matches!(
@@ -1614,22 +1623,11 @@ mod tests {
         Arc::make_mut(snap.open.get_mut("h3").unwrap())[1] = critical.clone();
         let v = round(&snap, &mut memo);
         assert_eq!(verdict(&v, "h3").assessment, Some(Assessment::Flagged));
-        let ack = |until: i64| Acknowledgement {
-            host_id: "h3".into(),
-            key: critical.key.clone(),
-            item_hash: driftwatch_proto::set::item_hash(&critical.item),
-            path: Some(b"/own/3".to_vec()),
-            package: None,
-            reason: "rotating".into(),
-            actor: "token:op".into(),
-            at_ms: NOW - 1000,
-            expires_ms: until,
-        };
-        snap.acks.push(ack(NOW + 1000));
+        snap.acks.push(ack(&critical, NOW + 1000));
         let v = round(&snap, &mut memo);
         assert_eq!(verdict(&v, "h3").assessment, Some(Assessment::Drifted));
         // Extended: the same item, acknowledged anew.
-        snap.acks[0] = ack(NOW + 2000);
+        snap.acks[0] = ack(&critical, NOW + 2000);
         round(&snap, &mut memo);
         // Expired (a round's snapshot no longer lists it): counted again.
         snap.acks.clear();

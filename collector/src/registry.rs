@@ -199,14 +199,14 @@ pub fn image_defects(members: &[ImageMember], ratio: f64) -> Vec<ImageDefect> {
 }
 
 /// [`image_defects`] of members given as each one's drifted paths (each path once per member),
-/// borrowed: the reconciler counts the paths of a whole fleet every round, and copying each
-/// one was a large part of that count's cost. Sorted by path.
+/// borrowed: copying each path was a large part of counting a whole image's (the reconciler
+/// confirms its candidate paths with it, `reconcile::RoundMemo`). Sorted by path.
 pub fn defects_of<'a, M, P>(members: M, ratio: f64) -> Vec<ImageDefect>
 where
     M: IntoIterator<Item = P>,
     P: IntoIterator<Item = &'a [u8]>,
 {
-    // foldhash, not SipHash: with a whole fleet's paths, hashing them was most of the count.
+    // foldhash, not SipHash: with a whole image's paths, hashing them was most of the count.
     // The paths come from enrolled agents only, and the seed is random per process.
     let mut counts: foldhash::HashMap<&[u8], usize> = foldhash::HashMap::default();
     let mut total = 0usize;
