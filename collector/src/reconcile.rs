@@ -1076,7 +1076,8 @@ pub async fn reconcile_round(
     let snap = gather_cached(store, now_ms, None, cache).await?;
     let gathered = started.elapsed();
     let hosts = snap.hosts.len();
-    // Judging a large fleet is up to a second of CPU: on a thread of its own at a lower
+    // Judging a large fleet can take a second of CPU (less with the memo, but a first round
+    // or a fleet-wide change pays it in full): on a thread of its own at a lower
     // priority ([`crate::priority`]), not on a runtime worker the report streams share, and not
     // on a blocking-pool thread (which would stay lowered for the storage work it runs next).
     // One at a time: a round that timed out while its thread still runs skips the next ones.
@@ -1100,16 +1101,17 @@ pub async fn reconcile_round(
     let thread = std::thread::Builder::new()
         .name("dw-assess".into())
         .spawn(move || {
-            let _busy = busy;
             if let Err(e) = crate::priority::lower_this_thread(crate::priority::BACKGROUND_NICE) {
                 tracing::debug!(error = %e, "assessment thread keeps its priority");
             }
             let t = std::time::Instant::now();
             let v = assess_with(&snap, &judge, &mut memo);
             let took = t.elapsed();
-            // The snapshot (and the rows it shares with the cache) is let go before the
-            // verdicts are handed over.
+            // The snapshot (and the rows it shares with the cache) is let go, and the next
+            // round may assess, before the verdicts are handed over: a round that starts right
+            // after this one ends is not skipped.
             drop(snap);
+            drop(busy);
             // The round may have timed out and gone: then nobody needs them.
             let _ = tx.send((v, took, memo));
         });
