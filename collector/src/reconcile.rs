@@ -672,7 +672,7 @@ pub fn assess(snap: &Snapshot, policy: &Policy) -> Vec<Verdict> {
 /// doing both once per change, not once per round, is most of a round's assessment for a
 /// fleet whose hosts mostly do not report new drift between two rounds.
 #[derive(Debug, Default)]
-pub struct RoundMemo {
+struct RoundMemo {
     /// One seed for all of them, so equal paths hash equal across hosts and rounds.
     hasher: foldhash::fast::RandomState,
     hosts: HashMap<String, HostMemo>,
@@ -745,11 +745,9 @@ impl RoundMemo {
                 }
             }
         }
-        let total = members.len() as f64;
-        let above = |n: usize| n >= registry::MIN_DEFECT_HOSTS && (n as f64) > ratio * total;
         let candidates: HashSet<u64> = counts
             .into_iter()
-            .filter(|(_, n)| above(*n))
+            .filter(|(_, n)| registry::is_defect(*n, members.len(), ratio))
             .map(|(h, _)| h)
             .collect();
         let mut set = BTreeSet::new();
@@ -810,7 +808,7 @@ impl RoundMemo {
 }
 
 /// [`assess`] with what earlier rounds worked out ([`RoundMemo`]).
-pub fn assess_with(snap: &Snapshot, policy: &Policy, memo: &mut RoundMemo) -> Vec<Verdict> {
+fn assess_with(snap: &Snapshot, policy: &Policy, memo: &mut RoundMemo) -> Vec<Verdict> {
     let now = snap.now_ms;
     let mut acks: HashMap<&str, Vec<&Acknowledgement>> = HashMap::new();
     for a in &snap.acks {

@@ -188,6 +188,12 @@ pub struct ImageAnalysis {
     pub defects: Vec<ImageDefect>,
 }
 
+/// Whether a path drifted on `hosts` of an image's `members` is a likely defect: on more than
+/// `ratio` of them and on at least [`MIN_DEFECT_HOSTS`].
+pub fn is_defect(hosts: usize, members: usize, ratio: f64) -> bool {
+    hosts >= MIN_DEFECT_HOSTS && (hosts as f64) > ratio * members as f64
+}
+
 /// Paths drifted on more than `ratio` of `members` and on at least [`MIN_DEFECT_HOSTS`].
 pub fn image_defects(members: &[ImageMember], ratio: f64) -> Vec<ImageDefect> {
     defects_of(
@@ -216,10 +222,9 @@ where
             *counts.entry(p).or_default() += 1;
         }
     }
-    let total = total as f64;
     let mut out: Vec<ImageDefect> = counts
         .into_iter()
-        .filter(|(_, n)| *n >= MIN_DEFECT_HOSTS && (*n as f64) > ratio * total)
+        .filter(|(_, n)| is_defect(*n, total, ratio))
         .map(|(p, n)| ImageDefect {
             path: p.to_vec(),
             hosts: n,
