@@ -222,7 +222,25 @@ impl<T> Db<T> for Result<T, tokio_postgres::Error> {
 
 type Params<'a> = Vec<&'a (dyn ToSql + Sync)>;
 
-async fn connect_client(url: &str) -> Result<Client, StorageError> {
+/// How much a session writes before it asks the kernel to write it back: PostgreSQL's
+/// `backend_flush_after`, 256 kB (its own default for the checkpointer on Linux).
+///
+/// A session evicts the pages it dirtied (rows written, hint bits set by a read, a vacuum's
+/// work) from shared buffers into the kernel's page cache, and by default nothing asks the
+/// kernel to write them before the next checkpoint's sync phase fsyncs every file: at issue
+/// 4's paced load that phase took 0.2–1 s every 9–13 s, and the commits behind it waited.
+/// Only where nobody chose a value (`pg_settings.source` is `default`): a value from
+/// `postgresql.conf`, the database, the role or the URL (`options=-c backend_flush_after=...`,
+/// 0 to turn it off) is kept. Each of the collector's sessions sets it for itself, and
+/// [`PgStore::connect`] sets it on the database, which reaches the autovacuum workers that
+/// clean the collector's tables (docs/benchmarks.md, perf13: the sessions alone hardly moved
+/// the ack tail; with autovacuum included, the p99 at one paced rate fell from 226–265 ms to
+/// 59–78 ms).
+pub(crate) const BACKEND_FLUSH_AFTER: &str = "256kB";
+
+/// Connects a session; `true` when nobody chose its `backend_flush_after`, which it then sets
+/// to [`BACKEND_FLUSH_AFTER`].
+async fn open_session(url: &str) -> Result<(Client, bool), StorageError> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await.db()?;
     // The connection future does the socket I/O for the client; it ends when the client is
     // dropped or the server goes away (the next call then reconnects).
@@ -231,7 +249,50 @@ async fn connect_client(url: &str) -> Result<Client, StorageError> {
             tracing::warn!(error = %e, "postgres connection closed");
         }
     });
-    Ok(client)
+    let unchosen = client
+        .query(
+            "SELECT set_config('backend_flush_after', $1, false) FROM pg_settings \
+             WHERE name = 'backend_flush_after' AND source = 'default'",
+            &[&BACKEND_FLUSH_AFTER],
+        )
+        .await
+        .db()?;
+    Ok((client, !unchosen.is_empty()))
+}
+
+async fn connect_client(url: &str) -> Result<Client, StorageError> {
+    Ok(open_session(url).await?.0)
+}
+
+/// `ALTER DATABASE <this one> SET backend_flush_after`, so that every session in the
+/// collector's database, autovacuum workers included, writes back early. A tuning, not a
+/// requirement: without the privilege (only the database's owner may) or on any other error
+/// the collector says so and goes on.
+async fn write_back_early_in_database(client: &Client) {
+    let result = async {
+        let sql: String = client
+            .query_one(
+                "SELECT format('ALTER DATABASE %I SET backend_flush_after = %L', \
+                 current_database(), $1::text)",
+                &[&BACKEND_FLUSH_AFTER],
+            )
+            .await?
+            .try_get(0)?;
+        client.batch_execute(&sql).await
+    }
+    .await;
+    match result {
+        Ok(()) => tracing::info!(
+            backend_flush_after = BACKEND_FLUSH_AFTER,
+            "postgres database set to write back early (autovacuum included)"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not set backend_flush_after on the database (its owner may: ALTER DATABASE \
+             ... SET backend_flush_after = '256kB'); autovacuum's writes will wait for the \
+             checkpoints' sync, which lengthens the commits' stalls"
+        ),
+    }
 }
 
 /// Brings the schema to [`SCHEMA_VERSION`] in one transaction under an advisory lock, so
@@ -279,10 +340,14 @@ async fn migrate(client: &mut Client) -> Result<(), StorageError> {
 
 impl PgStore {
     /// Connects to `url` (a libpq-style connection string or `postgresql://` URL), migrates the
-    /// schema and opens the writer and reader connections.
+    /// schema, sets [`BACKEND_FLUSH_AFTER`] on the database where nobody chose a value, and
+    /// opens the writer and reader connections.
     pub async fn connect(url: &str) -> Result<Self, StorageError> {
-        let mut client = connect_client(url).await?;
+        let (mut client, unchosen) = open_session(url).await?;
         migrate(&mut client).await?;
+        if unchosen {
+            write_back_early_in_database(&client).await;
+        }
         let mut writers = vec![Mutex::new(Some(Writer::new(client).await?))];
         for _ in 0..WRITE_LANES {
             let client = connect_client(url).await?;
@@ -1319,5 +1384,98 @@ impl Storage for PgStore {
             })
             .collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn show_flush_after(client: &Client) -> String {
+        client
+            .query_one("SHOW backend_flush_after", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    async fn plain_session(url: &str) -> Client {
+        let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client
+    }
+
+    #[tokio::test]
+    async fn sessions_and_the_database_write_back_early_unless_told_otherwise() {
+        let Some(server) = driftwatch_tests::postgres::server() else {
+            return;
+        };
+        let url = server.create_database("flush_after");
+        let plain = plain_session(&url).await;
+        assert_eq!(show_flush_after(&plain).await, "0", "the server's default");
+        let ours = connect_client(&url).await.unwrap();
+        assert_eq!(show_flush_after(&ours).await, BACKEND_FLUSH_AFTER);
+        for (chosen, shown) in [("64kB", "64kB"), ("0", "0")] {
+            let url = format!("{url} options='-c backend_flush_after={chosen}'");
+            let ours = connect_client(&url).await.unwrap();
+            assert_eq!(show_flush_after(&ours).await, shown);
+        }
+
+        // The store sets it on its database: any new session there (an autovacuum worker's
+        // too) starts with it, and the store's own sessions have it.
+        let store = PgStore::connect(&url).await.unwrap();
+        assert_eq!(show_flush_after(&plain_session(&url).await).await, "256kB");
+        let writer = store.writers[1].lock().await;
+        assert_eq!(
+            show_flush_after(&writer.as_ref().unwrap().client).await,
+            BACKEND_FLUSH_AFTER
+        );
+        drop(writer);
+        drop(store);
+        // A value chosen on the database is kept.
+        plain
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET backend_flush_after = '128kB'",
+                plain
+                    .query_one("SELECT quote_ident(current_database())", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, String>(0)
+            ))
+            .await
+            .unwrap();
+        let store = PgStore::connect(&url).await.unwrap();
+        assert_eq!(show_flush_after(&plain_session(&url).await).await, "128kB");
+        let writer = store.writers[1].lock().await;
+        assert_eq!(
+            show_flush_after(&writer.as_ref().unwrap().client).await,
+            "128kB"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_user_who_may_not_alter_the_database_still_connects() {
+        let Some(server) = driftwatch_tests::postgres::server() else {
+            return;
+        };
+        let url = server.create_database("flush_after_not_owner");
+        let admin = plain_session(&url).await;
+        admin
+            .batch_execute(
+                "DO $$ BEGIN CREATE ROLE dw_not_owner LOGIN; \
+                 EXCEPTION WHEN duplicate_object THEN NULL; END $$; \
+                 GRANT CREATE ON SCHEMA public TO dw_not_owner;",
+            )
+            .await
+            .unwrap();
+        let as_user = format!("{url} user=dw_not_owner");
+        let store = PgStore::connect(&as_user).await.unwrap();
+        let writer = store.writers[1].lock().await;
+        assert_eq!(
+            show_flush_after(&writer.as_ref().unwrap().client).await,
+            BACKEND_FLUSH_AFTER
+        );
+        // The database stays as it was.
+        assert_eq!(show_flush_after(&plain_session(&url).await).await, "0");
     }
 }
