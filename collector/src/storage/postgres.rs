@@ -1399,6 +1399,12 @@ mod tests {
             .get(0)
     }
 
+    /// A report writer's value.
+    async fn lane_flush_after(store: &PgStore) -> String {
+        let writer = store.writers[1].lock().await;
+        show_flush_after(&writer.as_ref().unwrap().client).await
+    }
+
     async fn plain_session(url: &str) -> Client {
         let (client, conn) = tokio_postgres::connect(url, NoTls).await.unwrap();
         tokio::spawn(conn);
@@ -1425,12 +1431,7 @@ mod tests {
         // too) starts with it, and the store's own sessions have it.
         let store = PgStore::connect(&url).await.unwrap();
         assert_eq!(show_flush_after(&plain_session(&url).await).await, "256kB");
-        let writer = store.writers[1].lock().await;
-        assert_eq!(
-            show_flush_after(&writer.as_ref().unwrap().client).await,
-            BACKEND_FLUSH_AFTER
-        );
-        drop(writer);
+        assert_eq!(lane_flush_after(&store).await, BACKEND_FLUSH_AFTER);
         drop(store);
         // A value chosen on the database is kept.
         plain
@@ -1446,11 +1447,7 @@ mod tests {
             .unwrap();
         let store = PgStore::connect(&url).await.unwrap();
         assert_eq!(show_flush_after(&plain_session(&url).await).await, "128kB");
-        let writer = store.writers[1].lock().await;
-        assert_eq!(
-            show_flush_after(&writer.as_ref().unwrap().client).await,
-            "128kB"
-        );
+        assert_eq!(lane_flush_after(&store).await, "128kB");
     }
 
     #[tokio::test]
@@ -1470,11 +1467,7 @@ mod tests {
             .unwrap();
         let as_user = format!("{url} user=dw_not_owner");
         let store = PgStore::connect(&as_user).await.unwrap();
-        let writer = store.writers[1].lock().await;
-        assert_eq!(
-            show_flush_after(&writer.as_ref().unwrap().client).await,
-            BACKEND_FLUSH_AFTER
-        );
+        assert_eq!(lane_flush_after(&store).await, BACKEND_FLUSH_AFTER);
         // The database stays as it was.
         assert_eq!(show_flush_after(&plain_session(&url).await).await, "0");
     }
