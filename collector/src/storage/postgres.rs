@@ -288,8 +288,9 @@ async fn write_back_early_in_database(client: &Client) {
         ),
         Err(e) => tracing::warn!(
             error = %e,
+            backend_flush_after = BACKEND_FLUSH_AFTER,
             "could not set backend_flush_after on the database (its owner may: ALTER DATABASE \
-             ... SET backend_flush_after = '256kB'); autovacuum's writes will wait for the \
+             ... SET backend_flush_after = <this value>); autovacuum's writes will wait for the \
              checkpoints' sync, which lengthens the commits' stalls"
         ),
     }
